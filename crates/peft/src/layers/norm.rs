@@ -1,0 +1,35 @@
+//! LayerNorm with a backward pass (candle's fused kernel has none).
+
+use candle_core::Tensor;
+
+use super::param::Param;
+use crate::{ops, Result};
+
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub name: String,
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>, eps: f64) -> Self {
+        let name = name.into();
+        Self {
+            weight: Param::new(format!("{name}.weight"), weight),
+            bias: bias.map(|b| Param::new(format!("{name}.bias"), b)),
+            name,
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(
+            x,
+            self.weight.value(),
+            self.bias.as_ref().map(|b| b.value()),
+            self.eps,
+        )
+    }
+}

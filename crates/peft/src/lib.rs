@@ -1,0 +1,21 @@
+//! Parameter-efficient fine-tuning of transformer models, compatible with Hugging Face PEFT.
+//!
+//! The vocabulary is PEFT's: build a [`tuners::lora::LoraConfig`], wrap a loaded model with
+//! [`get_peft_model`], train, [`PeftModel::save_pretrained`]; later
+//! [`PeftModel::from_pretrained`] or [`PeftModel::merge_and_unload`]. Adapters are written in PEFT's
+//! layout and load in Python PEFT unchanged, and the reverse.
+
+pub mod error;
+pub mod io;
+pub mod layers;
+pub mod models;
+pub mod ops;
+pub mod peft_model;
+pub mod train;
+pub mod tuners;
+
+pub use error::{Error, Result};
+pub use models::{Inputs, LoadOptions, Model, TaskType};
+pub use peft_model::{get_peft_model, load_with_adapter, PeftModel};
+pub use tuners::lora::LoraConfig;
+pub use tuners::PeftConfig;

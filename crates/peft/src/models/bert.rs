@@ -1,0 +1,355 @@
+//! BERT (and checkpoints that share its layout: MiniLM, ...): `BertModel`,
+//! `BertForSequenceClassification`, `BertForTokenClassification`, `BertForQuestionAnswering`.
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use std::path::Path;
+
+use super::{num_labels, task_from_architectures, Inputs, LoadOptions, Model, ModelInfo, TaskType};
+use crate::io::weights::HeadInit;
+use crate::io::{Loader, Weights};
+use crate::layers::{Embedding, LayerNorm, Linear};
+use crate::{impl_modules, ops, Error, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    GeluErf,
+    GeluTanh,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Activation::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
+            other => {
+                return Err(Error::Config(format!(
+                    "hidden_act `{other}` is not supported; supported: gelu, gelu_new, gelu_pytorch_tanh, relu, silu"
+                )))
+            }
+        })
+    }
+
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::GeluErf => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Relu => x.relu()?,
+            Activation::Silu => x.silu()?,
+        })
+    }
+}
+
+struct Embeddings {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+}
+impl_modules!(Embeddings {
+    word,
+    position,
+    token_type,
+    norm
+});
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+impl_modules!(Layer {
+    query,
+    key,
+    value,
+    attn_out,
+    attn_norm,
+    intermediate,
+    output,
+    out_norm
+});
+
+pub struct Bert {
+    info: ModelInfo,
+    cfg: BertConfig,
+    act: Activation,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    pooler: Option<Linear>,
+    /// `classifier` (SEQ_CLS, TOKEN_CLS) or `qa_outputs` (QUESTION_ANS).
+    head: Option<Linear>,
+    device: Device,
+}
+impl_modules!(Bert {
+    embeddings,
+    layers,
+    pooler,
+    head
+});
+
+impl Bert {
+    pub fn load(
+        weights: &Weights,
+        init: &HeadInit,
+        config: serde_json::Value,
+        dir: &Path,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let cfg: BertConfig = serde_json::from_value(config.clone())
+            .map_err(|e| Error::Config(format!("{}/config.json: {e}", dir.display())))?;
+        if let Some(p) = cfg.position_embedding_type.as_deref() {
+            if p != "absolute" {
+                return Err(Error::Config(format!(
+                    "position_embedding_type `{p}` is not supported; supported: absolute"
+                )));
+            }
+        }
+        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(Error::Config(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        let act = Activation::parse(&cfg.hidden_act)?;
+        let task = opts
+            .task
+            .or_else(|| task_from_architectures(&config))
+            .unwrap_or(TaskType::FeatureExtraction);
+        let (architecture, prefix, with_pooler) = match task {
+            TaskType::SeqCls => ("BertForSequenceClassification", "bert", true),
+            TaskType::TokenCls => ("BertForTokenClassification", "bert", false),
+            TaskType::QuestionAns => ("BertForQuestionAnswering", "bert", false),
+            TaskType::FeatureExtraction => ("BertModel", "", true),
+            other => return Err(Error::Config(format!(
+                "BERT has no {} head; use SEQ_CLS, TOKEN_CLS, QUESTION_ANS or FEATURE_EXTRACTION",
+                other.as_str()
+            ))),
+        };
+        let root = super::loader(weights, "bert", init, opts);
+        let base = if prefix.is_empty() {
+            root.clone()
+        } else {
+            root.pp(prefix)
+        };
+        let h = cfg.hidden_size;
+        let emb = base.pp("embeddings");
+        let embeddings = Embeddings {
+            word: emb.pp("word_embeddings").embedding(cfg.vocab_size, h)?,
+            position: emb
+                .pp("position_embeddings")
+                .embedding(cfg.max_position_embeddings, h)?,
+            token_type: emb
+                .pp("token_type_embeddings")
+                .embedding(cfg.type_vocab_size, h)?,
+            norm: emb.pp("LayerNorm").layer_norm(h, cfg.layer_norm_eps)?,
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| load_layer(&base.pp("encoder.layer").pp(i), &cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let pooler = if with_pooler {
+            Some(base.pp("pooler.dense").linear(h, h, true)?)
+        } else {
+            None
+        };
+        let head = match task {
+            TaskType::SeqCls | TaskType::TokenCls => {
+                let n = num_labels(&config, opts.num_labels);
+                Some(root.pp("classifier").linear_or_init(h, n, true)?)
+            }
+            TaskType::QuestionAns => Some(root.pp("qa_outputs").linear_or_init(h, 2, true)?),
+            _ => None,
+        };
+        let info = ModelInfo {
+            model_type: "bert".into(),
+            architecture: architecture.into(),
+            task,
+            head: head.iter().map(|l| l.name.clone()).collect(),
+            config,
+            dir: dir.to_path_buf(),
+        };
+        Ok(Self {
+            info,
+            cfg,
+            act,
+            embeddings,
+            layers,
+            pooler,
+            head,
+            device: opts.device.clone(),
+        })
+    }
+
+    fn encode(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        let ids = &inputs.input_ids;
+        let (b, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            return Err(Error::Data(format!(
+                "sequence of {t} tokens exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let dev = &self.device;
+        let positions = Tensor::arange(0u32, t as u32, dev)?;
+        let token_types = match &inputs.token_type_ids {
+            Some(tt) => tt.to_dtype(DType::U32)?,
+            None => Tensor::zeros((b, t), DType::U32, dev)?,
+        };
+        let e = &self.embeddings;
+        let x = e
+            .word
+            .forward_t(&ids.to_dtype(DType::U32)?, train)?
+            .broadcast_add(&e.position.forward_t(&positions, train)?)?
+            .add(&e.token_type.forward_t(&token_types, train)?)?;
+        let mut x = ops::dropout(&e.norm.forward(&x)?, self.cfg.hidden_dropout_prob, train)?;
+        // Additive mask: 0 where attended, the most negative float where padded.
+        let mask = match &inputs.attention_mask {
+            Some(m) => Some(
+                ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * f32::MIN as f64)?)
+                    .reshape((b, 1, 1, t))?
+                    .to_dtype(x.dtype())?,
+            ),
+            None => None,
+        };
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, mask.as_ref(), train)?;
+        }
+        Ok(x)
+    }
+
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let heads = self.cfg.num_attention_heads;
+        let d = h / heads;
+        let split = |y: Tensor| -> Result<Tensor> {
+            Ok(y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(l.query.forward_t(x, train)?)?;
+        let k = split(l.key.forward_t(x, train)?)?;
+        let v = split(l.value.forward_t(x, train)?)?;
+        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = ops::dropout(
+            &ops::softmax(&scores)?,
+            self.cfg.attention_probs_dropout_prob,
+            train,
+        )?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let p = self.cfg.hidden_dropout_prob;
+        let a = ops::dropout(&l.attn_out.forward_t(&ctx, train)?, p, train)?;
+        let a = l.attn_norm.forward(&(a + x)?)?;
+        let i = self.act.apply(&l.intermediate.forward_t(&a, train)?)?;
+        let o = ops::dropout(&l.output.forward_t(&i, train)?, p, train)?;
+        l.out_norm.forward(&(o + a)?)
+    }
+}
+
+fn load_layer(vb: &Loader, cfg: &BertConfig) -> Result<Layer> {
+    let h = cfg.hidden_size;
+    let att = vb.pp("attention");
+    Ok(Layer {
+        query: att.pp("self.query").linear(h, h, true)?,
+        key: att.pp("self.key").linear(h, h, true)?,
+        value: att.pp("self.value").linear(h, h, true)?,
+        attn_out: att.pp("output.dense").linear(h, h, true)?,
+        attn_norm: att
+            .pp("output.LayerNorm")
+            .layer_norm(h, cfg.layer_norm_eps)?,
+        intermediate: vb
+            .pp("intermediate.dense")
+            .linear(h, cfg.intermediate_size, true)?,
+        output: vb
+            .pp("output.dense")
+            .linear(cfg.intermediate_size, h, true)?,
+        out_norm: vb
+            .pp("output.LayerNorm")
+            .layer_norm(h, cfg.layer_norm_eps)?,
+    })
+}
+
+impl Model for Bert {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn forward(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        let hidden = self.encode(inputs, train)?;
+        let dropout = self
+            .cfg
+            .classifier_dropout
+            .unwrap_or(self.cfg.hidden_dropout_prob);
+        match (self.info.task, &self.head) {
+            (TaskType::SeqCls, Some(head)) => {
+                let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+                let pooler = self
+                    .pooler
+                    .as_ref()
+                    .ok_or_else(|| Error::Config("BERT pooler missing".into()))?;
+                let pooled = pooler.forward_t(&cls, train)?.tanh()?;
+                head.forward_t(&ops::dropout(&pooled, dropout, train)?, train)
+            }
+            (TaskType::TokenCls, Some(head)) => {
+                head.forward_t(&ops::dropout(&hidden, dropout, train)?, train)
+            }
+            (TaskType::QuestionAns, Some(head)) => head.forward_t(&hidden, train),
+            _ => Ok(hidden),
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Model architectures, one file per family, loading Hugging Face checkpoints under their Hugging
+//! Face module names. Models know nothing about tuners: they build their layers through a
+//! [`Loader`] and expose them through [`Modules`].
+
+pub mod bert;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::io::weights::HeadInit;
+use crate::io::{read_json, Loader, Weights};
+use crate::layers::Modules;
+use crate::{Error, Result};
+
+/// PEFT's task types; they pick the model head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskType {
+    #[serde(rename = "SEQ_CLS")]
+    SeqCls,
+    #[serde(rename = "TOKEN_CLS")]
+    TokenCls,
+    #[serde(rename = "CAUSAL_LM")]
+    CausalLm,
+    #[serde(rename = "SEQ_2_SEQ_LM")]
+    Seq2SeqLm,
+    #[serde(rename = "QUESTION_ANS")]
+    QuestionAns,
+    #[serde(rename = "FEATURE_EXTRACTION")]
+    FeatureExtraction,
+}
+
+impl TaskType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskType::SeqCls => "SEQ_CLS",
+            TaskType::TokenCls => "TOKEN_CLS",
+            TaskType::CausalLm => "CAUSAL_LM",
+            TaskType::Seq2SeqLm => "SEQ_2_SEQ_LM",
+            TaskType::QuestionAns => "QUESTION_ANS",
+            TaskType::FeatureExtraction => "FEATURE_EXTRACTION",
+        }
+    }
+
+    /// PEFT adds these head modules to `modules_to_save` for the task.
+    pub fn default_modules_to_save(self) -> &'static [&'static str] {
+        match self {
+            TaskType::SeqCls | TaskType::TokenCls => &["classifier", "score"],
+            TaskType::QuestionAns => &["qa_outputs"],
+            _ => &[],
+        }
+    }
+}
+
+impl std::str::FromStr for TaskType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            Error::Config(format!(
+                "unknown task_type `{s}`; expected one of SEQ_CLS, TOKEN_CLS, CAUSAL_LM, \
+                 SEQ_2_SEQ_LM, QUESTION_ANS, FEATURE_EXTRACTION"
+            ))
+        })
+    }
+}
+
+/// A batch of model inputs. Ids are `u32` `[batch, seq]`; masks are 1 for real tokens.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub input_ids: Tensor,
+    pub attention_mask: Option<Tensor>,
+    pub token_type_ids: Option<Tensor>,
+}
+
+impl Inputs {
+    pub fn new(input_ids: Tensor) -> Self {
+        Self {
+            input_ids,
+            attention_mask: None,
+            token_type_ids: None,
+        }
+    }
+}
+
+/// Facts about a loaded model that tuners and the PEFT wrapper need.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// `model_type` from config.json (`bert`, ...).
+    pub model_type: String,
+    /// The transformers class this model corresponds to (`BertForSequenceClassification`).
+    pub architecture: String,
+    pub task: TaskType,
+    /// Module names of the output head (excluded from `all-linear`).
+    pub head: Vec<String>,
+    /// config.json as read, written back when a merged model is saved.
+    pub config: serde_json::Value,
+    pub dir: PathBuf,
+}
+
+/// A loaded model: a forward pass plus its layers.
+pub trait Model: Modules + Send + Sync {
+    fn info(&self) -> &ModelInfo;
+    /// Logits for heads (`[batch, classes]` or `[batch, seq, classes]`); last hidden states for
+    /// FEATURE_EXTRACTION. `train` switches dropout on.
+    fn forward(&self, inputs: &Inputs, train: bool) -> Result<Tensor>;
+    fn device(&self) -> &Device;
+}
+
+/// Options for loading a model from a directory.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub task: Option<TaskType>,
+    /// Overrides `num_labels` / `id2label` from config.json for classification heads.
+    pub num_labels: Option<usize>,
+    pub device: Device,
+    /// Seed for heads the checkpoint does not contain.
+    pub seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            task: None,
+            num_labels: None,
+            device: Device::Cpu,
+            seed: 42,
+        }
+    }
+}
+
+/// Loads a Hugging Face model directory; the head comes from `opts.task` or else from
+/// config.json's `architectures`.
+pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
+    let config_path = dir.join("config.json");
+    let config = read_json(&config_path)?;
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::Config(format!("{}: no `model_type`", config_path.display())))?
+        .to_string();
+    let weights = Weights::from_dir(dir)?;
+    let std = config
+        .get("initializer_range")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.02);
+    let init = HeadInit::new(std, opts.seed);
+    let model: Box<dyn Model> = match model_type.as_str() {
+        "bert" => Box::new(bert::Bert::load(
+            &weights,
+            &init,
+            config.clone(),
+            dir,
+            opts,
+        )?),
+        other => {
+            return Err(Error::Config(format!(
+                "unsupported model_type `{other}` in {}; supported: bert",
+                config_path.display()
+            )))
+        }
+    };
+    let initialized = init
+        .initialized
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or_default();
+    if !initialized.is_empty() {
+        eprintln!(
+            "note: {} not in the checkpoint; initialised randomly (train it, or load an adapter that saves it)",
+            initialized.join(", ")
+        );
+    }
+    Ok(model)
+}
+
+/// Reads the task from config.json's `architectures` (`...ForSequenceClassification`, ...).
+pub fn task_from_architectures(config: &serde_json::Value) -> Option<TaskType> {
+    let arch = config.get("architectures")?.as_array()?.first()?.as_str()?;
+    Some(if arch.ends_with("ForSequenceClassification") {
+        TaskType::SeqCls
+    } else if arch.ends_with("ForTokenClassification") {
+        TaskType::TokenCls
+    } else if arch.ends_with("ForQuestionAnswering") {
+        TaskType::QuestionAns
+    } else if arch.ends_with("ForCausalLM") || arch.ends_with("LMHeadModel") {
+        TaskType::CausalLm
+    } else if arch.ends_with("ForConditionalGeneration") {
+        TaskType::Seq2SeqLm
+    } else {
+        TaskType::FeatureExtraction
+    })
+}
+
+/// `num_labels` as transformers derives it: explicit option, then `id2label`, then `num_labels`,
+/// then 2.
+pub fn num_labels(config: &serde_json::Value, explicit: Option<usize>) -> usize {
+    explicit
+        .or_else(|| {
+            config
+                .get("id2label")
+                .and_then(|m| m.as_object())
+                .map(|m| m.len())
+        })
+        .or_else(|| {
+            config
+                .get("num_labels")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+        })
+        .unwrap_or(2)
+}
+
+pub(crate) fn loader<'a>(
+    weights: &'a Weights,
+    prefix: &'a str,
+    init: &'a HeadInit,
+    opts: &LoadOptions,
+) -> Loader<'a> {
+    Loader::new(weights, Some(prefix), opts.device.clone(), init)
+}
+
+/// Writes `model` as a Hugging Face directory: config.json (with the head's architecture and
+/// label count), model.safetensors with every weight under its transformers name, and the
+/// tokenizer files of the source directory. transformers loads the result directly.
+pub fn save_pretrained(model: &dyn Model, dir: &Path) -> Result<()> {
+    let info = model.info();
+    let mut tensors = Vec::new();
+    for module in model.modules() {
+        for p in module.params() {
+            tensors.push((p.name.clone(), p.base().detach()));
+        }
+    }
+    let mut config = info.config.clone();
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!([info.architecture]),
+        );
+        if let Some(head) = info.head.first() {
+            let rows = model
+                .modules()
+                .iter()
+                .find(|m| m.name() == head)
+                .and_then(|m| m.params().first().map(|p| p.base().dims()[0]));
+            if let (Some(n), TaskType::SeqCls | TaskType::TokenCls) = (rows, info.task) {
+                obj.insert("num_labels".into(), n.into());
+                let id2label: serde_json::Map<String, serde_json::Value> = (0..n)
+                    .map(|i| (i.to_string(), format!("LABEL_{i}").into()))
+                    .collect();
+                let label2id: serde_json::Map<String, serde_json::Value> =
+                    (0..n).map(|i| (format!("LABEL_{i}"), i.into())).collect();
+                let same = obj
+                    .get("id2label")
+                    .and_then(|m| m.as_object())
+                    .is_some_and(|m| m.len() == n);
+                if !same {
+                    obj.insert("id2label".into(), id2label.into());
+                    obj.insert("label2id".into(), label2id.into());
+                }
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    crate::io::save_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    let json = serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
+    crate::io::write_atomic(&dir.join("config.json"), json.as_bytes())?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+    ] {
+        let src = info.dir.join(f);
+        if src.exists() {
+            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            crate::io::write_atomic(&dir.join(f), &bytes)?;
+        }
+    }
+    Ok(())
+}

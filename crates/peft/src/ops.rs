@@ -1,0 +1,210 @@
+//! Tensor operations that are safe to train through.
+//!
+//! candle's fused kernels (`softmax_last_dim`, `layer_norm`, `rms_norm`, rotary embeddings) have no
+//! backward pass and silently drop gradients, so the model code uses these compositions of
+//! primitive ops instead. The one custom op here, [`frozen_linear`], exists for speed: candle's
+//! matmul backward always computes the gradient of *both* operands, which for a frozen weight is
+//! a full GEMM thrown away. Parameter-efficient training is exactly the case where almost every
+//! weight is frozen, so skipping that GEMM cuts the backward pass by about a third.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, D};
+use std::sync::Mutex;
+
+use crate::Result;
+
+/// Softmax over the last dimension. Forward with candle's fused kernel; backward in closed form,
+/// `dx = y * (dy - sum(dy * y))`, which the fused kernel lacks.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
+    with_backward(x, y, |_x, y, g| {
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        y * g.broadcast_sub(&dot)?
+    })
+}
+
+/// Log-softmax over the last dimension (for the cross-entropy loss).
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, with the
+/// biased variance as torch computes it.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let out = normed.broadcast_mul(weight)?;
+    Ok(match bias {
+        Some(b) => out.broadcast_add(b)?,
+        None => out,
+    })
+}
+
+/// Inverted dropout as torch applies it in training: zero with probability `p`, scale the rest by
+/// `1 / (1 - p)`. The identity when `p == 0` or outside training.
+pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if p >= 1.0 {
+        return Ok(x.zeros_like()?);
+    }
+    Ok((x * dropout_mask(x, p)?)?)
+}
+
+/// A `{0, 1/(1-p)}` mask shaped like `x`, drawn with a fast non-cryptographic generator seeded
+/// from the thread RNG (candle's `rand_like` is ChaCha-based and several times slower here).
+fn dropout_mask(x: &Tensor, p: f64) -> Result<Tensor> {
+    use rand::{Rng, RngCore, SeedableRng};
+    let n = x.elem_count();
+    let threshold = (p * 4294967296.0) as u64;
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(rand::rng().random());
+    let mut mask = vec![0f32; n];
+    for pair in mask.chunks_mut(2) {
+        let r = rng.next_u64();
+        pair[0] = if (r & 0xffff_ffff) < threshold {
+            0.0
+        } else {
+            scale
+        };
+        if let Some(m) = pair.get_mut(1) {
+            *m = if (r >> 32) < threshold { 0.0 } else { scale };
+        }
+    }
+    Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
+}
+
+/// Mean cross-entropy over the rows whose label is not `ignore_index` (-100, as in torch).
+/// `logits`: [n, classes]; `labels`: [n] (i64).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let labels_v: Vec<i64> = labels.to_vec1()?;
+    let classes = logits.dim(1)?;
+    let keep: Vec<u32> = labels_v
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l != -100)
+        .map(|(i, _)| i as u32)
+        .collect();
+    if keep.is_empty() {
+        return Err(crate::Error::Data(
+            "every label in the batch is -100 (ignored); nothing to learn from".into(),
+        ));
+    }
+    if let Some(bad) = labels_v
+        .iter()
+        .find(|&&l| l != -100 && (l < 0 || l as usize >= classes))
+    {
+        return Err(crate::Error::Data(format!(
+            "label {bad} is out of range for a head with {classes} classes"
+        )));
+    }
+    let dev = logits.device();
+    let rows = Tensor::new(keep.as_slice(), dev)?;
+    let targets: Vec<u32> = keep.iter().map(|&i| labels_v[i as usize] as u32).collect();
+    let targets = Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?;
+    let logp = log_softmax(&logits.index_select(&rows, 0)?)?;
+    let picked = logp.gather(&targets, 1)?;
+    Ok(picked.mean_all()?.neg()?)
+}
+
+/// `x @ w.T` (or `x @ w` when `w` is stored `[in, out]`, `transposed`) for a weight that is not
+/// trained. When `x` is part of a graph the gradient flows to `x` only.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    let wt = if transposed { w.clone() } else { w.t()? };
+    let y = x.detach().matmul(&wt)?;
+    with_backward(x, y, move |_x, _y, g| g.matmul(&wt.t()?))
+}
+
+type BackwardFn = dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+
+/// Returns `y` (computed by the caller from `x` without recording a graph) as a node whose
+/// gradient with respect to `x` is `bwd(x, y, dy)`. Lets a fast forward kernel that has no
+/// backward, or a product whose other operand is frozen, take part in training.
+pub fn with_backward<F>(x: &Tensor, y: Tensor, bwd: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+{
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let op = Precomputed {
+        out: Mutex::new(Some(y)),
+        bwd: Box::new(bwd),
+    };
+    Ok(x.apply_op1(op)?)
+}
+
+/// Hands over a precomputed result as its forward pass; taken out of the op once delivered so it
+/// is not kept alive twice.
+struct Precomputed {
+    out: Mutex<Option<Tensor>>,
+    bwd: Box<BackwardFn>,
+}
+
+impl Precomputed {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        let out = self
+            .out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("precomputed op: lock poisoned".into()))?
+            .take();
+        out.ok_or_else(|| candle_core::Error::Msg("precomputed op: forward ran twice".into()))
+    }
+}
+
+impl CustomOp1 for Precomputed {
+    fn name(&self) -> &'static str {
+        "precomputed"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.take()?.contiguous()?;
+        let (storage, layout) = y.storage_and_layout();
+        let (start, end) = (
+            layout.start_offset(),
+            layout.start_offset() + y.elem_count(),
+        );
+        match &*storage {
+            Storage::Cpu(s) => {
+                let data = match s {
+                    CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
+                    CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
+                    CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
+                    CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
+                    _ => candle_core::bail!("precomputed op: unsupported dtype {:?}", y.dtype()),
+                };
+                Ok((data, y.shape().clone()))
+            }
+            _ => candle_core::bail!("precomputed op: tensor on an unexpected device"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = self.take()?.contiguous()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
+            _ => candle_core::bail!("precomputed op: tensor on an unexpected device"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(arg, res, grad)?))
+    }
+}

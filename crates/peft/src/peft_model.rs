@@ -1,0 +1,660 @@
+//! `PeftModel`: a base model with named adapters attached — inject, switch, train, save, load,
+//! merge and unload, with PEFT's names and semantics.
+
+use candle_core::{Tensor, Var};
+use std::collections::BTreeSet;
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
+
+use crate::io::{load_safetensors, read_json, save_safetensors, write_atomic};
+use crate::layers::{ModuleMut, ModuleRef, Param};
+use crate::models::{Inputs, Model};
+use crate::tuners::lora::{self, Bias};
+use crate::tuners::targets::in_modules_to_save;
+use crate::tuners::PeftConfig;
+use crate::{Error, Result};
+
+/// Prefix of every key in an adapter file: PEFT's wrapper path to the base model's modules.
+pub const KEY_PREFIX: &str = "base_model.model.";
+pub const CONFIG_NAME: &str = "adapter_config.json";
+pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
+
+struct AdapterEntry {
+    name: String,
+    config: PeftConfig,
+    /// `modules_to_save` after adding the task's head names.
+    modules_to_save: Vec<String>,
+    trainable: bool,
+}
+
+pub struct PeftModel {
+    model: Box<dyn Model>,
+    adapters: Vec<AdapterEntry>,
+    active: String,
+    /// Seed for adapter initialisation; each added adapter advances it.
+    seed: u64,
+}
+
+/// Wraps `model` with a new trainable adapter named `default`.
+pub fn get_peft_model(model: Box<dyn Model>, config: impl Into<PeftConfig>) -> Result<PeftModel> {
+    get_peft_model_with_seed(model, config, 0)
+}
+
+/// [`get_peft_model`] with the seed that draws the adapter's random initial weights.
+pub fn get_peft_model_with_seed(
+    model: Box<dyn Model>,
+    config: impl Into<PeftConfig>,
+    seed: u64,
+) -> Result<PeftModel> {
+    let mut m = PeftModel {
+        model,
+        adapters: Vec::new(),
+        active: "default".into(),
+        seed,
+    };
+    m.add_adapter("default", config.into())?;
+    Ok(m)
+}
+
+impl PeftModel {
+    /// Loads the adapter in `dir` onto `model` as `default`, frozen (PEFT's `is_trainable=False`).
+    pub fn from_pretrained(model: Box<dyn Model>, dir: &Path) -> Result<Self> {
+        let mut m = PeftModel {
+            model,
+            adapters: Vec::new(),
+            active: "default".into(),
+            seed: 0,
+        };
+        m.load_adapter(dir, "default", false)?;
+        Ok(m)
+    }
+
+    pub fn base_model(&self) -> &dyn Model {
+        self.model.as_ref()
+    }
+
+    pub fn active_adapter(&self) -> &str {
+        &self.active
+    }
+
+    pub fn adapter_names(&self) -> Vec<&str> {
+        self.adapters.iter().map(|a| a.name.as_str()).collect()
+    }
+
+    pub fn peft_config(&self, name: &str) -> Option<&PeftConfig> {
+        self.entry(name).map(|e| &e.config)
+    }
+
+    fn entry(&self, name: &str) -> Option<&AdapterEntry> {
+        self.adapters.iter().find(|a| a.name == name)
+    }
+
+    /// Adds a trainable adapter. Like PEFT, it does not become active unless it is the first.
+    pub fn add_adapter(&mut self, name: &str, config: impl Into<PeftConfig>) -> Result<()> {
+        self.inject(name, config.into(), true)
+    }
+
+    fn inject(&mut self, name: &str, mut config: PeftConfig, trainable: bool) -> Result<()> {
+        if self.entry(name).is_some() {
+            return Err(Error::Adapter(format!(
+                "an adapter named `{name}` already exists"
+            )));
+        }
+        let task = self.model.info().task;
+        let mut modules_to_save = config.modules_to_save().cloned().unwrap_or_default();
+        for m in task.default_modules_to_save() {
+            if !modules_to_save.iter().any(|x| x == m) {
+                modules_to_save.push(m.to_string());
+            }
+        }
+        if !modules_to_save.is_empty() {
+            config.set_modules_to_save(Some(modules_to_save.clone()));
+        }
+        if config.base_model_name_or_path().is_none() {
+            config.set_base_model_name_or_path(Some(self.model.info().dir.display().to_string()));
+        }
+        let seed = self.seed.wrapping_add(self.adapters.len() as u64);
+        let first = self.adapters.is_empty();
+        match &mut config {
+            PeftConfig::Lora(c) => {
+                if c.task_type.is_none() {
+                    c.task_type = Some(task);
+                }
+                let adapted = lora::inject(self.model.as_mut(), name, c, &modules_to_save, seed)?;
+                let adapted: BTreeSet<String> = adapted.into_iter().collect();
+                for module in self.model.modules_mut() {
+                    let module_name = module.name().to_string();
+                    let is_adapted = adapted.contains(&module_name);
+                    let saved = in_modules_to_save(&module_name, &modules_to_save);
+                    for p in module.params_mut() {
+                        if saved {
+                            p.add_copy(name)?;
+                            if first {
+                                p.activate(Some(name));
+                            }
+                        }
+                        let is_bias = p.name.ends_with(".bias");
+                        let train_bias = match c.bias {
+                            Bias::None => false,
+                            Bias::All => is_bias,
+                            Bias::LoraOnly => is_bias && is_adapted,
+                        };
+                        if train_bias && trainable && !saved {
+                            p.train_in_place()?;
+                        }
+                    }
+                }
+            }
+        }
+        self.adapters.push(AdapterEntry {
+            name: name.to_string(),
+            config,
+            modules_to_save,
+            trainable,
+        });
+        if first {
+            self.active = name.to_string();
+        }
+        Ok(())
+    }
+
+    /// Makes `name` the adapter the forward pass uses.
+    pub fn set_adapter(&mut self, name: &str) -> Result<()> {
+        if self.entry(name).is_none() {
+            return Err(Error::Adapter(format!(
+                "no adapter named `{name}`; loaded: {}",
+                self.adapter_names().join(", ")
+            )));
+        }
+        self.active = name.to_string();
+        let names = vec![name.to_string()];
+        for module in self.model.modules_mut() {
+            match module {
+                ModuleMut::Linear(l) => l.adapters.set_active(&names),
+                ModuleMut::Embedding(e) => e.adapters.set_active(&names),
+                ModuleMut::LayerNorm(_) => {}
+            }
+        }
+        self.for_each_param(|p| {
+            if p.has_copies() {
+                p.activate(Some(name));
+            }
+        });
+        Ok(())
+    }
+
+    fn for_each_param(&mut self, mut f: impl FnMut(&mut Param)) {
+        for module in self.model.modules_mut() {
+            for p in module.params_mut() {
+                f(p);
+            }
+        }
+    }
+
+    /// Runs the model with the active adapter. `train` switches dropout on.
+    pub fn forward(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        self.model.forward(inputs, train)
+    }
+
+    /// Trainable tensors under the keys they are saved with.
+    pub fn trainable_parameters(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for entry in self.adapters.iter().filter(|e| e.trainable) {
+            out.extend(self.adapter_vars(&entry.name));
+        }
+        out.extend(self.in_place_trained());
+        out
+    }
+
+    /// Base parameters trained in place (PEFT's `bias="all"` / `"lora_only"`), under their keys.
+    fn in_place_trained(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for module in self.model.modules() {
+            let wrapped = has_adapters(&module);
+            for p in module.params() {
+                if let Some(v) = p.base_var() {
+                    out.push((bias_key(module.name(), &p.name, wrapped), v.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every tensor belonging to adapter `name`, under its PEFT key (no adapter name in the key).
+    fn adapter_vars(&self, name: &str) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for module in self.model.modules() {
+            let tensors = match &module {
+                ModuleRef::Linear(l) => l.adapters.get(name).map(|a| a.tensors()),
+                ModuleRef::Embedding(e) => e.adapters.get(name).map(|a| a.tensors()),
+                ModuleRef::LayerNorm(_) => None,
+            };
+            for (suffix, var) in tensors.unwrap_or_default() {
+                out.push((format!("{KEY_PREFIX}{}.{suffix}", module.name()), var));
+            }
+            for p in module.params() {
+                if let Some(v) = p.copy(name) {
+                    out.push((format!("{KEY_PREFIX}{}", p.name), v.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// `(trainable, all)` parameter counts as PEFT's `get_nb_trainable_parameters` counts them:
+    /// base weights, every adapter's tensors, and `modules_to_save` copies.
+    pub fn get_nb_trainable_parameters(&self) -> (usize, usize) {
+        let mut all = 0;
+        for module in self.model.modules() {
+            for p in module.params() {
+                all += p.elem_count();
+            }
+        }
+        for entry in &self.adapters {
+            all += self
+                .adapter_vars(&entry.name)
+                .iter()
+                .map(|(_, v)| v.elem_count())
+                .sum::<usize>();
+        }
+        let trainable = self
+            .trainable_parameters()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        (trainable, all)
+    }
+
+    /// PEFT's `print_trainable_parameters` line.
+    pub fn trainable_parameters_line(&self) -> String {
+        let (t, a) = self.get_nb_trainable_parameters();
+        let pct = if a == 0 {
+            0.0
+        } else {
+            100.0 * t as f64 / a as f64
+        };
+        format!(
+            "trainable params: {} || all params: {} || trainable%: {pct:.4}",
+            thousands(t),
+            thousands(a)
+        )
+    }
+
+    pub fn print_trainable_parameters(&self) {
+        println!("{}", self.trainable_parameters_line());
+    }
+
+    /// The tensors `save_pretrained` writes for adapter `name`.
+    pub fn adapter_state_dict(&self, name: &str) -> Result<Vec<(String, Tensor)>> {
+        let entry = self
+            .entry(name)
+            .ok_or_else(|| Error::Adapter(format!("no adapter named `{name}`")))?;
+        let mut out: Vec<(String, Tensor)> = self
+            .adapter_vars(name)
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().detach()))
+            .collect();
+        let bias = match &entry.config {
+            PeftConfig::Lora(c) => c.bias,
+        };
+        if bias != Bias::None {
+            for module in self.model.modules() {
+                let wrapped = has_adapters(&module);
+                for p in module.params() {
+                    let trained = p.base_var().is_some();
+                    let wanted = p.name.ends_with(".bias")
+                        && match bias {
+                            Bias::All => true,
+                            Bias::LoraOnly => wrapped,
+                            Bias::None => false,
+                        };
+                    if wanted
+                        && (trained || bias == Bias::All)
+                        && !in_modules_to_save(module.name(), &entry.modules_to_save)
+                    {
+                        out.push((bias_key(module.name(), &p.name, wrapped), p.base().detach()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes every adapter in PEFT's layout: `default` in `dir`, others in `dir/<name>/`.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        for entry in &self.adapters {
+            let target = if entry.name == "default" {
+                dir.to_path_buf()
+            } else {
+                dir.join(&entry.name)
+            };
+            std::fs::create_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+            save_safetensors(
+                &target.join(WEIGHTS_NAME),
+                &self.adapter_state_dict(&entry.name)?,
+            )?;
+            let json = serde_json::to_string_pretty(&entry.config.to_adapter_json())
+                .map_err(|e| Error::Adapter(e.to_string()))?;
+            write_atomic(&target.join(CONFIG_NAME), json.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Loads the adapter in `dir` as `name`. Every tensor the config implies must be in the file
+    /// with the model's shape, and the file must hold nothing the model cannot place.
+    pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool) -> Result<()> {
+        let config_path = dir.join(CONFIG_NAME);
+        if !config_path.exists() {
+            return Err(Error::io(
+                &config_path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not an adapter directory (no adapter_config.json)",
+                ),
+            ));
+        }
+        let config = PeftConfig::from_adapter_json(&read_json(&config_path)?)?;
+        let weights_path = dir.join(WEIGHTS_NAME);
+        if !weights_path.exists() && dir.join("adapter_model.bin").exists() {
+            return Err(Error::Adapter(format!(
+                "{}: only adapter_model.bin (pickle) found; re-save it with safe_serialization=True",
+                dir.display()
+            )));
+        }
+        let mut file = load_safetensors(&weights_path, self.model.device())?;
+        let first = self.adapters.is_empty();
+        self.inject(name, config, is_trainable)?;
+        let mut expected = self.adapter_vars(name);
+        // Trained biases are part of the adapter too: `bias` = all / lora_only.
+        let bias = match &self.entry(name).map(|e| &e.config) {
+            Some(PeftConfig::Lora(c)) => c.bias,
+            None => Bias::None,
+        };
+        let mut missing = Vec::new();
+        for (key, var) in expected.drain(..) {
+            match file.remove(&key) {
+                Some(t) => set_checked(&key, &var, &t)?,
+                None => missing.push(key),
+            }
+        }
+        if bias != Bias::None {
+            let keys: Vec<String> = file
+                .keys()
+                .filter(|k| k.ends_with(".bias"))
+                .cloned()
+                .collect();
+            for key in keys {
+                let t = file.remove(&key).expect("key listed above");
+                self.load_bias(&key, t)?;
+            }
+        }
+        if !missing.is_empty() || !file.is_empty() {
+            let mut unexpected: Vec<&String> = file.keys().collect();
+            unexpected.sort();
+            // Roll back so a failed load leaves the model as it was.
+            self.delete_adapter(name)?;
+            return Err(Error::Adapter(format!(
+                "{} does not fit this model: missing tensors [{}]; tensors the model has no place for [{}]",
+                weights_path.display(),
+                missing.join(", "),
+                unexpected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if first {
+            self.set_adapter(name)?;
+        }
+        Ok(())
+    }
+
+    fn load_bias(&mut self, key: &str, t: Tensor) -> Result<()> {
+        let path = key
+            .strip_prefix(KEY_PREFIX)
+            .unwrap_or(key)
+            .replace(".base_layer.", ".");
+        for module in self.model.modules_mut() {
+            for p in module.params_mut() {
+                if p.name == path {
+                    if p.base().dims() != t.dims() {
+                        return Err(Error::ShapeMismatch {
+                            name: key.to_string(),
+                            expected: p.base().dims().to_vec(),
+                            found: t.dims().to_vec(),
+                        });
+                    }
+                    return p.set_base(t.to_dtype(p.base().dtype())?);
+                }
+            }
+        }
+        Err(Error::Adapter(format!(
+            "adapter bias `{key}` matches no parameter of the model"
+        )))
+    }
+
+    /// Removes adapter `name` from every layer.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .adapters
+            .iter()
+            .position(|a| a.name == name)
+            .ok_or_else(|| Error::Adapter(format!("no adapter named `{name}`")))?;
+        for module in self.model.modules_mut() {
+            match module {
+                ModuleMut::Linear(l) => {
+                    if l.adapters.merged().iter().any(|n| n == name) {
+                        l.unmerge()?;
+                    }
+                    l.adapters.remove(name);
+                    for p in std::iter::once(&mut l.weight).chain(l.bias.as_mut()) {
+                        p.remove_copy(name);
+                    }
+                }
+                ModuleMut::Embedding(e) => {
+                    if e.adapters.merged().iter().any(|n| n == name) {
+                        e.unmerge()?;
+                    }
+                    e.adapters.remove(name);
+                    e.weight.remove_copy(name);
+                }
+                ModuleMut::LayerNorm(n) => {
+                    for p in std::iter::once(&mut n.weight).chain(n.bias.as_mut()) {
+                        p.remove_copy(name);
+                    }
+                }
+            }
+        }
+        self.adapters.remove(i);
+        if self.active == name {
+            if let Some(next) = self.adapters.first().map(|a| a.name.clone()) {
+                self.set_adapter(&next)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds the active adapter into the base weights (PEFT's `merge_adapter`).
+    pub fn merge_adapter(&mut self) -> Result<()> {
+        let names = vec![self.active.clone()];
+        for module in self.model.modules_mut() {
+            match module {
+                ModuleMut::Linear(l) => l.merge(&names)?,
+                ModuleMut::Embedding(e) => e.merge(&names)?,
+                ModuleMut::LayerNorm(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes merged adapters back out of the base weights.
+    pub fn unmerge_adapter(&mut self) -> Result<()> {
+        for module in self.model.modules_mut() {
+            match module {
+                ModuleMut::Linear(l) => l.unmerge()?,
+                ModuleMut::Embedding(e) => e.unmerge()?,
+                ModuleMut::LayerNorm(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges the active adapter and returns the plain base model, adapters removed.
+    pub fn merge_and_unload(mut self) -> Result<Box<dyn Model>> {
+        self.merge_adapter()?;
+        Ok(self.strip(true))
+    }
+
+    /// Returns the base model with every adapter removed and nothing merged.
+    pub fn unload(mut self) -> Result<Box<dyn Model>> {
+        self.unmerge_adapter()?;
+        Ok(self.strip(false))
+    }
+
+    fn strip(mut self, keep_active_copies: bool) -> Box<dyn Model> {
+        for module in self.model.modules_mut() {
+            match module {
+                ModuleMut::Linear(l) => l.adapters.clear(),
+                ModuleMut::Embedding(e) => e.adapters.clear(),
+                ModuleMut::LayerNorm(_) => {}
+            }
+        }
+        self.for_each_param(|p| {
+            if keep_active_copies {
+                p.bake_active_copy();
+            } else {
+                p.drop_copies();
+            }
+            let _ = p.freeze();
+        });
+        self.model
+    }
+
+    /// Switches every adapter layer off (`true`) or on (`false`). Merged adapters are unmerged
+    /// first, as in PEFT.
+    pub fn disable_adapter_layers(&mut self, disabled: bool) -> Result<()> {
+        if disabled {
+            self.unmerge_adapter()?;
+        }
+        let active = self.active.clone();
+        for module in self.model.modules_mut() {
+            match module {
+                ModuleMut::Linear(l) => l.adapters.set_disabled(disabled),
+                ModuleMut::Embedding(e) => e.adapters.set_disabled(disabled),
+                ModuleMut::LayerNorm(_) => {}
+            }
+        }
+        self.for_each_param(|p| {
+            if p.has_copies() {
+                p.activate(if disabled { None } else { Some(&active) });
+            }
+        });
+        Ok(())
+    }
+
+    /// Runs the base model until the returned guard is dropped (PEFT's `with model.disable_adapter():`).
+    pub fn disable_adapter(&mut self) -> Result<AdapterDisabled<'_>> {
+        self.disable_adapter_layers(true)?;
+        Ok(AdapterDisabled { model: self })
+    }
+}
+
+/// The scope of [`PeftModel::disable_adapter`]: adapters come back when it is dropped.
+pub struct AdapterDisabled<'a> {
+    model: &'a mut PeftModel,
+}
+
+impl Deref for AdapterDisabled<'_> {
+    type Target = PeftModel;
+    fn deref(&self) -> &PeftModel {
+        self.model
+    }
+}
+
+impl DerefMut for AdapterDisabled<'_> {
+    fn deref_mut(&mut self) -> &mut PeftModel {
+        self.model
+    }
+}
+
+impl Drop for AdapterDisabled<'_> {
+    fn drop(&mut self) {
+        // Re-enabling only flips flags and routes copies; it cannot fail.
+        let _ = self.model.disable_adapter_layers(false);
+    }
+}
+
+fn has_adapters(module: &ModuleRef<'_>) -> bool {
+    match module {
+        ModuleRef::Linear(l) => !l.adapters.is_empty(),
+        ModuleRef::Embedding(e) => !e.adapters.is_empty(),
+        ModuleRef::LayerNorm(_) => false,
+    }
+}
+
+/// PEFT saves a bias under the wrapped layer's `base_layer` when the layer carries an adapter.
+fn bias_key(module: &str, param: &str, wrapped: bool) -> String {
+    if wrapped {
+        let leaf = param.rsplit('.').next().unwrap_or("bias");
+        format!("{KEY_PREFIX}{module}.base_layer.{leaf}")
+    } else {
+        format!("{KEY_PREFIX}{param}")
+    }
+}
+
+fn set_checked(key: &str, var: &Var, t: &Tensor) -> Result<()> {
+    if var.dims() != t.dims() {
+        return Err(Error::ShapeMismatch {
+            name: key.to_string(),
+            expected: var.dims().to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    var.set(&t.to_dtype(var.dtype())?)?;
+    Ok(())
+}
+
+/// 1234567 → "1,234,567", as Python's `{:,}`.
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Loads the base model in `model_dir` with the head the adapter in `adapter_dir` was trained
+/// for (its `task_type`, and the class count of its saved classifier), then the adapter on top,
+/// frozen. The counterpart of `AutoPeftModelFor...from_pretrained` for a known base directory.
+pub fn load_with_adapter(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    mut opts: crate::LoadOptions,
+) -> Result<PeftModel> {
+    let config = PeftConfig::from_adapter_json(&read_json(&adapter_dir.join(CONFIG_NAME))?)?;
+    if opts.task.is_none() {
+        opts.task = config.task_type();
+    }
+    if opts.num_labels.is_none() {
+        opts.num_labels = saved_head_classes(adapter_dir)?;
+    }
+    let model = crate::models::load(model_dir, &opts)?;
+    PeftModel::from_pretrained(model, adapter_dir)
+}
+
+/// Rows of a classification head saved in an adapter (`modules_to_save`), if there is one.
+fn saved_head_classes(adapter_dir: &Path) -> Result<Option<usize>> {
+    let path = adapter_dir.join(WEIGHTS_NAME);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok(meta
+        .tensors()
+        .iter()
+        .find(|(k, _)| k.ends_with(".classifier.weight") || k.ends_with(".score.weight"))
+        .map(|(_, info)| info.shape[0]))
+}

@@ -1,0 +1,178 @@
+//! A training loop sufficient for sequence classification: AdamW, warmup + decay, dynamic
+//! padding, gradient clipping, evaluation accuracy, a progress bar.
+
+pub mod config;
+pub mod data;
+pub mod optim;
+pub mod schedule;
+
+use candle_core::{DType, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::time::Instant;
+
+use crate::models::TaskType;
+use crate::peft_model::PeftModel;
+use crate::{ops, Error, Result};
+pub use config::{TrainConfig, TrainingArguments};
+use data::{collate, Example};
+use optim::{clip_scale, AdamW, AdamWParams};
+use schedule::{lr_lambda, warmup_steps};
+
+/// What a training run did.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub epochs: f64,
+    pub final_loss: f64,
+    pub seconds: f64,
+    pub examples_per_second: f64,
+}
+
+/// Mean cross-entropy of a classification forward pass.
+pub fn classification_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    match logits.rank() {
+        2 => ops::cross_entropy(logits, labels),
+        3 => {
+            let c = logits.dim(2)?;
+            ops::cross_entropy(&logits.reshape(((), c))?, &labels.flatten_all()?)
+        }
+        r => Err(Error::Training(format!(
+            "cannot compute a classification loss on logits of rank {r}"
+        ))),
+    }
+}
+
+/// Trains the active adapter of `model` on `train` examples (sequence classification).
+pub fn train(
+    model: &mut PeftModel,
+    train: &[Example],
+    args: &TrainingArguments,
+    pad_id: u32,
+) -> Result<TrainReport> {
+    let task = model.base_model().info().task;
+    if task != TaskType::SeqCls {
+        return Err(Error::Training(format!(
+            "this trainer handles SEQ_CLS; the model's task is {}",
+            task.as_str()
+        )));
+    }
+    if train.is_empty() {
+        return Err(Error::Data("the training set is empty".into()));
+    }
+    args.validate()?;
+    let vars = model.trainable_parameters();
+    if vars.is_empty() {
+        return Err(Error::Training(
+            "the model has no trainable parameters (was the adapter loaded for inference?)".into(),
+        ));
+    }
+    let bs = args.per_device_train_batch_size;
+    let steps_per_epoch = train.len().div_ceil(bs);
+    let total = if args.max_steps > 0 {
+        args.max_steps as usize
+    } else {
+        (args.num_train_epochs * steps_per_epoch as f64).ceil() as usize
+    };
+    let warmup = warmup_steps(args.warmup_steps, args.warmup_ratio, total);
+    let mut opt = AdamW::new(
+        vars,
+        AdamWParams {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        },
+    )?;
+    let device = model.base_model().device().clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let (mut step, mut seen, mut window_loss, mut window_n, mut last_loss) =
+        (0usize, 0usize, 0f64, 0usize, f64::NAN);
+    'outer: loop {
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        order.shuffle(&mut rng);
+        for chunk in order.chunks(bs) {
+            if step >= total {
+                break 'outer;
+            }
+            let batch: Vec<&Example> = chunk.iter().map(|&i| &train[i]).collect();
+            let (inputs, labels) = collate(&batch, pad_id, &device)?;
+            let logits = model.forward(&inputs, true)?;
+            let loss = classification_loss(&logits, &labels)?;
+            let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !loss_v.is_finite() {
+                bar.abandon();
+                return Err(Error::Training(format!(
+                    "the loss became {loss_v} at step {}; lower learning_rate or check the data",
+                    step + 1
+                )));
+            }
+            let grads = loss.backward()?;
+            let scale = clip_scale(opt.grad_norm(&grads)?, args.max_grad_norm);
+            let lr = args.learning_rate * lr_lambda(args.lr_scheduler_type, step, warmup, total);
+            opt.step(&grads, lr, scale)?;
+            step += 1;
+            seen += batch.len();
+            window_loss += loss_v;
+            window_n += 1;
+            last_loss = loss_v;
+            bar.set_position(step as u64);
+            bar.set_message(format!("loss {loss_v:.4} lr {lr:.2e}"));
+            if args.logging_steps > 0 && step % args.logging_steps == 0 {
+                let epoch = step as f64 / steps_per_epoch as f64;
+                bar.println(format!(
+                    "step {step}/{total}  epoch {epoch:.2}  loss {:.4}  lr {lr:.3e}  {:.1} seq/s",
+                    window_loss / window_n as f64,
+                    seen as f64 / start.elapsed().as_secs_f64()
+                ));
+                window_loss = 0.0;
+                window_n = 0;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(TrainReport {
+        steps: step,
+        epochs: step as f64 / steps_per_epoch as f64,
+        final_loss: last_loss,
+        seconds,
+        examples_per_second: seen as f64 / seconds,
+    })
+}
+
+/// Classification accuracy of the model (dropout off) on `examples`.
+pub fn evaluate_accuracy(
+    model: &PeftModel,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<f64> {
+    if examples.is_empty() {
+        return Err(Error::Data("the evaluation set is empty".into()));
+    }
+    let device = model.base_model().device().clone();
+    let mut correct = 0usize;
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let batch: Vec<&Example> = chunk.iter().collect();
+        let (inputs, labels) = collate(&batch, pad_id, &device)?;
+        let logits = model.forward(&inputs, false)?.detach();
+        let pred: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        let gold: Vec<i64> = labels.to_vec1()?;
+        correct += pred
+            .iter()
+            .zip(&gold)
+            .filter(|(p, g)| **p as i64 == **g)
+            .count();
+    }
+    Ok(correct as f64 / examples.len() as f64)
+}

@@ -1,0 +1,177 @@
+//! LoRA's layer math: `W x + s · B A dropout(x)`, with `s = alpha / r` (or `alpha / sqrt(r)` for
+//! rsLoRA), on linear and embedding layers.
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal, Uniform};
+use std::any::Any;
+
+use super::config::InitLoraWeights;
+use crate::layers::{EmbeddingAdapter, LinearAdapter, LinearBase};
+use crate::{ops, Error, Result};
+
+/// LoRA on a linear layer. `a`: `[r, in]`, `b`: `[out, r]` (nn.Linear convention, whatever the
+/// base layout).
+#[derive(Debug)]
+pub struct LoraLinear {
+    pub a: Var,
+    pub b: Var,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+impl LoraLinear {
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        r: usize,
+        scaling: f64,
+        dropout: f64,
+        init: &InitLoraWeights,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let (a, b) = match init {
+            InitLoraWeights::Bool(true) => (
+                kaiming_uniform(r, in_dim, rng, device)?,
+                zeros(out_dim, r, device)?,
+            ),
+            InitLoraWeights::Method(m) if m == "gaussian" => (
+                normal(r, in_dim, 1.0 / r as f64, rng, device)?,
+                zeros(out_dim, r, device)?,
+            ),
+            // No initialisation: both factors keep nn.Linear's default init.
+            InitLoraWeights::Bool(false) => (
+                kaiming_uniform(r, in_dim, rng, device)?,
+                kaiming_uniform(out_dim, r, rng, device)?,
+            ),
+            InitLoraWeights::Method(m) => {
+                return Err(Error::Config(format!("unknown init_lora_weights `{m}`")))
+            }
+        };
+        Ok(Self {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scaling,
+            dropout,
+        })
+    }
+
+    /// `s · B A` as an `[out, in]` matrix.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.b.matmul(self.a.as_tensor())? * self.scaling)?)
+    }
+}
+
+impl LinearAdapter for LoraLinear {
+    fn forward(
+        &self,
+        x: &Tensor,
+        out: Tensor,
+        _base: LinearBase<'_>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let x = ops::dropout(x, self.dropout, train)?;
+        let h = x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
+        Ok((out + (h * self.scaling)?)?)
+    }
+
+    fn merge(&self, base: LinearBase<'_>) -> Result<(Tensor, Option<Tensor>)> {
+        Ok(((base.weight_out_in()? + self.delta_weight()?)?, None))
+    }
+
+    fn unmerge(&self, base: LinearBase<'_>) -> Result<(Tensor, Option<Tensor>)> {
+        Ok(((base.weight_out_in()? - self.delta_weight()?)?, None))
+    }
+
+    fn tensors(&self) -> Vec<(String, Var)> {
+        vec![
+            ("lora_A.weight".into(), self.a.clone()),
+            ("lora_B.weight".into(), self.b.clone()),
+        ]
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// LoRA on an embedding table. `a`: `[r, num_embeddings]`, `b`: `[dim, r]`; the update to a row
+/// `i` is `s · B a_i`. PEFT starts `a` at zero and `b` normal, the reverse of the linear case.
+#[derive(Debug)]
+pub struct LoraEmbedding {
+    pub a: Var,
+    pub b: Var,
+    pub scaling: f64,
+}
+
+impl LoraEmbedding {
+    pub fn new(
+        num: usize,
+        dim: usize,
+        r: usize,
+        scaling: f64,
+        init: &InitLoraWeights,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let (a, b) = match init {
+            InitLoraWeights::Bool(false) => (
+                normal(r, num, 1.0, rng, device)?,
+                normal(dim, r, 1.0, rng, device)?,
+            ),
+            _ => (zeros(r, num, device)?, normal(dim, r, 1.0, rng, device)?),
+        };
+        Ok(Self {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scaling,
+        })
+    }
+}
+
+impl EmbeddingAdapter for LoraEmbedding {
+    fn forward(&self, ids: &Tensor, out: Tensor, _train: bool) -> Result<Tensor> {
+        let rows = self.a.t()?.contiguous()?.index_select(ids, 0)?;
+        let h = rows.matmul(&self.b.t()?)?;
+        Ok((out + (h * self.scaling)?)?)
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.b.matmul(self.a.as_tensor())?.t()? * self.scaling)?)
+    }
+
+    fn tensors(&self) -> Vec<(String, Var)> {
+        vec![
+            ("lora_embedding_A".into(), self.a.clone()),
+            ("lora_embedding_B".into(), self.b.clone()),
+        ]
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+fn zeros(rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::zeros((rows, cols), DType::F32, device)?)
+}
+
+/// torch's `kaiming_uniform_(w, a=sqrt(5))`, nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+fn kaiming_uniform(
+    rows: usize,
+    fan_in: usize,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<Tensor> {
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    let dist = Uniform::new(-bound, bound).map_err(|e| Error::Config(e.to_string()))?;
+    let v: Vec<f32> = (0..rows * fan_in).map(|_| dist.sample(rng)).collect();
+    Ok(Tensor::from_vec(v, (rows, fan_in), device)?)
+}
+
+fn normal(rows: usize, cols: usize, std: f64, rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+    let dist = Normal::new(0.0f32, std as f32).map_err(|e| Error::Config(e.to_string()))?;
+    let v: Vec<f32> = (0..rows * cols).map(|_| dist.sample(rng)).collect();
+    Ok(Tensor::from_vec(v, (rows, cols), device)?)
+}

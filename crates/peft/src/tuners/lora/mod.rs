@@ -1,0 +1,144 @@
+//! LoRA (Hu et al., 2021) as PEFT implements it: config, layer math, and attaching it to a model.
+
+pub mod config;
+pub mod layer;
+
+pub use config::{Bias, InitLoraWeights, LoraConfig};
+pub use layer::{LoraEmbedding, LoraLinear};
+
+use rand::SeedableRng;
+
+use crate::layers::ModuleMut;
+use crate::models::Model;
+use crate::tuners::targets::{pattern_value, ModuleSpec, TargetMatcher};
+use crate::{Error, Result};
+
+/// PEFT's default LoRA targets per `model_type`, used when `target_modules` is not given.
+pub fn default_target_modules(model_type: &str) -> Option<&'static [&'static str]> {
+    Some(match model_type {
+        "bert" | "roberta" => &["query", "value"],
+        "t5" | "mt5" => &["q", "v"],
+        "gpt2" => &["c_attn"],
+        "llama" | "mistral" | "qwen2" | "opt" | "bart" => &["q_proj", "v_proj"],
+        _ => return None,
+    })
+}
+
+/// Resolves `target_modules` the way PEFT does before injection: the per-architecture default
+/// when absent, and `all-linear` expanded to the full names of every linear layer except the
+/// output head. The config is updated so that it is saved in resolved form, as PEFT saves it.
+pub fn resolve_targets(model: &dyn Model, config: &mut LoraConfig) -> Result<ModuleSpec> {
+    let info = model.info();
+    let spec = match &config.target_modules {
+        Some(t) => t.clone(),
+        None => {
+            let d = default_target_modules(&info.model_type).ok_or_else(|| {
+                Error::Config(format!(
+                    "no default target_modules for model_type `{}`; set target_modules",
+                    info.model_type
+                ))
+            })?;
+            ModuleSpec::List(d.iter().map(|s| s.to_string()).collect())
+        }
+    };
+    let spec = if spec.is_all_linear() {
+        let names = model
+            .modules()
+            .iter()
+            .filter_map(|m| match m {
+                crate::layers::ModuleRef::Linear(l) if !info.head.contains(&l.name) => {
+                    Some(l.name.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        ModuleSpec::List(names)
+    } else {
+        spec
+    };
+    config.target_modules = Some(spec.clone());
+    Ok(spec)
+}
+
+/// Attaches adapter `name` to every matching layer. Returns the names of the adapted modules.
+pub fn inject(
+    model: &mut dyn Model,
+    name: &str,
+    config: &mut LoraConfig,
+    modules_to_save: &[String],
+    seed: u64,
+) -> Result<Vec<String>> {
+    let targets = resolve_targets(model, config)?;
+    let matcher = TargetMatcher::new(
+        &targets,
+        config.exclude_modules.as_ref(),
+        modules_to_save,
+        config.layers_to_transform.as_ref(),
+        config.layers_pattern.as_ref(),
+    )?;
+    let device = model.device().clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut adapted = Vec::new();
+    let mut available = Vec::new();
+    for module in model.modules_mut() {
+        let key = module.name().to_string();
+        if !matches!(module, ModuleMut::LayerNorm(_)) {
+            available.push(key.clone());
+        }
+        if !matcher.matches(&key) {
+            continue;
+        }
+        let r = pattern_value(&config.rank_pattern, &key, |v| {
+            v.as_u64().map(|x| x as usize)
+        })?
+        .unwrap_or(config.r);
+        let alpha = pattern_value(&config.alpha_pattern, &key, |v| v.as_f64())?
+            .unwrap_or(config.lora_alpha);
+        if r == 0 {
+            return Err(Error::Config(format!("rank for `{key}` must be positive")));
+        }
+        let scaling = if config.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        match module {
+            ModuleMut::Linear(l) => {
+                let lora = LoraLinear::new(
+                    l.in_features(),
+                    l.out_features(),
+                    r,
+                    scaling,
+                    config.lora_dropout,
+                    &config.init_lora_weights,
+                    &mut rng,
+                    &device,
+                )?;
+                l.adapters.insert(name, Box::new(lora));
+            }
+            ModuleMut::Embedding(e) => {
+                let lora = LoraEmbedding::new(
+                    e.num_embeddings(),
+                    e.dim(),
+                    r,
+                    scaling,
+                    &config.init_lora_weights,
+                    &mut rng,
+                    &device,
+                )?;
+                e.adapters.insert(name, Box::new(lora));
+            }
+            ModuleMut::LayerNorm(_) => return Err(Error::Config(format!(
+                "target module `{key}` is a LayerNorm; LoRA supports linear and embedding layers"
+            ))),
+        }
+        adapted.push(key);
+    }
+    if adapted.is_empty() {
+        return Err(Error::NoTargetMatched {
+            targets: targets.describe(),
+            available: available.join(", "),
+        });
+    }
+    Ok(adapted)
+}
