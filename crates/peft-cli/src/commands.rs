@@ -46,7 +46,12 @@ pub fn train(config_path: &Path) -> Result<()> {
         seed: cfg.training.seed,
     };
     let model = models::load(&cfg.model.path, &opts)?;
-    let mut peft_model = get_peft_model_with_seed(model, cfg.peft.clone(), cfg.training.seed)?;
+    let mut peft_config = cfg.peft.clone();
+    if peft_config.task_type().is_none() {
+        // The [model] table already says the task; PEFT needs it to train and save the head.
+        peft_config.set_task_type(task);
+    }
+    let mut peft_model = get_peft_model_with_seed(model, peft_config, cfg.training.seed)?;
     peft_model.print_trainable_parameters();
     let max_len = cfg.data.max_length;
     let train_set = encode_rows(

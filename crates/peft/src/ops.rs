@@ -32,7 +32,50 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, with the
 /// biased variance as torch computes it.
+///
+/// With frozen affine parameters (the usual case in PEFT) the forward pass is candle's fused
+/// kernel and the backward pass is the closed form for `dx`; that keeps two activations alive per
+/// norm instead of the eight intermediates of the composed version. When the weight or bias is
+/// trained, the composed version gives their gradients too.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let affine_trained = weight.track_op() || bias.is_some_and(|b| b.track_op());
+    if affine_trained {
+        return layer_norm_composed(x, weight, bias, eps);
+    }
+    let zeros;
+    let beta = match bias {
+        Some(b) => b,
+        None => {
+            zeros = weight.zeros_like()?;
+            &zeros
+        }
+    };
+    let y = candle_nn::ops::layer_norm(&x.detach().contiguous()?, weight, beta, eps as f32)?;
+    let w = weight.clone();
+    with_backward(x, y, move |x, _y, g| {
+        let x = x.detach();
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let rstd = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+            .sqrt()?
+            .recip()?;
+        let xhat = centered.broadcast_mul(&rstd)?;
+        let dxhat = g.broadcast_mul(&w)?;
+        let m1 = dxhat.mean_keepdim(D::Minus1)?;
+        let m2 = (&dxhat * &xhat)?.mean_keepdim(D::Minus1)?;
+        dxhat
+            .broadcast_sub(&m1)?
+            .sub(&xhat.broadcast_mul(&m2)?)?
+            .broadcast_mul(&rstd)
+    })
+}
+
+fn layer_norm_composed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;

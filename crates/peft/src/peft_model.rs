@@ -100,9 +100,13 @@ impl PeftModel {
                 "an adapter named `{name}` already exists"
             )));
         }
-        let task = self.model.info().task;
+        // As PEFT: the task's head joins modules_to_save only when the config names the task
+        // (PeftModelForSequenceClassification and friends), not because the model has a head.
+        let task_heads = config
+            .task_type()
+            .map_or(&[][..], |t| t.default_modules_to_save());
         let mut modules_to_save = config.modules_to_save().cloned().unwrap_or_default();
-        for m in task.default_modules_to_save() {
+        for m in task_heads {
             if !modules_to_save.iter().any(|x| x == m) {
                 modules_to_save.push(m.to_string());
             }
@@ -117,9 +121,6 @@ impl PeftModel {
         let first = self.adapters.is_empty();
         match &mut config {
             PeftConfig::Lora(c) => {
-                if c.task_type.is_none() {
-                    c.task_type = Some(task);
-                }
                 let adapted = lora::inject(self.model.as_mut(), name, c, &modules_to_save, seed)?;
                 let adapted: BTreeSet<String> = adapted.into_iter().collect();
                 for module in self.model.modules_mut() {
@@ -301,18 +302,30 @@ impl PeftModel {
             for module in self.model.modules() {
                 let wrapped = has_adapters(&module);
                 for p in module.params() {
-                    let trained = p.base_var().is_some();
                     let wanted = p.name.ends_with(".bias")
                         && match bias {
                             Bias::All => true,
                             Bias::LoraOnly => wrapped,
                             Bias::None => false,
                         };
-                    if wanted
-                        && (trained || bias == Bias::All)
-                        && !in_modules_to_save(module.name(), &entry.modules_to_save)
-                    {
-                        out.push((bias_key(module.name(), &p.name, wrapped), p.base().detach()));
+                    if !wanted {
+                        continue;
+                    }
+                    match modules_to_save_root(module.name(), &entry.modules_to_save) {
+                        // PEFT's bias filter also catches the wrapper's two inner modules.
+                        Some(root) if bias == Bias::All => {
+                            let rest = &p.name[root.len() + 1..];
+                            let base = format!("{KEY_PREFIX}{root}.original_module.{rest}");
+                            out.push((base, p.base().detach()));
+                            if let Some(copy) = p.copy(name) {
+                                let key = format!("{KEY_PREFIX}{root}.modules_to_save.{rest}");
+                                out.push((key, copy.as_tensor().detach()));
+                            }
+                        }
+                        Some(_) => {}
+                        None => {
+                            out.push((bias_key(module.name(), &p.name, wrapped), p.base().detach()))
+                        }
                     }
                 }
             }
@@ -385,7 +398,7 @@ impl PeftModel {
                 .collect();
             for key in keys {
                 let t = file.remove(&key).expect("key listed above");
-                self.load_bias(&key, t)?;
+                self.load_bias(&key, name, t)?;
             }
         }
         if !missing.is_empty() || !file.is_empty() {
@@ -406,23 +419,35 @@ impl PeftModel {
         Ok(())
     }
 
-    fn load_bias(&mut self, key: &str, t: Tensor) -> Result<()> {
-        let path = key
-            .strip_prefix(KEY_PREFIX)
-            .unwrap_or(key)
-            .replace(".base_layer.", ".");
+    /// Places a trained bias saved with the adapter (`bias` = all / lora_only). PEFT writes a
+    /// wrapped layer's bias under `base_layer`, and for a `modules_to_save` module also under
+    /// `original_module` (the base) and `modules_to_save` (the adapter's copy, which the plain
+    /// key already carries).
+    fn load_bias(&mut self, key: &str, adapter: &str, t: Tensor) -> Result<()> {
+        let path = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
+        let to_copy = path.contains(".modules_to_save.");
+        let path = path
+            .replace(".base_layer.", ".")
+            .replace(".modules_to_save.", ".")
+            .replace(".original_module.", ".");
         for module in self.model.modules_mut() {
             for p in module.params_mut() {
-                if p.name == path {
-                    if p.base().dims() != t.dims() {
-                        return Err(Error::ShapeMismatch {
-                            name: key.to_string(),
-                            expected: p.base().dims().to_vec(),
-                            found: t.dims().to_vec(),
-                        });
-                    }
-                    return p.set_base(t.to_dtype(p.base().dtype())?);
+                if p.name != path {
+                    continue;
                 }
+                if p.base().dims() != t.dims() {
+                    return Err(Error::ShapeMismatch {
+                        name: key.to_string(),
+                        expected: p.base().dims().to_vec(),
+                        found: t.dims().to_vec(),
+                    });
+                }
+                let t = t.to_dtype(p.base().dtype())?;
+                return match p.copy(adapter) {
+                    Some(copy) if to_copy => Ok(copy.set(&t)?),
+                    Some(_) => Ok(()),
+                    None => p.set_base(t),
+                };
             }
         }
         Err(Error::Adapter(format!(
@@ -579,6 +604,17 @@ impl Drop for AdapterDisabled<'_> {
         // Re-enabling only flips flags and routes copies; it cannot fail.
         let _ = self.model.disable_adapter_layers(false);
     }
+}
+
+/// The `modules_to_save` wrapper a module sits in: its outermost ancestor (or itself) whose name
+/// ends with an entry, as PEFT wraps the first match in module order.
+fn modules_to_save_root<'a>(key: &'a str, modules_to_save: &[String]) -> Option<&'a str> {
+    let ends = key
+        .match_indices('.')
+        .map(|(i, _)| i)
+        .chain(std::iter::once(key.len()));
+    ends.map(|end| &key[..end])
+        .find(|prefix| modules_to_save.iter().any(|m| prefix.ends_with(m.as_str())))
 }
 
 fn has_adapters(module: &ModuleRef<'_>) -> bool {

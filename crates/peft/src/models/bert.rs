@@ -166,10 +166,12 @@ impl Bert {
             TaskType::TokenCls => ("BertForTokenClassification", "bert", false),
             TaskType::QuestionAns => ("BertForQuestionAnswering", "bert", false),
             TaskType::FeatureExtraction => ("BertModel", "", true),
-            other => return Err(Error::Config(format!(
+            other => {
+                return Err(Error::Config(format!(
                 "BERT has no {} head; use SEQ_CLS, TOKEN_CLS, QUESTION_ANS or FEATURE_EXTRACTION",
                 other.as_str()
-            ))),
+            )))
+            }
         };
         let root = super::loader(weights, "bert", init, opts);
         let base = if prefix.is_empty() {

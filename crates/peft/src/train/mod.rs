@@ -129,11 +129,17 @@ pub fn train(
             bar.set_message(format!("loss {loss_v:.4} lr {lr:.2e}"));
             if args.logging_steps > 0 && step % args.logging_steps == 0 {
                 let epoch = step as f64 / steps_per_epoch as f64;
-                bar.println(format!(
+                let line = format!(
                     "step {step}/{total}  epoch {epoch:.2}  loss {:.4}  lr {lr:.3e}  {:.1} seq/s",
                     window_loss / window_n as f64,
                     seen as f64 / start.elapsed().as_secs_f64()
-                ));
+                );
+                // A hidden bar (output not a terminal) swallows println; logs must still appear.
+                if bar.is_hidden() {
+                    println!("{line}");
+                } else {
+                    bar.println(line);
+                }
                 window_loss = 0.0;
                 window_n = 0;
             }

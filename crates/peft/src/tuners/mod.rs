@@ -64,6 +64,12 @@ impl PeftConfig {
         }
     }
 
+    pub fn set_task_type(&mut self, task: TaskType) {
+        match self {
+            PeftConfig::Lora(c) => c.task_type = Some(task),
+        }
+    }
+
     pub fn modules_to_save(&self) -> Option<&Vec<String>> {
         match self {
             PeftConfig::Lora(c) => c.modules_to_save.as_ref(),

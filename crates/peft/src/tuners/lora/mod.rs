@@ -128,9 +128,11 @@ pub fn inject(
                 )?;
                 e.adapters.insert(name, Box::new(lora));
             }
-            ModuleMut::LayerNorm(_) => return Err(Error::Config(format!(
+            ModuleMut::LayerNorm(_) => {
+                return Err(Error::Config(format!(
                 "target module `{key}` is a LayerNorm; LoRA supports linear and embedding layers"
-            ))),
+            )))
+            }
         }
         adapted.push(key);
     }
