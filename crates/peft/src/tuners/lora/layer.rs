@@ -21,12 +21,12 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
+    /// Factors initialised as `init` says; no dropout (set the `dropout` field for that).
     pub fn new(
         in_dim: usize,
         out_dim: usize,
         r: usize,
         scaling: f64,
-        dropout: f64,
         init: &InitLoraWeights,
         rng: &mut StdRng,
         device: &Device,
@@ -53,7 +53,7 @@ impl LoraLinear {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             scaling,
-            dropout,
+            dropout: 0.0,
         })
     }
 

@@ -104,16 +104,18 @@ pub fn inject(
         };
         match module {
             ModuleMut::Linear(l) => {
-                let lora = LoraLinear::new(
-                    l.in_features(),
-                    l.out_features(),
-                    r,
-                    scaling,
-                    config.lora_dropout,
-                    &config.init_lora_weights,
-                    &mut rng,
-                    &device,
-                )?;
+                let lora = LoraLinear {
+                    dropout: config.lora_dropout,
+                    ..LoraLinear::new(
+                        l.in_features(),
+                        l.out_features(),
+                        r,
+                        scaling,
+                        &config.init_lora_weights,
+                        &mut rng,
+                        &device,
+                    )?
+                };
                 l.adapters.insert(name, Box::new(lora));
             }
             ModuleMut::Embedding(e) => {

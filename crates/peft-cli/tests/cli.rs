@@ -1,0 +1,297 @@
+//! The `peft` binary end to end on the fixture models (made by transformers + PEFT, see
+//! tools/fixtures/): forward with a PEFT adapter, merge into a model directory, inspect, train.
+
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft/tests/fixtures/bert")
+}
+
+fn peft(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(args)
+        .output()
+        .expect("run peft");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn tensor(path: &Path, name: &str) -> Tensor {
+    let mut t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    t.remove(name)
+        .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
+}
+
+fn matrix(t: &Tensor) -> String {
+    serde_json::to_string(&t.to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap()).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn inputs() -> (String, String, String) {
+    let f = fixtures().join("inputs.safetensors");
+    (
+        matrix(&tensor(&f, "input_ids")),
+        matrix(&tensor(&f, "attention_mask")),
+        matrix(&tensor(&f, "token_type_ids")),
+    )
+}
+
+#[test]
+fn forward_with_a_peft_adapter_gives_peft_logits_and_merge_writes_a_loadable_model() {
+    let (ids, mask, types) = inputs();
+    let tmp = tempfile::tempdir().unwrap();
+    for case in ["list_qv", "token_cls", "embedding", "feature_extraction"] {
+        let case_dir = fixtures().join("cases").join(case);
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(case_dir.join("meta.json")).unwrap())
+                .unwrap();
+        let model = fixtures()
+            .join("models")
+            .join(meta["model"].as_str().unwrap());
+        let adapter = case_dir.join("adapter");
+        let expected = case_dir.join("expected.safetensors");
+        let out = tmp.path().join(format!("{case}.safetensors"));
+        let (ok, log) = peft(&[
+            "forward",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--input-ids",
+            &ids,
+            "--attention-mask",
+            &mask,
+            "--token-type-ids",
+            &types,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{case}: {log}");
+        let d = max_diff(&tensor(&out, "logits"), &tensor(&expected, "lora_logits"));
+        assert!(d <= 1e-4, "{case}: forward differs from PEFT by {d}");
+
+        let merged = tmp.path().join(format!("{case}-merged"));
+        let (ok, log) = peft(&[
+            "merge",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ]);
+        assert!(ok, "{case}: {log}");
+        // The merged directory is a plain model: no adapter, same logits as PEFT's merge.
+        let out = tmp.path().join(format!("{case}-merged.safetensors"));
+        let (ok, log) = peft(&[
+            "forward",
+            "--model",
+            merged.to_str().unwrap(),
+            "--input-ids",
+            &ids,
+            "--attention-mask",
+            &mask,
+            "--token-type-ids",
+            &types,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{case}: {log}");
+        let d = max_diff(&tensor(&out, "logits"), &tensor(&expected, "merged_logits"));
+        assert!(
+            d <= 1e-4,
+            "{case}: merged model differs from PEFT's merge by {d}"
+        );
+    }
+}
+
+#[test]
+fn inspect_describes_adapters_and_models() {
+    let (ok, text) = peft(&[
+        "inspect",
+        fixtures().join("cases/embedding/adapter").to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("method: LORA"), "{text}");
+    assert!(
+        text.contains(
+            "base_model.model.bert.embeddings.word_embeddings.lora_embedding_A [8, 1000]"
+        ),
+        "{text}"
+    );
+    let (ok, text) = peft(&[
+        "inspect",
+        fixtures().join("models/seq_cls").to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("BertForSequenceClassification"), "{text}");
+    assert!(
+        text.contains("bert.encoder.layer.1.attention.self.query (Linear 32 -> 32)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let model = fixtures().join("models/seq_cls");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.safetensors");
+    let (ok, text) = peft(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--input-ids",
+        "[[1,2],[3]]",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("row 1 has 1 ids"), "{text}");
+    let (ok, text) = peft(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--input-ids",
+        "[[1,2]]",
+        "--attention-mask",
+        "[[1,1,1]]",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("attention-mask"), "{text}");
+    let (ok, text) = peft(&[
+        "train",
+        "--config",
+        tmp.path().join("nope.toml").to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("nope.toml"), "{text}");
+    assert!(!out.exists(), "a failed run must not leave an output file");
+    assert!(!text.contains("panicked"), "{text}");
+}
+
+/// A short training run from a TOML config on the fixture model, then the saved adapter loads.
+#[test]
+fn train_writes_an_adapter_that_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    let lines: Vec<String> = (0..24)
+        .map(|i| {
+            format!(
+                "{{\"sentence\": \"{} token{}\", \"y\": \"{}\"}}",
+                ["good", "bad", "meh"][i % 3],
+                i,
+                ["pos", "neg", "mid"][i % 3]
+            )
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    // The fixture model has no tokenizer of its own: give a copy a word-level one over its
+    // 1000-id vocabulary.
+    let model = fixtures().join("models/seq_cls");
+    let model_copy = tmp.path().join("model");
+    std::fs::create_dir_all(&model_copy).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(model.join(f), model_copy.join(f)).unwrap();
+    }
+    write_word_tokenizer(&model_copy.join("tokenizer.json"));
+    let out_dir = tmp.path().join("adapter");
+    let config = format!(
+        r#"
+[model]
+path = "{}"
+task_type = "SEQ_CLS"
+num_labels = 3
+[peft]
+peft_type = "LORA"
+r = 4
+lora_alpha = 8
+target_modules = ["query", "value"]
+[data]
+train_file = "{}"
+text_column = "sentence"
+label_column = "y"
+max_length = 16
+[training]
+output_dir = "{}"
+learning_rate = 1e-2
+max_steps = 6
+per_device_train_batch_size = 4
+logging_steps = 2
+"#,
+        model_copy.display(),
+        data.display(),
+        out_dir.display()
+    );
+    let cfg = tmp.path().join("train.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let (ok, text) = peft(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    // r=4 on query and value of 2 layers (4 x (4x32 + 32x4)) plus the 3-class head (32x3 + 3).
+    assert!(
+        text.contains("trainable params: 1,123 || all params:"),
+        "{text}"
+    );
+    assert!(text.contains("step 6/6"), "{text}");
+    assert!(
+        out_dir.join("adapter_config.json").exists()
+            && out_dir.join("adapter_model.safetensors").exists()
+    );
+    let (ok, text) = peft(&["inspect", out_dir.to_str().unwrap()]);
+    assert!(ok && text.contains("lora_A.weight [4, 32]"), "{text}");
+}
+
+/// A WordLevel tokenizer.json over the fixture vocabulary (ids 0..1000), with BERT's special
+/// tokens at BERT's places and a [CLS] ... [SEP] template.
+fn write_word_tokenizer(path: &Path) {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"].iter().enumerate() {
+        vocab.insert(t.to_string(), (i as u32).into());
+    }
+    for i in 4..1000u32 {
+        let word = match i {
+            4 => "good".to_string(),
+            5 => "bad".to_string(),
+            6 => "meh".to_string(),
+            _ => format!("token{}", i - 7),
+        };
+        vocab.insert(word, i.into());
+    }
+    let tok = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}, {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}
+            }
+        },
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(path, serde_json::to_string(&tok).unwrap()).unwrap();
+}

@@ -1,0 +1,116 @@
+"""Training-throughput benchmark of PyTorch + PEFT LoRA on all-MiniLM-L6-v2 (CPU, fp32).
+
+Measures what one optimizer step of the default LoRA recipe costs, on fixed-shape batches, so that
+the Rust `peft` trainer can be compared step for step:
+
+  * model: BertForSequenceClassification from .assets/all-MiniLM-L6-v2, num_labels=2;
+  * LoRA: task_type=SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query","value"];
+  * input: batch B of real rotten_tomatoes training texts, tokenized and padded/truncated to exactly
+    L tokens, with the attention mask set to all ones (every position counts as a real token, as if
+    every review were L tokens long); labels from the CSV;
+  * step: forward + cross-entropy loss + backward + AdamW(lr=1e-4) step over the trainable
+    parameters + zero_grad, model.train() (dropout on).
+
+After --warmup steps (default 3) it times --steps steps (default 20) and prints one JSON line:
+
+    {"impl": "pytorch+peft", "seq_per_s": ..., "step_s": ..., "peak_rss_mb": ..., "threads": ...}
+
+step_s is the mean wall time of a timed step, seq_per_s = batch / step_s, peak_rss_mb the peak
+resident set size of the whole process (ru_maxrss, MiB). Run from the repository root:
+
+    python tools/reference/bench_train.py [--threads 2] [--steps 20] [--batch 8] [--seq-len 128]
+"""
+
+import argparse
+import csv
+import json
+import os
+import resource
+import time
+
+import torch
+from transformers import AutoTokenizer, BertForSequenceClassification
+
+from peft import LoraConfig, get_peft_model
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=os.path.join(ROOT, ".assets", "all-MiniLM-L6-v2"))
+    p.add_argument("--data", default=os.path.join(ROOT, ".assets", "rotten_tomatoes", "train.csv"))
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    # Fixed-shape batches from real texts: padded/truncated to exactly seq_len, mask all ones.
+    n_batches = args.warmup + args.steps
+    with open(args.data, newline="", encoding="utf-8") as f:
+        rows = [r for _, r in zip(range(args.batch * n_batches), csv.DictReader(f))]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    enc = tokenizer(
+        [r["text"] for r in rows],
+        padding="max_length",
+        truncation=True,
+        max_length=args.seq_len,
+        return_tensors="pt",
+    )
+    input_ids = enc["input_ids"]
+    attention_mask = torch.ones_like(input_ids)
+    labels = torch.tensor([int(r["label"]) for r in rows])
+    n_rows = len(rows)
+
+    model = BertForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]
+        ),
+    )
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(i):
+        sl = [(i * args.batch + j) % n_rows for j in range(args.batch)]
+        out = model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], labels=labels[sl])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return out.loss.item()
+
+    for i in range(args.warmup):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(args.warmup, n_batches):
+        step(i)
+    elapsed = time.perf_counter() - t0
+
+    step_s = elapsed / args.steps
+    print(
+        json.dumps(
+            {
+                "impl": "pytorch+peft",
+                "seq_per_s": round(args.batch / step_s, 2),
+                "step_s": round(step_s, 4),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+                "threads": torch.get_num_threads(),
+                "batch": args.batch,
+                "seq_len": args.seq_len,
+                "steps": args.steps,
+                "torch": torch.__version__,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
