@@ -16,7 +16,9 @@ After --warmup steps (default 3) it times --steps steps (default 20) and prints 
     {"impl": "pytorch+peft", "seq_per_s": ..., "step_s": ..., "peak_rss_mb": ..., "threads": ...}
 
 step_s is the mean wall time of a timed step, seq_per_s = batch / step_s, peak_rss_mb the peak
-resident set size of the whole process (ru_maxrss, MiB). Run from the repository root:
+resident set size of the whole process (ru_maxrss, MiB). Extra fields: batch, seq_len, steps, torch
+and other_load, the mean number of cores other processes kept busy while the steps were timed (from
+/proc/stat; a measurement is only meaningful when it is near 0). Run from the repository root:
 
     python tools/reference/bench_train.py [--threads 2] [--steps 20] [--batch 8] [--seq-len 128]
 """
@@ -34,6 +36,30 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 from peft import LoraConfig, get_peft_model
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def busy_jiffies():
+    """Busy CPU time of the whole machine from /proc/stat (seconds), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def other_load(t_wall, busy0, cpu0):
+    """Mean number of cores that other processes kept busy since (busy0, cpu0), over t_wall s.
+
+    Near 0 on a quiet machine; on the 2-core machine anything above ~0.3 makes the timings of a
+    2-thread OpenMP run unreliable (threads wait at barriers for a descheduled peer).
+    """
+    busy1 = busy_jiffies()
+    if busy0 is None or busy1 is None:
+        return None
+    own = time.process_time() - cpu0
+    return round(max(0.0, (busy1 - busy0) - own) / t_wall, 2)
 
 
 def main():
@@ -89,10 +115,12 @@ def main():
 
     for i in range(args.warmup):
         step(i)
+    busy0, cpu0 = busy_jiffies(), time.process_time()
     t0 = time.perf_counter()
     for i in range(args.warmup, n_batches):
         step(i)
     elapsed = time.perf_counter() - t0
+    other = other_load(elapsed, busy0, cpu0)
 
     step_s = elapsed / args.steps
     print(
@@ -106,6 +134,7 @@ def main():
                 "batch": args.batch,
                 "seq_len": args.seq_len,
                 "steps": args.steps,
+                "other_load": other,
                 "torch": torch.__version__,
             }
         )

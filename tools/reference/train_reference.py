@@ -47,6 +47,30 @@ from peft import LoraConfig, get_peft_model
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
+def busy_jiffies():
+    """Busy CPU time of the whole machine from /proc/stat (seconds), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def other_load(t_wall, busy0, cpu0):
+    """Mean number of cores that other processes kept busy since (busy0, cpu0), over t_wall s.
+
+    Near 0 on a quiet machine; on the 2-core machine anything above ~0.3 makes the timings of a
+    2-thread OpenMP run unreliable (threads wait at barriers for a descheduled peer).
+    """
+    busy1 = busy_jiffies()
+    if busy0 is None or busy1 is None:
+        return None
+    own = time.process_time() - cpu0
+    return round(max(0.0, (busy1 - busy0) - own) / t_wall, 2)
+
+
 def read_csv(path):
     """Rows of a text,label CSV as (texts, labels)."""
     texts, labels = [], []
@@ -145,9 +169,11 @@ def main():
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=compute_metrics,
         )
+        busy0, cpu0 = busy_jiffies(), time.process_time()
         t0 = time.perf_counter()
         train_out = trainer.train()
         train_s = time.perf_counter() - t0
+        other = other_load(train_s, busy0, cpu0)
         t0 = time.perf_counter()
         metrics = trainer.evaluate()
         eval_s = time.perf_counter() - t0
@@ -165,11 +191,13 @@ def main():
         "train_s": round(train_s, 1),
         "eval_s": round(eval_s, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "other_load": other,
     }
     print(f"test accuracy: {summary['test_accuracy']:.4f} ({len(test_ds)} examples)")
     print(f"train wall time: {train_s:.1f} s ({train_out.global_step} steps, {args.epochs:g} epochs)")
     print(f"eval wall time: {eval_s:.1f} s")
     print(f"peak RSS: {summary['peak_rss_mb']:.0f} MiB")
+    print(f"other processes kept {other} cores busy on average during training")
     if args.json:
         print(json.dumps(summary))
     sys.stdout.flush()

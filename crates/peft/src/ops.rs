@@ -15,7 +15,18 @@ use crate::Result;
 /// Softmax over the last dimension. Forward with candle's fused kernel; backward in closed form,
 /// `dx = y * (dy - sum(dy * y))`, which the fused kernel lacks.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
+    masked_softmax(x, None)
+}
+
+/// `softmax(x + mask)` with a constant additive `mask` broadcast over `x`: attention
+/// probabilities in one node, so neither the masked nor the raw scores stay alive for backward.
+pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scores = match mask {
+        Some(m) => x.detach().broadcast_add(m)?,
+        None => x.detach(),
+    };
+    let y = candle_nn::ops::softmax_last_dim(&scores)?;
+    drop(scores);
     with_backward(x, y, |_x, y, g| {
         let dot = (g * y)?.sum_keepdim(D::Minus1)?;
         y * g.broadcast_sub(&dot)?
@@ -89,24 +100,32 @@ fn layer_norm_composed(
 
 /// Inverted dropout as torch applies it in training: zero with probability `p`, scale the rest by
 /// `1 / (1 - p)`. The identity when `p == 0` or outside training.
+///
+/// Only the mask's seed is kept for the backward pass, which draws the same mask again; the
+/// attention-probability masks would otherwise be the largest tensors kept alive.
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
+    use rand::Rng;
     if !train || p <= 0.0 {
         return Ok(x.clone());
     }
     if p >= 1.0 {
         return Ok(x.zeros_like()?);
     }
-    Ok((x * dropout_mask(x, p)?)?)
+    let seed: u64 = rand::rng().random();
+    let y = (x.detach() * dropout_mask(x, p, seed)?)?;
+    with_backward(x, y, move |x, _y, g| {
+        g * dropout_mask(x, p, seed).map_err(candle_core::Error::wrap)?
+    })
 }
 
-/// A `{0, 1/(1-p)}` mask shaped like `x`, drawn with a fast non-cryptographic generator seeded
-/// from the thread RNG (candle's `rand_like` is ChaCha-based and several times slower here).
-fn dropout_mask(x: &Tensor, p: f64) -> Result<Tensor> {
-    use rand::{Rng, RngCore, SeedableRng};
+/// A `{0, 1/(1-p)}` mask shaped like `x`, drawn from `seed` with a fast non-cryptographic
+/// generator (candle's `rand_like` is ChaCha-based and several times slower here).
+fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    use rand::{RngCore, SeedableRng};
     let n = x.elem_count();
     let threshold = (p * 4294967296.0) as u64;
     let scale = (1.0 / (1.0 - p)) as f32;
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(rand::rng().random());
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let mut mask = vec![0f32; n];
     for pair in mask.chunks_mut(2) {
         let r = rng.next_u64();
@@ -249,5 +268,54 @@ impl CustomOp1 for Precomputed {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some((self.bwd)(arg, res, grad)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn dropout_zeroes_about_p_scales_the_rest_and_backprops_the_same_mask() {
+        let x = Var::ones((200, 500), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let y = dropout(x.as_tensor(), 0.3, true).unwrap();
+        let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let zeros = v.iter().filter(|&&a| a == 0.0).count() as f64 / v.len() as f64;
+        assert!((zeros - 0.3).abs() < 0.01, "zero fraction {zeros}");
+        assert!(v.iter().all(|&a| a == 0.0 || (a - 1.0 / 0.7).abs() < 1e-6));
+        // d(sum y)/dx is the mask itself, which for x = 1 is y.
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(g, v);
+        assert_eq!(
+            dropout(x.as_tensor(), 0.3, false)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            100_000.0
+        );
+    }
+
+    #[test]
+    fn cross_entropy_ignores_minus_100_and_matches_closed_form() {
+        // logits [[0, ln 3], [5, 5]]: row 0 with label 1 has p = 3/4; row 1 is ignored.
+        let logits = Tensor::new(&[[0f32, 3f32.ln()], [5.0, 5.0]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[1i64, -100], &Device::Cpu).unwrap();
+        let loss = cross_entropy(&logits, &labels)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((loss - (-(0.75f32).ln())).abs() < 1e-6, "{loss}");
+        let bad = Tensor::new(&[2i64, 0], &Device::Cpu).unwrap();
+        assert!(cross_entropy(&logits, &bad).is_err());
     }
 }

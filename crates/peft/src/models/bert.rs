@@ -280,12 +280,9 @@ impl Bert {
         let q = split(l.query.forward_t(x, train)?)?;
         let k = split(l.key.forward_t(x, train)?)?;
         let v = split(l.value.forward_t(x, train)?)?;
-        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
+        let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
         let probs = ops::dropout(
-            &ops::softmax(&scores)?,
+            &ops::masked_softmax(&scores, mask)?,
             self.cfg.attention_probs_dropout_prob,
             train,
         )?;

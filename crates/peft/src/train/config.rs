@@ -70,6 +70,9 @@ pub struct TrainingArguments {
     pub max_grad_norm: f64,
     pub seed: u64,
     pub logging_steps: usize,
+    /// Batch examples of similar length together (transformers' LengthGroupedSampler), which cuts
+    /// padding and so time when lengths vary.
+    pub group_by_length: bool,
 }
 
 impl Default for TrainingArguments {
@@ -91,6 +94,7 @@ impl Default for TrainingArguments {
             max_grad_norm: 1.0,
             seed: 42,
             logging_steps: 500,
+            group_by_length: false,
         }
     }
 }

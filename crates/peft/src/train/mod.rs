@@ -30,6 +30,26 @@ pub struct TrainReport {
     pub examples_per_second: f64,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_grouping_sorts_megabatches_and_leads_with_the_longest() {
+        let lengths: Vec<usize> = (0..1000).map(|i| (i * 7919) % 97 + 3).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let order = length_grouped_order(&lengths, 4, &mut rng);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>(), "a permutation");
+        assert_eq!(lengths[order[0]], 99, "longest first");
+        // 1000 / (4 * 4) = 62 -> 50 batches of 4 per megabatch: 200 examples, descending.
+        for mb in order.chunks(200) {
+            assert!(mb[1..].windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]));
+        }
+    }
+}
+
 /// Mean cross-entropy of a classification forward pass.
 pub fn classification_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     match logits.rank() {
@@ -98,8 +118,14 @@ pub fn train(
     let (mut step, mut seen, mut window_loss, mut window_n, mut last_loss) =
         (0usize, 0usize, 0f64, 0usize, f64::NAN);
     'outer: loop {
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        order.shuffle(&mut rng);
+        let order = if args.group_by_length {
+            let lengths: Vec<usize> = train.iter().map(|e| e.enc.input_ids.len()).collect();
+            length_grouped_order(&lengths, bs, &mut rng)
+        } else {
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            order.shuffle(&mut rng);
+            order
+        };
         for chunk in order.chunks(bs) {
             if step >= total {
                 break 'outer;
@@ -154,6 +180,35 @@ pub fn train(
         seconds,
         examples_per_second: seen as f64 / seconds,
     })
+}
+
+/// transformers' LengthGroupedSampler: shuffle, cut into megabatches of up to 50 batches, sort
+/// each megabatch by length (longest first), and move the longest example of all to the front
+/// so a too-large batch fails at the first step rather than late.
+pub fn length_grouped_order(
+    lengths: &[usize],
+    batch_size: usize,
+    rng: &mut impl rand::Rng,
+) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..lengths.len()).collect();
+    idx.shuffle(rng);
+    let mult = (lengths.len() / (batch_size * 4)).clamp(1, 50);
+    let mut megabatches: Vec<Vec<usize>> = idx
+        .chunks(mult * batch_size)
+        .map(|m| {
+            let mut m = m.to_vec();
+            m.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+            m
+        })
+        .collect();
+    if let Some(longest) =
+        (0..megabatches.len()).max_by_key(|&j| (lengths[megabatches[j][0]], std::cmp::Reverse(j)))
+    {
+        let first = megabatches[longest][0];
+        megabatches[longest][0] = megabatches[0][0];
+        megabatches[0][0] = first;
+    }
+    megabatches.concat()
 }
 
 /// Classification accuracy of the model (dropout off) on `examples`.

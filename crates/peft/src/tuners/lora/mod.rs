@@ -104,6 +104,17 @@ pub fn inject(
         };
         match module {
             ModuleMut::Linear(l) => {
+                // The layer knows its own layout; like PEFT, correct a config that disagrees
+                // (nn.Linear forces false, GPT-2's Conv1D true) and say so.
+                if config.fan_in_fan_out != l.transposed {
+                    eprintln!(
+                        "warning: fan_in_fan_out = {} does not fit `{key}`, whose weight is stored {}; setting fan_in_fan_out = {}",
+                        config.fan_in_fan_out,
+                        if l.transposed { "[in, out]" } else { "[out, in]" },
+                        l.transposed
+                    );
+                    config.fan_in_fan_out = l.transposed;
+                }
                 let lora = LoraLinear {
                     dropout: config.lora_dropout,
                     ..LoraLinear::new(
