@@ -84,7 +84,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() -> ExitCode {
     // SAFETY: sets a process-wide allocator option; no allocation is in flight that depends on it.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
     // candle's CPU thread pool spins 25,000 times at each barrier before sleeping. On a machine
     // shared with anything else, spinning workers take the cores the working thread needs (a
     // training step measured 3.0 s instead of 1.6 s under load); a short spin costs nothing

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds the `cuda` feature on a machine without a GPU or a system CUDA toolkit: nvcc 13.0 and the
+# CUDA libraries come from PyPI wheels in a throwaway venv, and a stub libcuda.so (the driver
+# library, present only where a GPU is) satisfies the linker. The binary it produces runs where
+# the NVIDIA driver and the CUDA 13 libraries are installed.
+#   scripts/check-cuda-build.sh [target-dir]      (default: target/cuda)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+target="${1:-$root/target/cuda}"
+venv="${CUDA_VENV:-/tmp/peft-cuda-venv}"
+if [ ! -x "$venv/bin/pip" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*" \
+    "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-nvrtc==13.0.*" \
+    "nvidia-cublas==13.0.*" nvidia-curand
+fi
+cuda="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
+stub="$target/cuda-link-stubs"
+mkdir -p "$stub"
+# Every driver-API symbol cudarc can call; generated from cudarc's bindings on first build.
+if [ ! -f "$stub/libcuda.so" ]; then
+  src="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-0.19*/src/driver/sys/mod.rs' | head -1)"
+  grep -oE 'fn cu[A-Z][A-Za-z0-9_]*' "$src" | awk '{print "void " $2 "(void) {}"}' | sort -u > "$stub/stub.c"
+  cc -shared -fPIC -o "$stub/libcuda.so" "$stub/stub.c" -Wl,-soname,libcuda.so.1
+fi
+for lib in cublas.so.13 cublasLt.so.13 cudart.so.13 curand.so.10 nvrtc.so.13; do
+  ln -sf "$cuda/lib/lib$lib" "$stub/lib${lib%%.so*}.so"
+done
+export PATH="$cuda/bin:$PATH" CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+export LIBRARY_PATH="$stub${LIBRARY_PATH:+:$LIBRARY_PATH}"
+cargo build --release --features cuda -p peft-cli --target-dir "$target"
+echo "built $target/release/peft with the cuda feature"
