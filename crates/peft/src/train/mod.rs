@@ -30,26 +30,6 @@ pub struct TrainReport {
     pub examples_per_second: f64,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn length_grouping_sorts_megabatches_and_leads_with_the_longest() {
-        let lengths: Vec<usize> = (0..1000).map(|i| (i * 7919) % 97 + 3).collect();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let order = length_grouped_order(&lengths, 4, &mut rng);
-        let mut sorted = order.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..1000).collect::<Vec<_>>(), "a permutation");
-        assert_eq!(lengths[order[0]], 99, "longest first");
-        // 1000 / (4 * 4) = 62 -> 50 batches of 4 per megabatch: 200 examples, descending.
-        for mb in order.chunks(200) {
-            assert!(mb[1..].windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]));
-        }
-    }
-}
-
 /// Mean cross-entropy of a classification forward pass.
 pub fn classification_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     match logits.rank() {
@@ -236,4 +216,24 @@ pub fn evaluate_accuracy(
             .count();
     }
     Ok(correct as f64 / examples.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_grouping_sorts_megabatches_and_leads_with_the_longest() {
+        let lengths: Vec<usize> = (0..1000).map(|i| (i * 7919) % 97 + 3).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let order = length_grouped_order(&lengths, 4, &mut rng);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>(), "a permutation");
+        assert_eq!(lengths[order[0]], 99, "longest first");
+        // 1000 / (4 * 4) = 62 -> 50 batches of 4 per megabatch: 200 examples, descending.
+        for mb in order.chunks(200) {
+            assert!(mb[1..].windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]));
+        }
+    }
 }
