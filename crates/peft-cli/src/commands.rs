@@ -174,7 +174,10 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         seed: 42,
     };
     let logits = match &a.adapter {
-        Some(dir) => load_with_adapter(&a.model, dir, opts)?.forward(&inputs, false)?,
+        Some(dir) => {
+            let model = load_with_adapter(&a.model, dir, opts)?;
+            peft::no_grad(|| model.forward(&inputs, false))?
+        }
         None => models::load(&a.model, &opts)?.forward(&inputs, false)?,
     };
     save_safetensors(

@@ -111,11 +111,21 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if p >= 1.0 {
         return Ok(x.zeros_like()?);
     }
-    let seed: u64 = rand::rng().random();
+    let seed: u64 = DROPOUT_RNG.with(|r| r.borrow_mut().random());
     let y = (x.detach() * dropout_mask(x, p, seed)?)?;
     with_backward(x, y, move |x, _y, g| {
         g * dropout_mask(x, p, seed).map_err(candle_core::Error::wrap)?
     })
+}
+
+thread_local! {
+    static DROPOUT_RNG: std::cell::RefCell<rand::rngs::SmallRng> =
+        std::cell::RefCell::new(rand::SeedableRng::from_os_rng());
+}
+
+/// Seeds this thread's dropout masks, so that a training run with a fixed seed repeats exactly.
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = rand::SeedableRng::seed_from_u64(seed));
 }
 
 /// A `{0, 1/(1-p)}` mask shaped like `x`, drawn from `seed` with a fast non-cryptographic

@@ -140,3 +140,24 @@ fn load_with_adapter_picks_the_head_from_the_adapter() {
     let logits = m.forward(&inputs(), false).unwrap();
     assert_eq!(logits.dims(), &[3, 3]);
 }
+
+#[test]
+fn no_grad_records_nothing_and_gives_the_same_logits() {
+    let dir = case_dir("list_qv");
+    let mut m = PeftModel::from_pretrained(load_model("list_qv"), &dir.join("adapter")).unwrap();
+    m.delete_adapter("default").unwrap();
+    m.load_adapter(&dir.join("adapter"), "default", true)
+        .unwrap();
+    let with_graph = m.forward(&inputs(), false).unwrap();
+    assert!(
+        with_graph.track_op(),
+        "a forward over trainable adapters is recorded"
+    );
+    let without = peft::no_grad(|| m.forward(&inputs(), false)).unwrap();
+    assert!(!without.track_op(), "inside no_grad nothing is recorded");
+    assert_eq!(max_diff(&with_graph, &without), 0.0);
+    assert!(
+        peft::grad::is_enabled(),
+        "no_grad restores recording when it ends"
+    );
+}

@@ -8,15 +8,15 @@ use std::fmt::Debug;
 use crate::Result;
 
 /// The frozen base of a linear layer as an adapter sees it.
-#[derive(Clone, Copy)]
-pub struct LinearBase<'a> {
+#[derive(Clone)]
+pub struct LinearBase {
     /// `[out, in]`, or `[in, out]` when `transposed` (GPT-2's Conv1D layout).
-    pub weight: &'a Tensor,
-    pub bias: Option<&'a Tensor>,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
     pub transposed: bool,
 }
 
-impl LinearBase<'_> {
+impl LinearBase {
     /// The weight in the `[out, in]` layout, whatever the storage.
     pub fn weight_out_in(&self) -> Result<Tensor> {
         Ok(if self.transposed {
@@ -31,15 +31,14 @@ impl LinearBase<'_> {
 pub trait LinearAdapter: Debug + Send + Sync {
     /// Given the layer input `x` (`[rows, in]`) and the output so far (`[rows, out]`), returns the
     /// output with this adapter applied.
-    fn forward(&self, x: &Tensor, out: Tensor, base: LinearBase<'_>, train: bool)
-        -> Result<Tensor>;
+    fn forward(&self, x: &Tensor, out: Tensor, base: &LinearBase, train: bool) -> Result<Tensor>;
 
     /// Merges into `base` in place of running `forward`: returns the new `[out, in]` weight and,
     /// if the adapter changes it, the new bias.
-    fn merge(&self, base: LinearBase<'_>) -> Result<(Tensor, Option<Tensor>)>;
+    fn merge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)>;
 
     /// Undoes [`LinearAdapter::merge`].
-    fn unmerge(&self, base: LinearBase<'_>) -> Result<(Tensor, Option<Tensor>)>;
+    fn unmerge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)>;
 
     /// The adapter's tensors by their PEFT key suffix (`lora_A.weight`, ...), trainable or not.
     fn tensors(&self) -> Vec<(String, Var)>;

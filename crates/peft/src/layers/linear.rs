@@ -52,7 +52,7 @@ impl Linear {
         }
     }
 
-    pub fn base(&self) -> LinearBase<'_> {
+    pub fn base(&self) -> LinearBase {
         LinearBase {
             weight: self.weight.value(),
             bias: self.bias.as_ref().map(|b| b.value()),
@@ -79,14 +79,14 @@ impl Linear {
             let wt = if self.transposed { w.clone() } else { w.t()? };
             x2.matmul(&wt)?
         } else {
-            ops::frozen_linear(&x2, w, self.transposed)?
+            ops::frozen_linear(&x2, &w, self.transposed)?
         };
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b.value())?;
+            y = y.broadcast_add(&b.value())?;
         }
         let base = self.base();
         for adapter in self.adapters.running() {
-            y = adapter.forward(&x2, y, base, train)?;
+            y = adapter.forward(&x2, y, &base, train)?;
         }
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());
@@ -106,7 +106,7 @@ impl Linear {
             let Some(adapter) = self.adapters.get(name) else {
                 continue;
             };
-            let (w, b) = adapter.merge(self.base())?;
+            let (w, b) = adapter.merge(&self.base())?;
             self.apply_weights(w, b)?;
             self.adapters.mark_merged(name, true);
         }
@@ -117,7 +117,7 @@ impl Linear {
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some(name) = self.adapters.merged().last().cloned() {
             if let Some(adapter) = self.adapters.get(&name) {
-                let (w, b) = adapter.unmerge(self.base())?;
+                let (w, b) = adapter.unmerge(&self.base())?;
                 self.apply_weights(w, b)?;
             }
             self.adapters.mark_merged(&name, false);

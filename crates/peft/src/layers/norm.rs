@@ -27,8 +27,8 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(
             x,
-            self.weight.value(),
-            self.bias.as_ref().map(|b| b.value()),
+            &self.weight.value(),
+            self.bias.as_ref().map(|b| b.value()).as_ref(),
             self.eps,
         )
     }

@@ -32,12 +32,12 @@ impl Param {
         }
     }
 
-    /// The value the forward pass uses right now.
-    pub fn value(&self) -> &Tensor {
-        match self.active_copy {
+    /// The value the forward pass uses right now (detached inside [`crate::no_grad`]).
+    pub fn value(&self) -> Tensor {
+        crate::grad::live(match self.active_copy {
             Some(i) => self.copies[i].1.as_tensor(),
             None => &self.base,
-        }
+        })
     }
 
     /// The base model's value, ignoring any adapter copy.

@@ -87,6 +87,7 @@ pub fn train(
     )?;
     let device = model.base_model().device().clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    ops::seed_dropout(args.seed);
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -202,11 +203,13 @@ pub fn evaluate_accuracy(
         return Err(Error::Data("the evaluation set is empty".into()));
     }
     let device = model.base_model().device().clone();
+    // Order does not change accuracy; batching similar lengths avoids computing on padding.
+    let mut by_length: Vec<&Example> = examples.iter().collect();
+    by_length.sort_by_key(|e| e.enc.input_ids.len());
     let mut correct = 0usize;
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let batch: Vec<&Example> = chunk.iter().collect();
-        let (inputs, labels) = collate(&batch, pad_id, &device)?;
-        let logits = model.forward(&inputs, false)?.detach();
+    for batch in by_length.chunks(batch_size.max(1)) {
+        let (inputs, labels) = collate(batch, pad_id, &device)?;
+        let logits = crate::no_grad(|| model.forward(&inputs, false))?;
         let pred: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
         let gold: Vec<i64> = labels.to_vec1()?;
         correct += pred

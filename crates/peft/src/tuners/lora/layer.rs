@@ -7,6 +7,7 @@ use rand_distr::{Distribution, Normal, Uniform};
 use std::any::Any;
 
 use super::config::InitLoraWeights;
+use crate::grad::live;
 use crate::layers::{EmbeddingAdapter, LinearAdapter, LinearBase};
 use crate::{ops, Error, Result};
 
@@ -64,23 +65,18 @@ impl LoraLinear {
 }
 
 impl LinearAdapter for LoraLinear {
-    fn forward(
-        &self,
-        x: &Tensor,
-        out: Tensor,
-        _base: LinearBase<'_>,
-        train: bool,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, out: Tensor, _base: &LinearBase, train: bool) -> Result<Tensor> {
         let x = ops::dropout(x, self.dropout, train)?;
-        let h = x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
+        let (a, b) = (live(&self.a), live(&self.b));
+        let h = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
         Ok((out + (h * self.scaling)?)?)
     }
 
-    fn merge(&self, base: LinearBase<'_>) -> Result<(Tensor, Option<Tensor>)> {
+    fn merge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)> {
         Ok(((base.weight_out_in()? + self.delta_weight()?)?, None))
     }
 
-    fn unmerge(&self, base: LinearBase<'_>) -> Result<(Tensor, Option<Tensor>)> {
+    fn unmerge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)> {
         Ok(((base.weight_out_in()? - self.delta_weight()?)?, None))
     }
 
@@ -132,8 +128,8 @@ impl LoraEmbedding {
 
 impl EmbeddingAdapter for LoraEmbedding {
     fn forward(&self, ids: &Tensor, out: Tensor, _train: bool) -> Result<Tensor> {
-        let rows = self.a.t()?.contiguous()?.index_select(ids, 0)?;
-        let h = rows.matmul(&self.b.t()?)?;
+        let rows = live(&self.a).t()?.contiguous()?.index_select(ids, 0)?;
+        let h = rows.matmul(&live(&self.b).t()?)?;
         Ok((out + (h * self.scaling)?)?)
     }
 

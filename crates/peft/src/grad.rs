@@ -1,0 +1,39 @@
+//! A switch for recording the autograd graph, like `torch.no_grad()`.
+//!
+//! candle records operations on any tensor that depends on a variable. Adapter weights are
+//! variables, so an inference forward pass would keep every activation alive until its output is
+//! dropped — for an evaluation batch of 64 sequences, gigabytes. Inside [`no_grad`], layers read
+//! their variables detached and nothing is recorded.
+
+use candle_core::Tensor;
+use std::cell::Cell;
+
+thread_local! {
+    static ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Runs `f` without recording gradients on this thread.
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENABLED.with(|e| e.set(self.0));
+        }
+    }
+    let _restore = Restore(ENABLED.with(|e| e.replace(false)));
+    f()
+}
+
+/// Whether operations are being recorded for backward.
+pub fn is_enabled() -> bool {
+    ENABLED.with(|e| e.get())
+}
+
+/// `t` itself while recording, else a detached handle on the same storage.
+pub fn live(t: &Tensor) -> Tensor {
+    if is_enabled() {
+        t.clone()
+    } else {
+        t.detach()
+    }
+}
