@@ -165,7 +165,8 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
                 )
             })
             .transpose()?,
-        input_ids: input_ids.clone(),
+        input_ids: Some(input_ids.clone()),
+        ..Default::default()
     };
     let opts = LoadOptions {
         task: a.task_type.as_deref().map(str::parse).transpose()?,
@@ -269,7 +270,7 @@ fn inspect_model(dir: &Path) -> Result<()> {
                 e.num_embeddings(),
                 e.dim()
             )),
-            ModuleRef::LayerNorm(_) => {}
+            ModuleRef::LayerNorm(_) | ModuleRef::RmsNorm(_) => {}
         }
     }
     println!("parameters: {}", thousands(params));
@@ -322,9 +323,9 @@ pub fn bench(
         .map(|_| rng.random_range(1000..vocab))
         .collect();
     let inputs = Inputs {
-        input_ids: Tensor::from_vec(ids, (batch, seq_len), &device)?,
+        input_ids: Some(Tensor::from_vec(ids, (batch, seq_len), &device)?),
         attention_mask: Some(Tensor::ones((batch, seq_len), DType::U32, &device)?),
-        token_type_ids: None,
+        ..Default::default()
     };
     let labels: Vec<i64> = (0..batch).map(|i| (i % 2) as i64).collect();
     let labels = Tensor::new(labels.as_slice(), &device)?;

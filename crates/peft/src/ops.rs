@@ -7,7 +7,7 @@
 //! a full GEMM thrown away. Parameter-efficient training is exactly the case where almost every
 //! weight is frozen, so skipping that GEMM cuts the backward pass by about a third.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 use std::sync::Mutex;
 
 use crate::Result;
@@ -31,6 +31,34 @@ pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let dot = (g * y)?.sum_keepdim(D::Minus1)?;
         y * g.broadcast_sub(&dot)?
     })
+}
+
+/// The additive attention mask for a padding mask `[batch, cols]` (1 = attend): `[batch, 1, 1,
+/// total]`, 0 where attended and the most negative float where padded. A mask covering only the
+/// newest `cols < total` positions attends to every earlier (cached or prefix) position.
+pub fn padding_mask(mask: &Tensor, total: usize, dtype: DType) -> Result<Tensor> {
+    let (b, cols) = mask.dims2()?;
+    let m = mask.to_dtype(DType::F32)?;
+    let m = match cols.cmp(&total) {
+        std::cmp::Ordering::Equal => m,
+        std::cmp::Ordering::Less => Tensor::cat(
+            &[
+                &Tensor::ones((b, total - cols), DType::F32, mask.device())?,
+                &m,
+            ],
+            1,
+        )?,
+        std::cmp::Ordering::Greater => {
+            return Err(crate::Error::ShapeMismatch {
+                name: "attention_mask".into(),
+                expected: vec![b, total],
+                found: vec![b, cols],
+            })
+        }
+    };
+    Ok((m.affine(-1.0, 1.0)? * f32::MIN as f64)?
+        .reshape((b, 1, 1, total))?
+        .to_dtype(dtype)?)
 }
 
 /// Log-softmax over the last dimension (for the cross-entropy loss).
@@ -78,6 +106,26 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
             .broadcast_sub(&m1)?
             .sub(&xhat.broadcast_mul(&m2)?)?
             .broadcast_mul(&rstd)
+    })
+}
+
+/// RMSNorm over the last dimension, as Llama and T5 define it (no mean subtraction, no bias):
+/// `x / sqrt(mean(x²) + eps) * weight`. Fused forward and closed-form backward for `dx` when the
+/// weight is frozen; composed from primitives (so the weight gets its gradient) when trained.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if weight.track_op() {
+        let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        return Ok(x.broadcast_mul(&rstd)?.broadcast_mul(weight)?);
+    }
+    let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, weight, eps as f32)?;
+    let w = weight.clone();
+    with_backward(x, y, move |x, _y, g| {
+        let x = x.detach();
+        let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        let xhat = x.broadcast_mul(&rstd)?;
+        let gw = g.broadcast_mul(&w)?;
+        let m = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+        gw.sub(&xhat.broadcast_mul(&m)?)?.broadcast_mul(&rstd)
     })
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::io::{load_safetensors, read_json, save_safetensors, write_atomic};
 use crate::layers::{ModuleMut, ModuleRef, Param};
-use crate::models::{Inputs, Model};
+use crate::models::{Cache, Inputs, Model};
 use crate::tuners::lora::{self, Bias};
 use crate::tuners::targets::in_modules_to_save;
 use crate::tuners::PeftConfig;
@@ -173,7 +173,7 @@ impl PeftModel {
             match module {
                 ModuleMut::Linear(l) => l.adapters.set_active(&names),
                 ModuleMut::Embedding(e) => e.adapters.set_active(&names),
-                ModuleMut::LayerNorm(_) => {}
+                ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => {}
             }
         }
         self.for_each_param(|p| {
@@ -195,6 +195,16 @@ impl PeftModel {
     /// Runs the model with the active adapter. `train` switches dropout on.
     pub fn forward(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
         self.model.forward(inputs, train)
+    }
+
+    /// [`Model::forward_with_cache`] through the adapters (generation, prefix tuning).
+    pub fn forward_with_cache(
+        &self,
+        inputs: &Inputs,
+        cache: Option<&mut Cache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.model.forward_with_cache(inputs, cache, train)
     }
 
     /// Trainable tensors under the keys they are saved with.
@@ -228,7 +238,7 @@ impl PeftModel {
             let tensors = match &module {
                 ModuleRef::Linear(l) => l.adapters.get(name).map(|a| a.tensors()),
                 ModuleRef::Embedding(e) => e.adapters.get(name).map(|a| a.tensors()),
-                ModuleRef::LayerNorm(_) => None,
+                ModuleRef::LayerNorm(_) | ModuleRef::RmsNorm(_) => None,
             };
             for (suffix, var) in tensors.unwrap_or_default() {
                 out.push((format!("{KEY_PREFIX}{}.{suffix}", module.name()), var));
@@ -485,6 +495,7 @@ impl PeftModel {
                         p.remove_copy(name);
                     }
                 }
+                ModuleMut::RmsNorm(n) => n.weight.remove_copy(name),
             }
         }
         self.adapters.remove(i);
@@ -503,7 +514,7 @@ impl PeftModel {
             match module {
                 ModuleMut::Linear(l) => l.merge(&names)?,
                 ModuleMut::Embedding(e) => e.merge(&names)?,
-                ModuleMut::LayerNorm(_) => {}
+                ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => {}
             }
         }
         Ok(())
@@ -515,7 +526,7 @@ impl PeftModel {
             match module {
                 ModuleMut::Linear(l) => l.unmerge()?,
                 ModuleMut::Embedding(e) => e.unmerge()?,
-                ModuleMut::LayerNorm(_) => {}
+                ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => {}
             }
         }
         Ok(())
@@ -538,7 +549,7 @@ impl PeftModel {
             match module {
                 ModuleMut::Linear(l) => l.adapters.clear(),
                 ModuleMut::Embedding(e) => e.adapters.clear(),
-                ModuleMut::LayerNorm(_) => {}
+                ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => {}
             }
         }
         self.for_each_param(|p| {
@@ -563,7 +574,7 @@ impl PeftModel {
             match module {
                 ModuleMut::Linear(l) => l.adapters.set_disabled(disabled),
                 ModuleMut::Embedding(e) => e.adapters.set_disabled(disabled),
-                ModuleMut::LayerNorm(_) => {}
+                ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => {}
             }
         }
         self.for_each_param(|p| {
@@ -621,7 +632,7 @@ fn has_adapters(module: &ModuleRef<'_>) -> bool {
     match module {
         ModuleRef::Linear(l) => !l.adapters.is_empty(),
         ModuleRef::Embedding(e) => !e.adapters.is_empty(),
-        ModuleRef::LayerNorm(_) => false,
+        ModuleRef::LayerNorm(_) | ModuleRef::RmsNorm(_) => false,
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::layers::{Embedding, LayerNorm, Linear};
+use crate::layers::{Embedding, LayerNorm, Linear, RmsNorm};
 use crate::{Error, Result};
 
 /// The safetensors files of a model directory, memory-mapped.
@@ -272,6 +272,14 @@ impl<'a> Loader<'a> {
             (self.tensor("weight", &[dim])?, self.tensor("bias", &[dim])?)
         };
         Ok(LayerNorm::new(self.path.clone(), w, Some(b), eps))
+    }
+
+    pub fn rms_norm(&self, dim: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm::new(
+            self.path.clone(),
+            self.tensor("weight", &[dim])?,
+            eps,
+        ))
     }
 }
 

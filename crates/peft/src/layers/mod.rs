@@ -3,6 +3,7 @@
 //! only ever see models through this walk, which keeps model code free of tuner knowledge.
 
 pub mod adapter;
+pub mod attention;
 pub mod embedding;
 pub mod linear;
 pub mod norm;
@@ -11,7 +12,7 @@ pub mod param;
 pub use adapter::{Adapters, EmbeddingAdapter, LinearAdapter, LinearBase};
 pub use embedding::Embedding;
 pub use linear::Linear;
-pub use norm::LayerNorm;
+pub use norm::{LayerNorm, RmsNorm};
 pub use param::Param;
 
 /// A borrowed parameterised layer.
@@ -19,6 +20,7 @@ pub enum ModuleRef<'a> {
     Linear(&'a Linear),
     Embedding(&'a Embedding),
     LayerNorm(&'a LayerNorm),
+    RmsNorm(&'a RmsNorm),
 }
 
 /// A mutably borrowed parameterised layer.
@@ -26,6 +28,7 @@ pub enum ModuleMut<'a> {
     Linear(&'a mut Linear),
     Embedding(&'a mut Embedding),
     LayerNorm(&'a mut LayerNorm),
+    RmsNorm(&'a mut RmsNorm),
 }
 
 impl ModuleRef<'_> {
@@ -34,6 +37,7 @@ impl ModuleRef<'_> {
             ModuleRef::Linear(l) => &l.name,
             ModuleRef::Embedding(e) => &e.name,
             ModuleRef::LayerNorm(n) => &n.name,
+            ModuleRef::RmsNorm(n) => &n.name,
         }
     }
 
@@ -42,6 +46,7 @@ impl ModuleRef<'_> {
             ModuleRef::Linear(l) => std::iter::once(&l.weight).chain(l.bias.as_ref()).collect(),
             ModuleRef::Embedding(e) => vec![&e.weight],
             ModuleRef::LayerNorm(n) => std::iter::once(&n.weight).chain(n.bias.as_ref()).collect(),
+            ModuleRef::RmsNorm(n) => vec![&n.weight],
         }
     }
 }
@@ -52,6 +57,7 @@ impl<'a> ModuleMut<'a> {
             ModuleMut::Linear(l) => &l.name,
             ModuleMut::Embedding(e) => &e.name,
             ModuleMut::LayerNorm(n) => &n.name,
+            ModuleMut::RmsNorm(n) => &n.name,
         }
     }
 
@@ -64,6 +70,7 @@ impl<'a> ModuleMut<'a> {
             ModuleMut::LayerNorm(n) => std::iter::once(&mut n.weight)
                 .chain(n.bias.as_mut())
                 .collect(),
+            ModuleMut::RmsNorm(n) => vec![&mut n.weight],
         }
     }
 }
@@ -101,6 +108,7 @@ macro_rules! leaf_module {
 leaf_module!(Linear);
 leaf_module!(Embedding);
 leaf_module!(LayerNorm);
+leaf_module!(RmsNorm);
 
 impl<T: Modules> Modules for Vec<T> {
     fn visit<'a>(&'a self, out: &mut Vec<ModuleRef<'a>>) {

@@ -1,4 +1,4 @@
-//! LayerNorm with a backward pass (candle's fused kernel has none).
+//! LayerNorm and RMSNorm with a backward pass (candle's fused kernels have none).
 
 use candle_core::Tensor;
 
@@ -31,5 +31,28 @@ impl LayerNorm {
             self.bias.as_ref().map(|b| b.value()).as_ref(),
             self.eps,
         )
+    }
+}
+
+/// RMSNorm (Llama's `LlamaRMSNorm`, T5's `T5LayerNorm`): scale only, no mean, no bias.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub name: String,
+    pub weight: Param,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(name: impl Into<String>, weight: Tensor, eps: f64) -> Self {
+        let name = name.into();
+        Self {
+            weight: Param::new(format!("{name}.weight"), weight),
+            name,
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(x, &self.weight.value(), self.eps)
     }
 }

@@ -5,7 +5,10 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use std::path::Path;
 
-use super::{num_labels, task_from_architectures, Inputs, LoadOptions, Model, ModelInfo, TaskType};
+use super::{
+    num_labels, task_from_architectures, Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims,
+    ModelInfo, TaskType,
+};
 use crate::io::weights::HeadInit;
 use crate::io::{Loader, Weights};
 use crate::layers::{Embedding, LayerNorm, Linear};
@@ -227,39 +230,52 @@ impl Bert {
         })
     }
 
-    fn encode(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
-        let ids = &inputs.input_ids;
-        let (b, t) = ids.dims2()?;
-        if t > self.cfg.max_position_embeddings {
+    fn encode(
+        &self,
+        inputs: &Inputs,
+        mut cache: Option<&mut Cache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = inputs.batch_seq()?;
+        let past = cache.as_deref().map_or(0, Cache::past_len);
+        if past + t > self.cfg.max_position_embeddings {
             return Err(Error::Data(format!(
-                "sequence of {t} tokens exceeds max_position_embeddings {}",
+                "sequence of {} tokens exceeds max_position_embeddings {}",
+                past + t,
                 self.cfg.max_position_embeddings
             )));
         }
         let dev = &self.device;
-        let positions = Tensor::arange(0u32, t as u32, dev)?;
+        let positions = match &inputs.position_ids {
+            Some(p) => p.to_dtype(DType::U32)?,
+            None => Tensor::arange(past as u32, (past + t) as u32, dev)?
+                .unsqueeze(0)?
+                .expand((b, t))?
+                .contiguous()?,
+        };
         let token_types = match &inputs.token_type_ids {
             Some(tt) => tt.to_dtype(DType::U32)?,
             None => Tensor::zeros((b, t), DType::U32, dev)?,
         };
         let e = &self.embeddings;
-        let x = e
-            .word
-            .forward_t(&ids.to_dtype(DType::U32)?, train)?
-            .broadcast_add(&e.position.forward_t(&positions, train)?)?
+        let words = match &inputs.inputs_embeds {
+            Some(x) => x.clone(),
+            None => self.embed_tokens(inputs.ids()?, train)?,
+        };
+        let x = words
+            .add(&e.position.forward_t(&positions, train)?)?
             .add(&e.token_type.forward_t(&token_types, train)?)?;
         let mut x = ops::dropout(&e.norm.forward(&x)?, self.cfg.hidden_dropout_prob, train)?;
-        // Additive mask: 0 where attended, the most negative float where padded.
         let mask = match &inputs.attention_mask {
-            Some(m) => Some(
-                ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * f32::MIN as f64)?)
-                    .reshape((b, 1, 1, t))?
-                    .to_dtype(x.dtype())?,
-            ),
+            Some(m) => Some(ops::padding_mask(m, past + t, x.dtype())?),
             None => None,
         };
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, mask.as_ref(), train)?;
+        if let Some(c) = cache.as_deref_mut() {
+            c.self_attn.resize(self.layers.len(), None);
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.self_attn[i]);
+            x = self.layer_forward(layer, &x, mask.as_ref(), kv, train)?;
         }
         Ok(x)
     }
@@ -269,6 +285,7 @@ impl Bert {
         l: &Layer,
         x: &Tensor,
         mask: Option<&Tensor>,
+        kv: Option<&mut Option<KeyValue>>,
         train: bool,
     ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
@@ -278,8 +295,18 @@ impl Bert {
             Ok(y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?)
         };
         let q = split(l.query.forward_t(x, train)?)?;
-        let k = split(l.key.forward_t(x, train)?)?;
-        let v = split(l.value.forward_t(x, train)?)?;
+        let mut k = split(l.key.forward_t(x, train)?)?;
+        let mut v = split(l.value.forward_t(x, train)?)?;
+        if let Some(slot) = kv {
+            if let Some(past) = slot.as_ref() {
+                k = Tensor::cat(&[&past.key, &k], 2)?;
+                v = Tensor::cat(&[&past.value, &v], 2)?;
+            }
+            *slot = Some(KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+            });
+        }
         let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
         let probs = ops::dropout(
             &ops::masked_softmax(&scores, mask)?,
@@ -328,8 +355,43 @@ impl Model for Bert {
         &self.device
     }
 
-    fn forward(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
-        let hidden = self.encode(inputs, train)?;
+    fn dims(&self) -> ModelDims {
+        let c = &self.cfg;
+        let pad = self
+            .info
+            .config
+            .get("pad_token_id")
+            .and_then(|v| v.as_u64());
+        ModelDims {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            num_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_attention_heads,
+            head_dim: c.hidden_size / c.num_attention_heads,
+            num_encoder_layers: 0,
+            is_encoder_decoder: false,
+            max_positions: Some(c.max_position_embeddings),
+            pad_token_id: pad.map(|p| p as u32),
+            eos_token_ids: Vec::new(),
+            bos_token_id: None,
+            decoder_start_token_id: None,
+        }
+    }
+
+    fn embed_tokens(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        self.embeddings
+            .word
+            .forward_t(&ids.to_dtype(DType::U32)?, train)
+    }
+
+    fn forward_with_cache(
+        &self,
+        inputs: &Inputs,
+        cache: Option<&mut Cache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let hidden = self.encode(inputs, cache, train)?;
         let dropout = self
             .cfg
             .classifier_dropout

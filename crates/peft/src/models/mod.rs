@@ -64,22 +64,131 @@ impl std::str::FromStr for TaskType {
     }
 }
 
-/// A batch of model inputs. Ids are `u32` `[batch, seq]`; masks are 1 for real tokens.
-#[derive(Debug, Clone)]
+/// A batch of model inputs, with transformers' names. Ids are `u32` `[batch, seq]`; masks are 1
+/// for real tokens and 0 for padding.
+#[derive(Debug, Clone, Default)]
 pub struct Inputs {
-    pub input_ids: Tensor,
+    /// Token ids; `None` when `inputs_embeds` is given instead.
+    pub input_ids: Option<Tensor>,
+    /// `[batch, seq, hidden]`, used in place of the token-embedding lookup (what prompt tuning and
+    /// p-tuning feed the model). Position and type embeddings are still added by the model.
+    pub inputs_embeds: Option<Tensor>,
+    /// `[batch, past + seq]` when a [`Cache`] holds `past` positions (transformers' convention);
+    /// a mask of only `seq` columns is taken to attend to every past position.
     pub attention_mask: Option<Tensor>,
     pub token_type_ids: Option<Tensor>,
+    /// Explicit positions `[batch, seq]`; by default each architecture's own rule (past length
+    /// onward; RoBERTa counts from the padding index over non-padding tokens).
+    pub position_ids: Option<Tensor>,
+    /// Encoder-decoder models: the decoder's side.
+    pub decoder_input_ids: Option<Tensor>,
+    pub decoder_inputs_embeds: Option<Tensor>,
+    pub decoder_attention_mask: Option<Tensor>,
+    /// Language-model heads compute logits for only the last this-many positions; 0 means all
+    /// (transformers' `logits_to_keep`). Generation uses 1.
+    pub logits_to_keep: usize,
 }
 
 impl Inputs {
+    /// Inputs of token ids alone.
     pub fn new(input_ids: Tensor) -> Self {
         Self {
-            input_ids,
-            attention_mask: None,
-            token_type_ids: None,
+            input_ids: Some(input_ids),
+            ..Default::default()
         }
     }
+
+    /// The token ids, or an error naming what the model needed them for.
+    pub fn ids(&self) -> Result<&Tensor> {
+        self.input_ids.as_ref().ok_or_else(|| {
+            Error::Data("input_ids are required here (no inputs_embeds given)".into())
+        })
+    }
+
+    /// `(batch, seq)` of the encoder-side (or only) input, from ids or embeddings.
+    pub fn batch_seq(&self) -> Result<(usize, usize)> {
+        match (&self.input_ids, &self.inputs_embeds) {
+            (Some(ids), _) => Ok(ids.dims2()?),
+            (None, Some(e)) => {
+                let (b, t, _) = e.dims3()?;
+                Ok((b, t))
+            }
+            (None, None) => Err(Error::Data(
+                "neither input_ids nor inputs_embeds given".into(),
+            )),
+        }
+    }
+}
+
+/// Keys and values of one attention layer, `[batch, kv_heads, positions, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KeyValue {
+    pub key: Tensor,
+    pub value: Tensor,
+}
+
+impl KeyValue {
+    pub fn len(&self) -> usize {
+        self.key.dims().get(2).copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Positions the model has already seen, per attention layer: a generation cache, or the
+/// virtual tokens of prefix tuning (a cache the model did not compute). A forward pass given a
+/// cache attends to what it holds and appends the new positions' keys and values, so passing a
+/// clone keeps the original (cloning only copies tensor handles).
+#[derive(Debug, Clone, Default)]
+pub struct Cache {
+    /// Self-attention of each layer (the decoder's layers in an encoder-decoder model).
+    pub self_attn: Vec<Option<KeyValue>>,
+    /// Encoder-decoder models: each decoder layer's cross-attention keys/values. Prefix tuning
+    /// may put virtual tokens here; otherwise the model fills them from the encoder output once
+    /// and reuses them.
+    pub cross_attn: Vec<Option<KeyValue>>,
+    /// Encoder-decoder models: prefixes for the encoder's self-attention (never appended to).
+    pub encoder_self_attn: Vec<Option<KeyValue>>,
+    /// Encoder-decoder models: the encoder's output `[batch, src, hidden]` and its mask, so that
+    /// decoding steps run the encoder once.
+    pub encoder_output: Option<(Tensor, Option<Tensor>)>,
+}
+
+impl Cache {
+    /// Positions held by the (decoder) self-attention cache.
+    pub fn past_len(&self) -> usize {
+        self.self_attn
+            .iter()
+            .flatten()
+            .map(|kv| kv.len())
+            .next()
+            .unwrap_or(0)
+    }
+}
+
+/// Sizes that prompt methods, caches and generation need, whatever the architecture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDims {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// Attention layers (the decoder's, for an encoder-decoder model).
+    pub num_layers: usize,
+    pub num_attention_heads: usize,
+    /// Fewer than `num_attention_heads` with grouped-query attention.
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    /// Encoder layers of an encoder-decoder model, else 0.
+    pub num_encoder_layers: usize,
+    pub is_encoder_decoder: bool,
+    /// Longest sequence the position scheme allows, if it has a limit.
+    pub max_positions: Option<usize>,
+    pub pad_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    /// The id an encoder-decoder decoder starts from.
+    pub decoder_start_token_id: Option<u32>,
 }
 
 /// Facts about a loaded model that tuners and the PEFT wrapper need.
@@ -100,10 +209,26 @@ pub struct ModelInfo {
 /// A loaded model: a forward pass plus its layers.
 pub trait Model: Modules + Send + Sync {
     fn info(&self) -> &ModelInfo;
-    /// Logits for heads (`[batch, classes]` or `[batch, seq, classes]`); last hidden states for
-    /// FEATURE_EXTRACTION. `train` switches dropout on.
-    fn forward(&self, inputs: &Inputs, train: bool) -> Result<Tensor>;
+    fn dims(&self) -> ModelDims;
     fn device(&self) -> &Device;
+
+    /// The token-embedding lookup that `inputs_embeds` replaces: `[batch, seq]` ids →
+    /// `[batch, seq, hidden]` (adapters on the embedding layer included).
+    fn embed_tokens(&self, ids: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// Logits for heads (`[batch, classes]`, `[batch, seq, classes]`, `[batch, seq, vocab]`); last
+    /// hidden states for FEATURE_EXTRACTION. With a `cache`, attends to the positions it holds
+    /// and appends the new ones. `train` switches dropout on.
+    fn forward_with_cache(
+        &self,
+        inputs: &Inputs,
+        cache: Option<&mut Cache>,
+        train: bool,
+    ) -> Result<Tensor>;
+
+    fn forward(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        self.forward_with_cache(inputs, None, train)
+    }
 }
 
 /// Options for loading a model from a directory.

@@ -241,9 +241,10 @@ pub fn collate(batch: &[&Example], pad_id: u32, device: &Device) -> Result<(Inpu
     }
     let labels: Vec<i64> = batch.iter().map(|e| e.label).collect();
     let inputs = Inputs {
-        input_ids: Tensor::from_vec(ids, (b, t), device)?,
+        input_ids: Some(Tensor::from_vec(ids, (b, t), device)?),
         attention_mask: Some(Tensor::from_vec(mask, (b, t), device)?),
         token_type_ids: Some(Tensor::from_vec(types, (b, t), device)?),
+        ..Default::default()
     };
     Ok((inputs, Tensor::new(labels.as_slice(), device)?))
 }

@@ -38,9 +38,10 @@ pub fn inputs() -> Inputs {
     let t = load_st(&fixtures().join("inputs.safetensors"));
     let u32t = |k: &str| t[k].to_dtype(DType::U32).unwrap();
     Inputs {
-        input_ids: u32t("input_ids"),
+        input_ids: Some(u32t("input_ids")),
         attention_mask: Some(u32t("attention_mask")),
         token_type_ids: Some(u32t("token_type_ids")),
+        ..Default::default()
     }
 }
 

@@ -82,7 +82,7 @@ pub fn inject(
     let mut available = Vec::new();
     for module in model.modules_mut() {
         let key = module.name().to_string();
-        if !matches!(module, ModuleMut::LayerNorm(_)) {
+        if !matches!(module, ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_)) {
             available.push(key.clone());
         }
         if !matcher.matches(&key) {
@@ -141,10 +141,11 @@ pub fn inject(
                 )?;
                 e.adapters.insert(name, Box::new(lora));
             }
-            ModuleMut::LayerNorm(_) => {
+            ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => {
                 return Err(Error::Config(format!(
-                "target module `{key}` is a LayerNorm; LoRA supports linear and embedding layers"
-            )))
+                    "target module `{key}` is a normalisation layer; LoRA supports linear and \
+                     embedding layers"
+                )))
             }
         }
         adapted.push(key);
