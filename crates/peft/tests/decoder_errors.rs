@@ -78,7 +78,9 @@ fn dims_come_from_config_json() {
 fn unsupported_model_type_lists_the_supported_ones() {
     let dir = edited("llama_gqa", |c| c["model_type"] = "falcon".into());
     let e = load_err(dir.path());
-    for t in ["`falcon`", "bert", "llama", "mistral", "qwen2"] {
+    for t in [
+        "`falcon`", "bert", "gpt2", "llama", "mistral", "opt", "qwen2",
+    ] {
         assert!(e.contains(t), "{e}");
     }
 }
@@ -180,4 +182,50 @@ fn every_decoder_head_loads_with_transformers_names() {
             }
         );
     }
+}
+
+#[test]
+fn gpt2_and_opt_heads_and_dims() {
+    let gpt2 = models::load(&model_dir("gpt2"), &LoadOptions::default()).unwrap();
+    assert_eq!(gpt2.info().architecture, "GPT2LMHeadModel");
+    let d = gpt2.dims();
+    assert_eq!(
+        (d.max_positions, d.head_dim, d.eos_token_ids),
+        (Some(32), 8, vec![2])
+    );
+    let opts = |task| LoadOptions {
+        task: Some(task),
+        ..Default::default()
+    };
+    let tok = models::load(&model_dir("gpt2"), &opts(TaskType::TokenCls)).unwrap();
+    assert_eq!(tok.info().head, vec!["classifier".to_string()]);
+    let opt = models::load(&model_dir("opt"), &LoadOptions::default()).unwrap();
+    assert_eq!(opt.info().architecture, "OPTForCausalLM");
+    assert_eq!(opt.modules()[0].name(), "model.decoder.embed_tokens");
+    assert_eq!(
+        opt.forward(&ids(3), false).unwrap().dims(),
+        &[1, 3, 32],
+        "vocabulary 32"
+    );
+    let e = models::load(&model_dir("opt"), &opts(TaskType::TokenCls))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("TOKEN_CLS") && e.contains("SEQ_CLS"), "{e}");
+    // OPTModel's output goes through project_out: word_embed_proj_dim (16) wide.
+    let base = models::load(&model_dir("opt"), &opts(TaskType::FeatureExtraction)).unwrap();
+    assert_eq!(base.modules()[0].name(), "decoder.embed_tokens");
+    assert_eq!(base.forward(&ids(3), false).unwrap().dims(), &[1, 3, 16]);
+    let e = opt.forward(&ids(65), false).unwrap_err().to_string();
+    assert!(e.contains("context window of 64"), "{e}");
+    let e = gpt2.forward(&ids(33), false).unwrap_err().to_string();
+    assert!(e.contains("context window of 32"), "{e}");
+}
+
+#[test]
+fn gpt2_config_weight_mismatch_names_the_tensor() {
+    let dir = edited("gpt2", |c| c["n_inner"] = 40.into());
+    let e = load_err(dir.path());
+    assert!(e.contains("transformer.h.0.mlp.c_fc.weight"), "{e}");
+    assert!(e.contains("[32, 40]") && e.contains("[32, 32]"), "{e}");
 }

@@ -4,7 +4,9 @@
 
 pub mod bert;
 pub mod decoder;
+pub mod gpt2;
 pub mod llama;
+pub mod opt;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -286,9 +288,18 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             dir,
             opts,
         )?),
+        "gpt2" => Box::new(gpt2::Gpt2::load(
+            &weights,
+            &init,
+            config.clone(),
+            dir,
+            opts,
+        )?),
+        "opt" => Box::new(opt::Opt::load(&weights, &init, config.clone(), dir, opts)?),
         other => {
             return Err(Error::Config(format!(
-                "unsupported model_type `{other}` in {}; supported: bert, llama, mistral, qwen2",
+                "unsupported model_type `{other}` in {}; supported: bert, gpt2, llama, mistral, \
+                 opt, qwen2",
                 config_path.display()
             )))
         }
