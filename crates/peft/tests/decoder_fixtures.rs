@@ -334,14 +334,14 @@ macro_rules! tests_for {
 }
 
 tests_for!(fixtures_match, run_case:
-    llama_gqa, llama_tied, mistral, qwen2, llama_linear, llama_dynamic, llama_llama3, llama_seq_cls,
+    llama_gqa, llama_tied, mistral, qwen2, llama_linear, llama_dynamic, llama_llama3, llama_yarn, llama_seq_cls,
     gpt2, gpt2_seq_cls, opt, opt_post, opt_seq_cls,
 );
 tests_for!(incremental_decode, incremental_decode_matches_full_forward:
-    llama_gqa, llama_tied, mistral, qwen2, llama_linear, llama_dynamic, llama_llama3,
+    llama_gqa, llama_tied, mistral, qwen2, llama_linear, llama_dynamic, llama_llama3, llama_yarn,
     gpt2, opt, opt_post,
 );
 tests_for!(gradients, every_trainable_parameter_gets_a_gradient:
-    llama_gqa, llama_tied, mistral, qwen2, llama_linear, llama_dynamic, llama_llama3, llama_seq_cls,
+    llama_gqa, llama_tied, mistral, qwen2, llama_linear, llama_dynamic, llama_llama3, llama_yarn, llama_seq_cls,
     gpt2, gpt2_seq_cls, opt, opt_post, opt_seq_cls,
 );
