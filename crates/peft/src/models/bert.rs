@@ -51,8 +51,9 @@ fn default_eps() -> f64 {
     1e-12
 }
 
+/// Feed-forward activations by their transformers names (shared with the other architectures).
 #[derive(Debug, Clone, Copy)]
-enum Activation {
+pub(crate) enum Activation {
     GeluErf,
     GeluTanh,
     Relu,
@@ -60,7 +61,7 @@ enum Activation {
 }
 
 impl Activation {
-    fn parse(name: &str) -> Result<Self> {
+    pub(crate) fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "gelu" => Activation::GeluErf,
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
@@ -74,7 +75,7 @@ impl Activation {
         })
     }
 
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::GeluErf => x.gelu_erf()?,
             Activation::GeluTanh => x.gelu()?,

@@ -3,6 +3,7 @@
 //! [`Loader`] and expose them through [`Modules`].
 
 pub mod bert;
+pub mod t5;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -277,9 +278,10 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             dir,
             opts,
         )?),
+        "t5" | "mt5" => Box::new(t5::T5::load(&weights, &init, config.clone(), dir, opts)?),
         other => {
             return Err(Error::Config(format!(
-                "unsupported model_type `{other}` in {}; supported: bert",
+                "unsupported model_type `{other}` in {}; supported: bert, t5, mt5",
                 config_path.display()
             )))
         }
