@@ -278,10 +278,17 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             dir,
             opts,
         )?),
+        "roberta" | "xlm-roberta" => Box::new(bert::Bert::load_roberta(
+            &weights,
+            &init,
+            config.clone(),
+            dir,
+            opts,
+        )?),
         "t5" | "mt5" => Box::new(t5::T5::load(&weights, &init, config.clone(), dir, opts)?),
         other => {
             return Err(Error::Config(format!(
-                "unsupported model_type `{other}` in {}; supported: bert, t5, mt5",
+                "unsupported model_type `{other}` in {}; supported: bert, roberta, xlm-roberta, t5, mt5",
                 config_path.display()
             )))
         }
