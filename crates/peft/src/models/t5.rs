@@ -423,16 +423,16 @@ impl T5 {
             .as_ref()
             .ok_or_else(|| Error::Config("this T5 was loaded without its decoder".into()))?;
         let p = self.cfg.dropout_rate;
-        let x =
-            match (&inputs.decoder_inputs_embeds, &inputs.decoder_input_ids) {
-                (Some(e), _) => e.clone(),
-                (None, Some(ids)) => self.embed_tokens(ids, train)?,
-                (None, None) => return Err(Error::Data(
-                    "SEQ_2_SEQ_LM needs decoder_input_ids (or decoder_inputs_embeds); build them \
-                     from the labels with peft::models::t5::shift_right"
-                        .into(),
-                )),
-            };
+        let x = match (&inputs.decoder_inputs_embeds, &inputs.decoder_input_ids) {
+            (Some(e), _) => e.clone(),
+            (None, Some(ids)) => self.embed_tokens(ids, train)?,
+            (None, None) => return Err(Error::Data(
+                "SEQ_2_SEQ_LM needs decoder_input_ids (or decoder_inputs_embeds; `peft forward \
+                     --decoder-input-ids`); build them from the labels with \
+                     peft::models::t5::shift_right"
+                    .into(),
+            )),
+        };
         let (b, t, _) = x.dims3()?;
         let n = dec.blocks.len();
         if let Some(c) = cache.as_deref_mut() {
