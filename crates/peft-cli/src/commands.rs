@@ -105,6 +105,7 @@ pub struct ForwardArgs {
     pub input_ids: String,
     pub attention_mask: Option<String>,
     pub token_type_ids: Option<String>,
+    pub decoder_input_ids: Option<String>,
     pub task_type: Option<String>,
     pub num_labels: Option<usize>,
     pub out: PathBuf,
@@ -163,6 +164,22 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
                     "token-type-ids",
                     parse_matrix("token-type-ids", m, &device)?,
                 )
+            })
+            .transpose()?,
+        decoder_input_ids: a
+            .decoder_input_ids
+            .as_deref()
+            .map(|m| {
+                let d = parse_matrix("decoder-input-ids", m, &device)?;
+                if d.dim(0)? != input_ids.dim(0)? {
+                    return Err(Error::Data(format!(
+                        "--decoder-input-ids has {} rows but --input-ids has {}; give one \
+                         decoder row per input row",
+                        d.dim(0)?,
+                        input_ids.dim(0)?
+                    )));
+                }
+                Ok(d)
             })
             .transpose()?,
         input_ids: Some(input_ids.clone()),

@@ -45,6 +45,10 @@ enum Command {
         /// Same shape as --input-ids; segment ids for BERT-style pairs.
         #[arg(long)]
         token_type_ids: Option<String>,
+        /// Encoder-decoder models (T5): the decoder's token ids, equal-length rows as JSON, one
+        /// row per --input-ids row; logits are then [batch, decoder positions, vocab].
+        #[arg(long)]
+        decoder_input_ids: Option<String>,
         /// Head to use when there is no adapter to say (SEQ_CLS, TOKEN_CLS, FEATURE_EXTRACTION, ...).
         #[arg(long)]
         task_type: Option<String>,
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
             input_ids,
             attention_mask,
             token_type_ids,
+            decoder_input_ids,
             task_type,
             num_labels,
             out,
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
             input_ids,
             attention_mask,
             token_type_ids,
+            decoder_input_ids,
             task_type,
             num_labels,
             out,

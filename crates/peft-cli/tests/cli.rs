@@ -295,3 +295,49 @@ fn write_word_tokenizer(path: &Path) {
     });
     std::fs::write(path, serde_json::to_string(&tok).unwrap()).unwrap();
 }
+
+/// A seq2seq model: `--decoder-input-ids` feeds the decoder and the logits are PEFT's
+/// (`[batch, decoder positions, vocab]`); without decoder ids the error says what is missing.
+#[test]
+fn forward_on_t5_with_decoder_input_ids() {
+    let t5 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft/tests/fixtures/t5");
+    let f = t5.join("inputs.safetensors");
+    let (ids, mask, dec) = (
+        matrix(&tensor(&f, "input_ids")),
+        matrix(&tensor(&f, "attention_mask")),
+        matrix(&tensor(&f, "decoder_input_ids")),
+    );
+    let case = t5.join("t5_v1_0");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let (ok, text) = peft(&[
+        "forward",
+        "--model",
+        case.join("model").to_str().unwrap(),
+        "--adapter",
+        case.join("adapter").to_str().unwrap(),
+        "--input-ids",
+        &ids,
+        "--attention-mask",
+        &mask,
+        "--decoder-input-ids",
+        &dec,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let want = tensor(&case.join("expected.safetensors"), "lora_logits");
+    let got = tensor(&out, "logits");
+    assert!(max_diff(&got, &want) <= 1e-4, "{}", max_diff(&got, &want));
+
+    let (ok, text) = peft(&[
+        "forward",
+        "--model",
+        case.join("model").to_str().unwrap(),
+        "--input-ids",
+        &ids,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("decoder_input_ids"), "{text}");
+}

@@ -702,6 +702,10 @@ fn saved_head_classes(adapter_dir: &Path) -> Result<Option<usize>> {
     Ok(meta
         .tensors()
         .iter()
-        .find(|(k, _)| k.ends_with(".classifier.weight") || k.ends_with(".score.weight"))
+        .find(|(k, _)| {
+            k.ends_with(".classifier.weight")
+                || k.ends_with(".classifier.out_proj.weight")
+                || k.ends_with(".score.weight")
+        })
         .map(|(_, info)| info.shape[0]))
 }

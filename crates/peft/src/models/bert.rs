@@ -1,5 +1,8 @@
 //! BERT (and checkpoints that share its layout: MiniLM, ...): `BertModel`,
-//! `BertForSequenceClassification`, `BertForTokenClassification`, `BertForQuestionAnswering`.
+//! `BertForSequenceClassification`, `BertForTokenClassification`, `BertForQuestionAnswering`;
+//! and RoBERTa / XLM-RoBERTa, which keep BERT's layers under `roberta.` and differ only in where
+//! positions start (after the padding index, counting non-padding tokens) and in the SEQ_CLS head
+//! (`classifier.dense` + tanh + `classifier.out_proj` on the first token, no pooler).
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -51,8 +54,9 @@ fn default_eps() -> f64 {
     1e-12
 }
 
+/// Feed-forward activations by their transformers names (shared with the other architectures).
 #[derive(Debug, Clone, Copy)]
-enum Activation {
+pub(crate) enum Activation {
     GeluErf,
     GeluTanh,
     Relu,
@@ -60,7 +64,7 @@ enum Activation {
 }
 
 impl Activation {
-    fn parse(name: &str) -> Result<Self> {
+    pub(crate) fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "gelu" => Activation::GeluErf,
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
@@ -74,7 +78,7 @@ impl Activation {
         })
     }
 
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::GeluErf => x.gelu_erf()?,
             Activation::GeluTanh => x.gelu()?,
@@ -82,6 +86,13 @@ impl Activation {
             Activation::Silu => x.silu()?,
         })
     }
+}
+
+/// Which member of the family: same layers, different positions and SEQ_CLS head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    Bert,
+    Roberta { padding_idx: u32 },
 }
 
 struct Embeddings {
@@ -121,11 +132,15 @@ impl_modules!(Layer {
 pub struct Bert {
     info: ModelInfo,
     cfg: BertConfig,
+    flavor: Flavor,
     act: Activation,
     embeddings: Embeddings,
     layers: Vec<Layer>,
     pooler: Option<Linear>,
-    /// `classifier` (SEQ_CLS, TOKEN_CLS) or `qa_outputs` (QUESTION_ANS).
+    /// RoBERTa's SEQ_CLS head: `classifier.dense` before `classifier.out_proj`.
+    head_dense: Option<Linear>,
+    /// `classifier` (SEQ_CLS, TOKEN_CLS), `classifier.out_proj` (RoBERTa SEQ_CLS) or `qa_outputs`
+    /// (QUESTION_ANS).
     head: Option<Linear>,
     device: Device,
 }
@@ -133,6 +148,7 @@ impl_modules!(Bert {
     embeddings,
     layers,
     pooler,
+    head_dense,
     head
 });
 
@@ -143,6 +159,39 @@ impl Bert {
         config: serde_json::Value,
         dir: &Path,
         opts: &LoadOptions,
+    ) -> Result<Self> {
+        Self::load_flavor(weights, init, config, dir, opts, Flavor::Bert)
+    }
+
+    /// RoBERTa and XLM-RoBERTa (`model_type` `roberta`, `xlm-roberta`).
+    pub fn load_roberta(
+        weights: &Weights,
+        init: &HeadInit,
+        config: serde_json::Value,
+        dir: &Path,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let padding_idx = config
+            .get("pad_token_id")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(1) as u32;
+        Self::load_flavor(
+            weights,
+            init,
+            config,
+            dir,
+            opts,
+            Flavor::Roberta { padding_idx },
+        )
+    }
+
+    fn load_flavor(
+        weights: &Weights,
+        init: &HeadInit,
+        config: serde_json::Value,
+        dir: &Path,
+        opts: &LoadOptions,
+        flavor: Flavor,
     ) -> Result<Self> {
         let cfg: BertConfig = serde_json::from_value(config.clone())
             .map_err(|e| Error::Config(format!("{}/config.json: {e}", dir.display())))?;
@@ -164,19 +213,32 @@ impl Bert {
             .task
             .or_else(|| task_from_architectures(&config))
             .unwrap_or(TaskType::FeatureExtraction);
-        let (architecture, prefix, with_pooler) = match task {
-            TaskType::SeqCls => ("BertForSequenceClassification", "bert", true),
-            TaskType::TokenCls => ("BertForTokenClassification", "bert", false),
-            TaskType::QuestionAns => ("BertForQuestionAnswering", "bert", false),
-            TaskType::FeatureExtraction => ("BertModel", "", true),
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("bert")
+            .to_string();
+        let roberta = flavor != Flavor::Bert;
+        let (family, base_prefix) = match (flavor, model_type.as_str()) {
+            (Flavor::Bert, _) => ("Bert", "bert"),
+            (_, "xlm-roberta") => ("XLMRoberta", "roberta"),
+            _ => ("Roberta", "roberta"),
+        };
+        let (suffix, prefix, with_pooler) = match task {
+            TaskType::SeqCls => ("ForSequenceClassification", base_prefix, !roberta),
+            TaskType::TokenCls => ("ForTokenClassification", base_prefix, false),
+            TaskType::QuestionAns => ("ForQuestionAnswering", base_prefix, false),
+            TaskType::FeatureExtraction => ("Model", "", true),
             other => {
                 return Err(Error::Config(format!(
-                "BERT has no {} head; use SEQ_CLS, TOKEN_CLS, QUESTION_ANS or FEATURE_EXTRACTION",
-                other.as_str()
-            )))
+                    "{model_type} has no {} head; use SEQ_CLS, TOKEN_CLS, QUESTION_ANS or \
+                     FEATURE_EXTRACTION",
+                    other.as_str()
+                )))
             }
         };
-        let root = super::loader(weights, "bert", init, opts);
+        let architecture = format!("{family}{suffix}");
+        let root = super::loader(weights, base_prefix, init, opts);
         let base = if prefix.is_empty() {
             root.clone()
         } else {
@@ -197,12 +259,23 @@ impl Bert {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| load_layer(&base.pp("encoder.layer").pp(i), &cfg))
             .collect::<Result<Vec<_>>>()?;
-        let pooler = if with_pooler {
+        // A bare RobertaModel may have been saved without its pooler; it is unused here anyway.
+        let pooler_present = !roberta || base.pp("pooler.dense").contains("weight");
+        let pooler = if with_pooler && pooler_present {
             Some(base.pp("pooler.dense").linear(h, h, true)?)
         } else {
             None
         };
+        let head_dense = if roberta && task == TaskType::SeqCls {
+            Some(root.pp("classifier.dense").linear_or_init(h, h, true)?)
+        } else {
+            None
+        };
         let head = match task {
+            TaskType::SeqCls if roberta => {
+                let n = num_labels(&config, opts.num_labels);
+                Some(root.pp("classifier.out_proj").linear_or_init(h, n, true)?)
+            }
             TaskType::SeqCls | TaskType::TokenCls => {
                 let n = num_labels(&config, opts.num_labels);
                 Some(root.pp("classifier").linear_or_init(h, n, true)?)
@@ -211,20 +284,27 @@ impl Bert {
             _ => None,
         };
         let info = ModelInfo {
-            model_type: "bert".into(),
-            architecture: architecture.into(),
+            model_type,
+            architecture,
             task,
-            head: head.iter().map(|l| l.name.clone()).collect(),
+            // The output layer first: its rows are the class count.
+            head: head
+                .iter()
+                .chain(&head_dense)
+                .map(|l| l.name.clone())
+                .collect(),
             config,
             dir: dir.to_path_buf(),
         };
         Ok(Self {
             info,
             cfg,
+            flavor,
             act,
             embeddings,
             layers,
             pooler,
+            head_dense,
             head,
             device: opts.device.clone(),
         })
@@ -238,20 +318,34 @@ impl Bert {
     ) -> Result<Tensor> {
         let (b, t) = inputs.batch_seq()?;
         let past = cache.as_deref().map_or(0, Cache::past_len);
-        if past + t > self.cfg.max_position_embeddings {
+        let offset = match self.flavor {
+            Flavor::Bert => 0,
+            Flavor::Roberta { padding_idx } => padding_idx as usize + 1,
+        };
+        if offset + past + t > self.cfg.max_position_embeddings {
             return Err(Error::Data(format!(
-                "sequence of {} tokens exceeds max_position_embeddings {}",
+                "sequence of {} tokens exceeds the {} positions of max_position_embeddings {}",
                 past + t,
+                self.cfg.max_position_embeddings - offset,
                 self.cfg.max_position_embeddings
             )));
         }
         let dev = &self.device;
-        let positions = match &inputs.position_ids {
-            Some(p) => p.to_dtype(DType::U32)?,
-            None => Tensor::arange(past as u32, (past + t) as u32, dev)?
+        let sequential = |start: usize| -> Result<Tensor> {
+            Ok(Tensor::arange(start as u32, (start + t) as u32, dev)?
                 .unsqueeze(0)?
                 .expand((b, t))?
-                .contiguous()?,
+                .contiguous()?)
+        };
+        let positions = match (&inputs.position_ids, self.flavor) {
+            (Some(p), _) => p.to_dtype(DType::U32)?,
+            (None, Flavor::Bert) => sequential(past)?,
+            (None, Flavor::Roberta { padding_idx }) => match &inputs.inputs_embeds {
+                None => roberta_positions(inputs.ids()?, padding_idx, past)?,
+                // As transformers: with embeddings no padding can be seen, and the past length
+                // is not added.
+                Some(_) => sequential(offset)?,
+            },
         };
         let token_types = match &inputs.token_type_ids {
             Some(tt) => tt.to_dtype(DType::U32)?,
@@ -323,6 +417,26 @@ impl Bert {
     }
 }
 
+/// transformers' `create_position_ids_from_input_ids`: padding tokens sit at `padding_idx`,
+/// the others count from `padding_idx + 1 + past` over non-padding tokens only.
+fn roberta_positions(ids: &Tensor, padding_idx: u32, past: usize) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let mut out = Vec::with_capacity(b * t);
+    for row in rows {
+        let mut seen = 0u32;
+        for id in row {
+            if id == padding_idx {
+                out.push(padding_idx);
+            } else {
+                seen += 1;
+                out.push(padding_idx + seen + past as u32);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, t), ids.device())?)
+}
+
 fn load_layer(vb: &Loader, cfg: &BertConfig) -> Result<Layer> {
     let h = cfg.hidden_size;
     let att = vb.pp("attention");
@@ -357,11 +471,12 @@ impl Model for Bert {
 
     fn dims(&self) -> ModelDims {
         let c = &self.cfg;
-        let pad = self
-            .info
-            .config
-            .get("pad_token_id")
-            .and_then(|v| v.as_u64());
+        let id = |k: &str| self.info.config.get(k).and_then(|v| v.as_u64());
+        let pad = id("pad_token_id");
+        let offset = match self.flavor {
+            Flavor::Bert => 0,
+            Flavor::Roberta { padding_idx } => padding_idx as usize + 1,
+        };
         ModelDims {
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
@@ -371,10 +486,10 @@ impl Model for Bert {
             head_dim: c.hidden_size / c.num_attention_heads,
             num_encoder_layers: 0,
             is_encoder_decoder: false,
-            max_positions: Some(c.max_position_embeddings),
+            max_positions: Some(c.max_position_embeddings.saturating_sub(offset)),
             pad_token_id: pad.map(|p| p as u32),
-            eos_token_ids: Vec::new(),
-            bos_token_id: None,
+            eos_token_ids: id("eos_token_id").map(|e| e as u32).into_iter().collect(),
+            bos_token_id: id("bos_token_id").map(|b| b as u32),
             decoder_start_token_id: None,
         }
     }
@@ -398,13 +513,17 @@ impl Model for Bert {
             .unwrap_or(self.cfg.hidden_dropout_prob);
         match (self.info.task, &self.head) {
             (TaskType::SeqCls, Some(head)) => {
-                let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-                let pooler = self
-                    .pooler
-                    .as_ref()
-                    .ok_or_else(|| Error::Config("BERT pooler missing".into()))?;
-                let pooled = pooler.forward_t(&cls, train)?.tanh()?;
-                head.forward_t(&ops::dropout(&pooled, dropout, train)?, train)
+                let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+                let x = match (&self.head_dense, &self.pooler) {
+                    // RoBERTa: dropout, dense, tanh, dropout, out_proj.
+                    (Some(dense), _) => dense
+                        .forward_t(&ops::dropout(&first, dropout, train)?, train)?
+                        .tanh()?,
+                    // BERT: the pooler, then dropout and the classifier.
+                    (None, Some(pooler)) => pooler.forward_t(&first, train)?.tanh()?,
+                    (None, None) => return Err(Error::Config("BERT pooler missing".into())),
+                };
+                head.forward_t(&ops::dropout(&x, dropout, train)?, train)
             }
             (TaskType::TokenCls, Some(head)) => {
                 head.forward_t(&ops::dropout(&hidden, dropout, train)?, train)

@@ -7,6 +7,7 @@ pub mod decoder;
 pub mod gpt2;
 pub mod llama;
 pub mod opt;
+pub mod t5;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -281,6 +282,13 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             dir,
             opts,
         )?),
+        "roberta" | "xlm-roberta" => Box::new(bert::Bert::load_roberta(
+            &weights,
+            &init,
+            config.clone(),
+            dir,
+            opts,
+        )?),
         "llama" | "mistral" | "qwen2" => Box::new(llama::Llama::load(
             &weights,
             &init,
@@ -296,10 +304,11 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             opts,
         )?),
         "opt" => Box::new(opt::Opt::load(&weights, &init, config.clone(), dir, opts)?),
+        "t5" | "mt5" => Box::new(t5::T5::load(&weights, &init, config.clone(), dir, opts)?),
         other => {
             return Err(Error::Config(format!(
                 "unsupported model_type `{other}` in {}; supported: bert, gpt2, llama, mistral, \
-                 opt, qwen2",
+                 mt5, opt, qwen2, roberta, t5, xlm-roberta",
                 config_path.display()
             )))
         }

@@ -16,7 +16,7 @@ use crate::{Error, Result};
 /// PEFT's default LoRA targets per `model_type`, used when `target_modules` is not given.
 pub fn default_target_modules(model_type: &str) -> Option<&'static [&'static str]> {
     Some(match model_type {
-        "bert" | "roberta" => &["query", "value"],
+        "bert" | "roberta" | "xlm-roberta" => &["query", "value"],
         "t5" | "mt5" => &["q", "v"],
         "gpt2" => &["c_attn"],
         "llama" | "mistral" | "qwen2" | "opt" | "bart" => &["q_proj", "v_proj"],
