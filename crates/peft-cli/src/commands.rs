@@ -13,7 +13,7 @@ use peft::train::{evaluate_accuracy, train as run_training};
 use peft::{Error, Inputs, Result, TaskType};
 use std::path::{Path, PathBuf};
 
-fn device() -> Result<Device> {
+pub(crate) fn device() -> Result<Device> {
     #[cfg(feature = "cuda")]
     {
         if candle_core::utils::cuda_is_available() {
