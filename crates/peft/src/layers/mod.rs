@@ -8,6 +8,7 @@ pub mod embedding;
 pub mod linear;
 pub mod norm;
 pub mod param;
+pub mod rotary;
 
 pub use adapter::{Adapters, EmbeddingAdapter, LinearAdapter, LinearBase};
 pub use embedding::Embedding;

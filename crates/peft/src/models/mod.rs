@@ -3,6 +3,8 @@
 //! [`Loader`] and expose them through [`Modules`].
 
 pub mod bert;
+pub mod decoder;
+pub mod llama;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -278,9 +280,16 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             dir,
             opts,
         )?),
+        "llama" | "mistral" | "qwen2" => Box::new(llama::Llama::load(
+            &weights,
+            &init,
+            config.clone(),
+            dir,
+            opts,
+        )?),
         other => {
             return Err(Error::Config(format!(
-                "unsupported model_type `{other}` in {}; supported: bert",
+                "unsupported model_type `{other}` in {}; supported: bert, llama, mistral, qwen2",
                 config_path.display()
             )))
         }
