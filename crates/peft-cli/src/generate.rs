@@ -96,7 +96,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         so_far.push(t);
         // Print only complete characters: a token can end inside a multi-byte one.
         if let Ok(text) = tok.decode(&so_far, true) {
-            if !text.ends_with('\u{FFFD}') && text.len() >= shown.len() && text.starts_with(&shown) {
+            if !text.ends_with('\u{FFFD}') && text.len() >= shown.len() && text.starts_with(&shown)
+            {
                 let _ = write!(stdout, "{}", &text[shown.len()..]);
                 let _ = stdout.flush();
                 shown = text;

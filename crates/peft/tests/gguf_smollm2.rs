@@ -101,3 +101,36 @@ fn gguf_metadata_gives_the_llama_config() {
     assert!(w.contains("model.embed_tokens.weight"));
     assert!(!w.contains("lm_head.weight"));
 }
+
+fn rows(v: &serde_json::Value) -> Vec<Vec<u32>> {
+    v.as_array().unwrap().iter().map(ids).collect()
+}
+
+#[test]
+fn greedy_generation_from_the_dequantized_gguf_matches_transformers() {
+    use peft::generation::{generate, GenerationConfig};
+    let fx = fixture("smollm2_greedy.json");
+    let model = peft::models::load(&gguf_path(), &peft::LoadOptions::default()).unwrap();
+    let dims = model.dims();
+    assert_eq!((dims.num_attention_heads, dims.num_key_value_heads), (9, 3));
+    let prompts = rows(&fx["prompt_ids"]);
+    let cfg = GenerationConfig {
+        max_new_tokens: fx["max_new_tokens"].as_u64().unwrap() as usize,
+        ..Default::default()
+    };
+    let want_single = rows(&fx["single"]);
+    for (p, want) in prompts.iter().zip(&want_single) {
+        let got = generate(
+            model.as_ref(),
+            std::slice::from_ref(p),
+            &cfg,
+            None,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(&got.tokens[0], want, "prompt {p:?}");
+    }
+    // All prompts at once, left-padded with the pad id (2) as transformers pads them.
+    let got = generate(model.as_ref(), &prompts, &cfg, None, &mut |_, _| {}).unwrap();
+    assert_eq!(got.tokens, rows(&fx["batched"]));
+}
