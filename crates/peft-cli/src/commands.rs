@@ -207,11 +207,11 @@ pub fn merge(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
 pub fn inspect(dir: &Path) -> Result<()> {
     if dir.join(CONFIG_NAME).exists() {
         inspect_adapter(dir)
-    } else if dir.join("config.json").exists() {
+    } else if dir.join("config.json").exists() || peft::io::gguf::find_gguf(dir)?.is_some() {
         inspect_model(dir)
     } else {
         Err(Error::Config(format!(
-            "{}: neither an adapter (adapter_config.json) nor a model (config.json) directory",
+            "{}: neither an adapter (adapter_config.json) nor a model (config.json or a .gguf file)",
             dir.display()
         )))
     }
@@ -241,7 +241,6 @@ fn inspect_adapter(dir: &Path) -> Result<()> {
 }
 
 fn inspect_model(dir: &Path) -> Result<()> {
-    let config = read_json(&dir.join("config.json"))?;
     let model = models::load(dir, &LoadOptions::default())?;
     let info = model.info();
     println!("model: {}", dir.display());
@@ -251,7 +250,10 @@ fn inspect_model(dir: &Path) -> Result<()> {
         info.architecture,
         info.task.as_str()
     );
-    let weights = Weights::from_dir(dir)?;
+    let weights = match peft::io::gguf::find_gguf(dir)? {
+        Some(gguf) if !dir.join("config.json").exists() => Weights::from_gguf(&gguf)?,
+        _ => Weights::from_dir(dir)?,
+    };
     println!("checkpoint tensors: {}", weights.names().count());
     let mut params = 0;
     let mut adaptable = Vec::new();
@@ -274,7 +276,6 @@ fn inspect_model(dir: &Path) -> Result<()> {
         }
     }
     println!("parameters: {}", thousands(params));
-    let _ = config;
     println!("adaptable layers ({}):", adaptable.len());
     for l in adaptable {
         println!("{l}");

@@ -134,3 +134,40 @@ fn greedy_generation_from_the_dequantized_gguf_matches_transformers() {
     let got = generate(model.as_ref(), &prompts, &cfg, None, &mut |_, _| {}).unwrap();
     assert_eq!(got.tokens, rows(&fx["batched"]));
 }
+
+#[test]
+fn a_model_loaded_from_gguf_saves_as_a_complete_hugging_face_directory() {
+    let gguf = gguf_path();
+    let model = peft::models::load(&gguf, &peft::LoadOptions::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    peft::models::save_pretrained(model.as_ref(), tmp.path()).unwrap();
+    let mut from_gguf = Tokenizer::from_gguf(&GgufFile::open(&gguf).unwrap()).unwrap();
+    let mut saved = Tokenizer::from_path(tmp.path()).unwrap();
+    let text = "<|im_start|>user\nHi 42!<|im_end|>";
+    assert_eq!(
+        saved.encode_text(text, true).unwrap(),
+        from_gguf.encode_text(text, true).unwrap()
+    );
+    assert!(saved.chat_template().is_some());
+    assert_eq!(saved.pad_id(), 2);
+    // The directory loads as a safetensors model with the same weights.
+    let reloaded = peft::models::load(tmp.path(), &peft::LoadOptions::default()).unwrap();
+    let ids =
+        candle_core::Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &candle_core::Device::Cpu)
+            .unwrap();
+    let a = model
+        .forward(&peft::Inputs::new(ids.clone()), false)
+        .unwrap();
+    let b = reloaded.forward(&peft::Inputs::new(ids), false).unwrap();
+    let diff: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+}

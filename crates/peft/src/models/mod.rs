@@ -450,5 +450,39 @@ pub fn save_pretrained(model: &dyn Model, dir: &Path) -> Result<()> {
             crate::io::write_atomic(&dir.join(f), &bytes)?;
         }
     }
+    // A model loaded from a GGUF file has its tokenizer in the file's metadata: write it out so
+    // the saved directory is complete.
+    if !dir.join("tokenizer.json").exists() {
+        if let Some(gguf) = find_gguf(&info.dir).ok().flatten() {
+            let file = crate::io::gguf::GgufFile::open(&gguf)?;
+            if let Ok(tok) = file.tokenizer_json() {
+                let json = serde_json::to_vec(&tok).map_err(|e| Error::Config(e.to_string()))?;
+                crate::io::write_atomic(&dir.join("tokenizer.json"), &json)?;
+                let mut cfg = serde_json::Map::new();
+                if let Some(t) = file.chat_template() {
+                    cfg.insert("chat_template".into(), t.into());
+                }
+                let vocab = tok["model"]["vocab"].as_object();
+                for (key, id_key) in [
+                    ("bos_token", "bos_token_id"),
+                    ("eos_token", "eos_token_id"),
+                    ("pad_token", "pad_token_id"),
+                ] {
+                    let id = config.get(id_key).and_then(|v| v.as_u64());
+                    let name = vocab.and_then(|v| {
+                        v.iter()
+                            .find(|(_, i)| i.as_u64() == id)
+                            .map(|(t, _)| t.clone())
+                    });
+                    if let Some(name) = name {
+                        cfg.insert(key.into(), name.into());
+                    }
+                }
+                let json =
+                    serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Config(e.to_string()))?;
+                crate::io::write_atomic(&dir.join("tokenizer_config.json"), &json)?;
+            }
+        }
+    }
     Ok(())
 }
