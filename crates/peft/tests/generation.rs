@@ -196,3 +196,23 @@ fn a_prompt_longer_than_the_context_window_is_an_error() {
     assert_eq!(got.tokens[0].len(), 2);
     assert_eq!(got.finish[0], FinishReason::Length);
 }
+
+#[test]
+fn a_stop_string_ends_the_row_once_its_text_appears() {
+    let fx = expected();
+    let model = load();
+    let tok = peft::io::tokenizer::Tokenizer::from_path(&dir()).unwrap();
+    let prompt = rows(&fx["prompt_ids"])[0].clone();
+    let full = rows(&fx["single"])[0].clone();
+    let stop = tok.decode(&full[..3], false).unwrap();
+    assert!(!stop.is_empty());
+    let cfg = GenerationConfig {
+        max_new_tokens: 12,
+        stop_strings: vec![stop.clone()],
+        ..Default::default()
+    };
+    let got = generate(model.as_ref(), &[prompt], &cfg, Some(&tok), &mut |_, _| {}).unwrap();
+    assert_eq!(got.finish[0], FinishReason::StopString);
+    assert!(got.tokens[0].len() <= 3 && full.starts_with(&got.tokens[0]));
+    assert!(tok.decode(&got.tokens[0], false).unwrap().contains(&stop));
+}
