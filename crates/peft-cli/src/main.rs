@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod commands;
+mod generate;
 
 // Training allocates and frees large activation buffers every step; glibc returns those to the
 // kernel each time and pays page faults to get them back. mimalloc keeps them.
@@ -68,6 +69,47 @@ enum Command {
     },
     /// Describe an adapter directory or a model directory.
     Inspect { dir: PathBuf },
+    /// Generate text from a causal language model (a Hugging Face directory or a GGUF file),
+    /// optionally through an adapter, streaming tokens as they come.
+    Generate {
+        /// Model directory, .gguf file, or directory holding one; default: the adapter's
+        /// base_model_name_or_path (a local path or the Hugging Face cache).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The prompt; repeat for a batch (left-padded, generated together).
+        #[arg(long, required = true)]
+        prompt: Vec<String>,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// Sample instead of greedy decoding.
+        #[arg(long)]
+        do_sample: bool,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        /// Sampling keeps the k most likely tokens (transformers' default 50; 0: off).
+        #[arg(long, default_value_t = 50)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        /// Stop a sequence once its text contains this; repeatable.
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Format each prompt as a user message with the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also print the generated token ids of each prompt as a JSON line.
+        #[arg(long)]
+        print_ids: bool,
+    },
     /// Time LoRA training steps (r=8 on query/value, SEQ_CLS) on fixed-length random batches.
     Bench {
         #[arg(long)]
@@ -128,6 +170,37 @@ fn main() -> ExitCode {
             out,
         } => commands::merge(&model, &adapter, &out),
         Command::Inspect { dir } => commands::inspect(&dir),
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            stop,
+            chat,
+            system,
+            seed,
+            print_ids,
+        } => generate::generate(generate::GenerateArgs {
+            model,
+            adapter,
+            prompts: prompt,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            stop,
+            chat,
+            system,
+            seed,
+            print_ids,
+        }),
         Command::Bench {
             model,
             batch,

@@ -6,6 +6,7 @@
 //! layout and load in Python PEFT unchanged, and the reverse.
 
 pub mod error;
+pub mod generation;
 pub mod grad;
 pub mod io;
 pub mod layers;
@@ -18,6 +19,6 @@ pub mod tuners;
 pub use error::{Error, Result};
 pub use grad::no_grad;
 pub use models::{Inputs, LoadOptions, Model, TaskType};
-pub use peft_model::{get_peft_model, load_with_adapter, PeftModel};
+pub use peft_model::{get_peft_model, load_auto, load_with_adapter, PeftModel};
 pub use tuners::lora::LoraConfig;
 pub use tuners::PeftConfig;

@@ -709,3 +709,19 @@ fn saved_head_classes(adapter_dir: &Path) -> Result<Option<usize>> {
         })
         .map(|(_, info)| info.shape[0]))
 }
+
+/// Loads the adapter in `adapter_dir` on the base model its config names, found without network
+/// access (PEFT's `AutoPeftModelFor...from_pretrained(adapter_dir)`): `base_model_name_or_path`
+/// as a path (also relative to the adapter directory), else the Hugging Face cache (see
+/// [`crate::io::hub::resolve_model`]). The head comes from the adapter's `task_type`.
+pub fn load_auto(adapter_dir: &Path, opts: crate::LoadOptions) -> Result<PeftModel> {
+    let config = PeftConfig::from_adapter_json(&read_json(&adapter_dir.join(CONFIG_NAME))?)?;
+    let base = config.base_model_name_or_path().ok_or_else(|| {
+        Error::Adapter(format!(
+            "{}: no base_model_name_or_path; pass the base model explicitly",
+            adapter_dir.join(CONFIG_NAME).display()
+        ))
+    })?;
+    let model_dir = crate::io::hub::resolve_model(base, Some(adapter_dir))?;
+    load_with_adapter(&model_dir, adapter_dir, opts)
+}

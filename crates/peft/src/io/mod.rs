@@ -1,5 +1,8 @@
 //! Files: Hugging Face model directories, PEFT adapter directories, safetensors, atomic writes.
 
+pub mod chat;
+pub mod gguf;
+pub mod hub;
 pub mod tokenizer;
 pub mod weights;
 

@@ -5,22 +5,33 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use super::gguf::{find_gguf, GgufFile, Source as GgufSource};
 use crate::layers::{Embedding, LayerNorm, Linear, RmsNorm};
 use crate::{Error, Result};
 
-/// The safetensors files of a model directory, memory-mapped.
+/// A model's stored tensors under their Hugging Face names: the safetensors files of a model
+/// directory (memory-mapped), or a GGUF file (dequantized on load, names mapped).
 pub struct Weights {
-    st: MmapedSafetensors,
+    source: Source,
     names: BTreeSet<String>,
     location: String,
 }
 
+enum Source {
+    Safetensors(MmapedSafetensors),
+    Gguf {
+        file: GgufFile,
+        map: BTreeMap<String, GgufSource>,
+    },
+}
+
 impl Weights {
-    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`, or
+    /// else the directory's only `.gguf` file.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
@@ -36,6 +47,8 @@ impl Weights {
                 })?;
             let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
             shards.into_iter().map(|s| dir.join(s)).collect()
+        } else if let Some(gguf) = find_gguf(dir)? {
+            return Self::from_gguf(&gguf);
         } else if dir.join("pytorch_model.bin").exists() {
             return Err(Error::Config(format!(
                 "{}: only pytorch_model.bin found; convert it to safetensors (transformers: \
@@ -47,7 +60,7 @@ impl Weights {
                 dir.join("model.safetensors"),
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    "no model.safetensors or sharded index in the model directory",
+                    "no model.safetensors, sharded index or .gguf file in the model directory",
                 ),
             ));
         };
@@ -71,10 +84,31 @@ impl Weights {
         })?;
         let names = st.tensors().into_iter().map(|(n, _)| n).collect();
         Ok(Self {
-            st,
+            source: Source::Safetensors(st),
             names,
             location,
         })
+    }
+
+    /// A GGUF file's tensors under transformers' names (`blk.0.attn_q.weight` is served as
+    /// `model.layers.0.self_attn.q_proj.weight`), dequantized to f32 when loaded.
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let map = file.hf_names()?;
+        let names = map.keys().cloned().collect();
+        Ok(Self {
+            source: Source::Gguf { file, map },
+            names,
+            location: path.display().to_string(),
+        })
+    }
+
+    /// The GGUF file behind these weights, if that is where they come from.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.source {
+            Source::Gguf { file, .. } => Some(file),
+            Source::Safetensors(_) => None,
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -86,7 +120,17 @@ impl Weights {
     }
 
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        Ok(self.st.load(name, device)?)
+        match &self.source {
+            Source::Safetensors(st) => Ok(st.load(name, device)?),
+            Source::Gguf { file, map } => {
+                let src = map.get(name).ok_or_else(|| Error::MissingTensor {
+                    name: name.to_string(),
+                    location: self.location.clone(),
+                    hint: String::new(),
+                })?;
+                file.load(src, device)
+            }
+        }
     }
 }
 

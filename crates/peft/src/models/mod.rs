@@ -13,6 +13,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+use crate::io::gguf::find_gguf;
 use crate::io::weights::HeadInit;
 use crate::io::{read_json, Loader, Weights};
 use crate::layers::Modules;
@@ -258,17 +259,17 @@ impl Default for LoadOptions {
     }
 }
 
-/// Loads a Hugging Face model directory; the head comes from `opts.task` or else from
-/// config.json's `architectures`.
-pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
-    let config_path = dir.join("config.json");
-    let config = read_json(&config_path)?;
+/// Loads a model: a Hugging Face directory (config.json + safetensors), a GGUF file, or a
+/// directory holding one GGUF file (its config comes from the GGUF metadata). The head comes from
+/// `opts.task` or else from config.json's `architectures`.
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
+    let (config, weights, dir, config_path) = open_checkpoint(path)?;
     let model_type = config
         .get("model_type")
         .and_then(|v| v.as_str())
         .ok_or_else(|| Error::Config(format!("{}: no `model_type`", config_path.display())))?
         .to_string();
-    let weights = Weights::from_dir(dir)?;
+    let dir = dir.as_path();
     let std = config
         .get("initializer_range")
         .and_then(|v| v.as_f64())
@@ -325,6 +326,45 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         );
     }
     Ok(model)
+}
+
+/// The config (config.json, or the GGUF metadata's equivalent), the weights, the model's
+/// directory and where the config came from.
+fn open_checkpoint(path: &Path) -> Result<(serde_json::Value, Weights, PathBuf, PathBuf)> {
+    let config_path = path.join("config.json");
+    if path.is_dir() && config_path.exists() {
+        let config = read_json(&config_path)?;
+        return Ok((
+            config,
+            Weights::from_dir(path)?,
+            path.to_path_buf(),
+            config_path,
+        ));
+    }
+    match find_gguf(path)? {
+        Some(gguf) => {
+            let weights = Weights::from_gguf(&gguf)?;
+            let config = weights
+                .gguf()
+                .map(|g| g.config_json())
+                .transpose()?
+                .unwrap_or_default();
+            let dir = gguf.parent().unwrap_or(Path::new(".")).to_path_buf();
+            Ok((config, weights, dir, gguf))
+        }
+        None if path.exists() => Err(Error::io(
+            &config_path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not a model: expected a directory with config.json, a .gguf file, or a \
+                 directory holding one .gguf file",
+            ),
+        )),
+        None => Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model path does not exist"),
+        )),
+    }
 }
 
 /// Reads the task from config.json's `architectures` (`...ForSequenceClassification`, ...).
@@ -428,6 +468,40 @@ pub fn save_pretrained(model: &dyn Model, dir: &Path) -> Result<()> {
         if src.exists() {
             let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
             crate::io::write_atomic(&dir.join(f), &bytes)?;
+        }
+    }
+    // A model loaded from a GGUF file has its tokenizer in the file's metadata: write it out so
+    // the saved directory is complete.
+    if !dir.join("tokenizer.json").exists() {
+        if let Some(gguf) = find_gguf(&info.dir).ok().flatten() {
+            let file = crate::io::gguf::GgufFile::open(&gguf)?;
+            if let Ok(tok) = file.tokenizer_json() {
+                let json = serde_json::to_vec(&tok).map_err(|e| Error::Config(e.to_string()))?;
+                crate::io::write_atomic(&dir.join("tokenizer.json"), &json)?;
+                let mut cfg = serde_json::Map::new();
+                if let Some(t) = file.chat_template() {
+                    cfg.insert("chat_template".into(), t.into());
+                }
+                let vocab = tok["model"]["vocab"].as_object();
+                for (key, id_key) in [
+                    ("bos_token", "bos_token_id"),
+                    ("eos_token", "eos_token_id"),
+                    ("pad_token", "pad_token_id"),
+                ] {
+                    let id = config.get(id_key).and_then(|v| v.as_u64());
+                    let name = vocab.and_then(|v| {
+                        v.iter()
+                            .find(|(_, i)| i.as_u64() == id)
+                            .map(|(t, _)| t.clone())
+                    });
+                    if let Some(name) = name {
+                        cfg.insert(key.into(), name.into());
+                    }
+                }
+                let json =
+                    serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Config(e.to_string()))?;
+                crate::io::write_atomic(&dir.join("tokenizer_config.json"), &json)?;
+            }
         }
     }
     Ok(())

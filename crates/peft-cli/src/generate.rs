@@ -1,0 +1,146 @@
+//! `peft generate`: tokenize, generate (streaming the first prompt's text as it comes), report
+//! throughput.
+
+use peft::generation::{generate as run_generate, GenerationConfig, SamplingConfig};
+use peft::io::tokenizer::Tokenizer;
+use peft::models::{self, LoadOptions};
+use peft::peft_model::{load_with_adapter, CONFIG_NAME};
+use peft::{Error, Result, TaskType};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub struct GenerateArgs {
+    pub model: Option<PathBuf>,
+    pub adapter: Option<PathBuf>,
+    pub prompts: Vec<String>,
+    pub max_new_tokens: usize,
+    pub do_sample: bool,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub repetition_penalty: f32,
+    pub stop: Vec<String>,
+    pub chat: bool,
+    pub system: Option<String>,
+    pub seed: u64,
+    pub print_ids: bool,
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let model_path = match (&a.model, &a.adapter) {
+        (Some(m), _) => m.clone(),
+        (None, Some(adapter)) => {
+            let cfg = peft::io::read_json(&adapter.join(CONFIG_NAME))?;
+            let base = cfg
+                .get("base_model_name_or_path")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| {
+                    Error::Adapter(format!(
+                        "{}: no base_model_name_or_path; pass --model",
+                        adapter.join(CONFIG_NAME).display()
+                    ))
+                })?;
+            peft::io::hub::resolve_model(base, Some(adapter))?
+        }
+        (None, None) => {
+            return Err(Error::Config(
+                "pass --model (a model directory or .gguf file) or --adapter".into(),
+            ))
+        }
+    };
+    let mut tok = Tokenizer::for_model(&model_path)?;
+    let prompts: Vec<Vec<u32>> = a
+        .prompts
+        .iter()
+        .map(|p| {
+            if a.chat {
+                let mut msgs = Vec::new();
+                if let Some(s) = &a.system {
+                    msgs.push(("system".to_string(), s.clone()));
+                }
+                msgs.push(("user".to_string(), p.clone()));
+                let text = tok.apply_chat_template(&msgs, true)?;
+                tok.encode_text(&text, false)
+            } else {
+                tok.encode_text(p, true)
+            }
+        })
+        .collect::<Result<_>>()?;
+    let opts = LoadOptions {
+        task: Some(TaskType::CausalLm),
+        device: super::commands::device()?,
+        ..Default::default()
+    };
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingConfig {
+            do_sample: a.do_sample,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+        },
+        stop_strings: a.stop.clone(),
+        seed: a.seed,
+        ..Default::default()
+    };
+    let stream = a.prompts.len() == 1;
+    let mut shown = String::new();
+    let mut so_far: Vec<u32> = Vec::new();
+    let mut stdout = std::io::stdout();
+    let mut on_token = |row: usize, t: u32| {
+        if !stream || row != 0 {
+            return;
+        }
+        so_far.push(t);
+        // Print only complete characters: a token can end inside a multi-byte one.
+        if let Ok(text) = tok.decode(&so_far, true) {
+            if !text.ends_with('\u{FFFD}') && text.len() >= shown.len() && text.starts_with(&shown)
+            {
+                let _ = write!(stdout, "{}", &text[shown.len()..]);
+                let _ = stdout.flush();
+                shown = text;
+            }
+        }
+    };
+    let start;
+    let out = match &a.adapter {
+        Some(adapter) => {
+            let model = load_with_adapter(&model_path, adapter, opts)?;
+            start = Instant::now();
+            run_generate(&model, &prompts, &cfg, Some(&tok), &mut on_token)?
+        }
+        None => {
+            let model = models::load(&model_path, &opts)?;
+            start = Instant::now();
+            run_generate(model.as_ref(), &prompts, &cfg, Some(&tok), &mut on_token)?
+        }
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    if stream {
+        let full = tok.decode(&out.tokens[0], true)?;
+        if let Some(rest) = full.strip_prefix(shown.as_str()) {
+            print!("{rest}");
+        }
+        println!();
+    } else {
+        for (i, toks) in out.tokens.iter().enumerate() {
+            println!("[{i}] {}", tok.decode(toks, true)?);
+        }
+    }
+    if a.print_ids {
+        println!(
+            "{}",
+            serde_json::to_string(&out.tokens).map_err(|e| Error::Data(e.to_string()))?
+        );
+    }
+    let n: usize = out.tokens.iter().map(Vec::len).sum();
+    eprintln!(
+        "generated {n} tokens for {} prompt(s) in {seconds:.2} s: {:.1} tokens/s (finish: {:?})",
+        prompts.len(),
+        n as f64 / seconds.max(1e-9),
+        out.finish
+    );
+    Ok(())
+}
