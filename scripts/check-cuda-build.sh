@@ -4,6 +4,7 @@
 # library, present only where a GPU is) satisfies the linker. The binary it produces runs where
 # the NVIDIA driver and the CUDA 13 libraries are installed.
 #   scripts/check-cuda-build.sh [target-dir]      (default: target/cuda)
+# It also builds the CUDA test binary (tests/cuda.rs) and prints its path.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 target="${1:-$root/target/cuda}"
@@ -30,3 +31,8 @@ export PATH="$cuda/bin:$PATH" CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_COMPUTE_C
 export LIBRARY_PATH="$stub${LIBRARY_PATH:+:$LIBRARY_PATH}"
 cargo build --release --features cuda -p peft-cli --target-dir "$target"
 echo "built $target/release/peft with the cuda feature"
+# The CUDA tests (crates/peft/tests/cuda.rs) compare the GPU path with the fixtures; they run where
+# a GPU is: copy the binary printed here there and run it from the crate directory
+# (crates/peft), which holds the fixtures.
+cargo test --release --features cuda -p peft --test cuda --no-run --target-dir "$target" 2>&1 |
+  grep -o "$target/release/deps/cuda-[0-9a-f]*" | sort -u | sed 's/^/cuda tests: /'
