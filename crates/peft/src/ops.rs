@@ -171,6 +171,13 @@ thread_local! {
         std::cell::RefCell::new(rand::SeedableRng::from_os_rng());
 }
 
+/// A random word from this thread's dropout generator, for other training-time randomness (the
+/// rank and module dropout of LoHa/LoKr), so that [`seed_dropout`] makes it repeatable too.
+pub fn random_u64() -> u64 {
+    use rand::Rng;
+    DROPOUT_RNG.with(|r| r.borrow_mut().random())
+}
+
 /// Seeds this thread's dropout masks, so that a training run with a fixed seed repeats exactly.
 pub fn seed_dropout(seed: u64) {
     DROPOUT_RNG.with(|r| *r.borrow_mut() = rand::SeedableRng::seed_from_u64(seed));

@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::io::{load_safetensors, read_json, save_safetensors, write_atomic};
 use crate::layers::{ModuleMut, ModuleRef, Param};
 use crate::models::{Cache, Inputs, Model};
-use crate::tuners::lora::{self, Bias};
+use crate::tuners::lora::Bias;
 use crate::tuners::targets::in_modules_to_save;
 use crate::tuners::PeftConfig;
 use crate::{Error, Result};
@@ -25,6 +25,8 @@ struct AdapterEntry {
     /// `modules_to_save` after adding the task's head names.
     modules_to_save: Vec<String>,
     trainable: bool,
+    /// Frozen model-level tensors of the adapter (VeRA's projections), under their file keys.
+    shared: Vec<(String, Var)>,
 }
 
 pub struct PeftModel {
@@ -119,31 +121,28 @@ impl PeftModel {
         }
         let seed = self.seed.wrapping_add(self.adapters.len() as u64);
         let first = self.adapters.is_empty();
-        match &mut config {
-            PeftConfig::Lora(c) => {
-                let adapted = lora::inject(self.model.as_mut(), name, c, &modules_to_save, seed)?;
-                let adapted: BTreeSet<String> = adapted.into_iter().collect();
-                for module in self.model.modules_mut() {
-                    let module_name = module.name().to_string();
-                    let is_adapted = adapted.contains(&module_name);
-                    let saved = in_modules_to_save(&module_name, &modules_to_save);
-                    for p in module.params_mut() {
-                        if saved {
-                            p.add_copy(name)?;
-                            if first {
-                                p.activate(Some(name));
-                            }
-                        }
-                        let is_bias = p.name.ends_with(".bias");
-                        let train_bias = match c.bias {
-                            Bias::None => false,
-                            Bias::All => is_bias,
-                            Bias::LoraOnly => is_bias && is_adapted,
-                        };
-                        if train_bias && trainable && !saved {
-                            p.train_in_place()?;
-                        }
+        let injected = config.inject(self.model.as_mut(), name, &modules_to_save, seed)?;
+        let bias = config.bias();
+        let adapted: BTreeSet<String> = injected.modules.into_iter().collect();
+        for module in self.model.modules_mut() {
+            let module_name = module.name().to_string();
+            let is_adapted = adapted.contains(&module_name);
+            let saved = in_modules_to_save(&module_name, &modules_to_save);
+            for p in module.params_mut() {
+                if saved {
+                    p.add_copy(name)?;
+                    if first {
+                        p.activate(Some(name));
                     }
+                }
+                let is_bias = p.name.ends_with(".bias");
+                let train_bias = match bias {
+                    Bias::None => false,
+                    Bias::All => is_bias,
+                    Bias::LoraOnly => is_bias && is_adapted,
+                };
+                if train_bias && trainable && !saved {
+                    p.train_in_place()?;
                 }
             }
         }
@@ -152,6 +151,7 @@ impl PeftModel {
             config,
             modules_to_save,
             trainable,
+            shared: injected.shared,
         });
         if first {
             self.active = name.to_string();
@@ -305,9 +305,13 @@ impl PeftModel {
             .into_iter()
             .map(|(k, v)| (k, v.as_tensor().detach()))
             .collect();
-        let bias = match &entry.config {
-            PeftConfig::Lora(c) => c.bias,
-        };
+        out.extend(
+            entry
+                .shared
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach())),
+        );
+        let bias = entry.config.bias();
         if bias != Bias::None {
             for module in self.model.modules() {
                 let wrapped = has_adapters(&module);
@@ -388,11 +392,11 @@ impl PeftModel {
         let first = self.adapters.is_empty();
         self.inject(name, config, is_trainable)?;
         let mut expected = self.adapter_vars(name);
+        if let Some(e) = self.entry(name) {
+            expected.extend(e.shared.iter().cloned());
+        }
         // Trained biases are part of the adapter too: `bias` = all / lora_only.
-        let bias = match &self.entry(name).map(|e| &e.config) {
-            Some(PeftConfig::Lora(c)) => c.bias,
-            None => Bias::None,
-        };
+        let bias = self.entry(name).map_or(Bias::None, |e| e.config.bias());
         let mut missing = Vec::new();
         for (key, var) in expected.drain(..) {
             match file.remove(&key) {

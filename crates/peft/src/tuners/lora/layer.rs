@@ -149,12 +149,12 @@ impl EmbeddingAdapter for LoraEmbedding {
     }
 }
 
-fn zeros(rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn zeros(rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
     Ok(Tensor::zeros((rows, cols), DType::F32, device)?)
 }
 
 /// torch's `kaiming_uniform_(w, a=sqrt(5))`, nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-fn kaiming_uniform(
+pub(crate) fn kaiming_uniform(
     rows: usize,
     fan_in: usize,
     rng: &mut StdRng,
@@ -166,7 +166,13 @@ fn kaiming_uniform(
     Ok(Tensor::from_vec(v, (rows, fan_in), device)?)
 }
 
-fn normal(rows: usize, cols: usize, std: f64, rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+pub(crate) fn normal(
+    rows: usize,
+    cols: usize,
+    std: f64,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<Tensor> {
     let dist = Normal::new(0.0f32, std as f32).map_err(|e| Error::Config(e.to_string()))?;
     let v: Vec<f32> = (0..rows * cols).map(|_| dist.sample(rng)).collect();
     Ok(Tensor::from_vec(v, (rows, cols), device)?)

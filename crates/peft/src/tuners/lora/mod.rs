@@ -28,36 +28,11 @@ pub fn default_target_modules(model_type: &str) -> Option<&'static [&'static str
 /// when absent, and `all-linear` expanded to the full names of every linear layer except the
 /// output head. The config is updated so that it is saved in resolved form, as PEFT saves it.
 pub fn resolve_targets(model: &dyn Model, config: &mut LoraConfig) -> Result<ModuleSpec> {
-    let info = model.info();
-    let spec = match &config.target_modules {
-        Some(t) => t.clone(),
-        None => {
-            let d = default_target_modules(&info.model_type).ok_or_else(|| {
-                Error::Config(format!(
-                    "no default target_modules for model_type `{}`; set target_modules",
-                    info.model_type
-                ))
-            })?;
-            ModuleSpec::List(d.iter().map(|s| s.to_string()).collect())
-        }
-    };
-    let spec = if spec.is_all_linear() {
-        let names = model
-            .modules()
-            .iter()
-            .filter_map(|m| match m {
-                crate::layers::ModuleRef::Linear(l) if !info.head.contains(&l.name) => {
-                    Some(l.name.clone())
-                }
-                _ => None,
-            })
-            .collect();
-        ModuleSpec::List(names)
-    } else {
-        spec
-    };
-    config.target_modules = Some(spec.clone());
-    Ok(spec)
+    crate::tuners::common::resolve_targets(
+        model,
+        &mut config.target_modules,
+        default_target_modules,
+    )
 }
 
 /// Attaches adapter `name` to every matching layer. Returns the names of the adapted modules.
