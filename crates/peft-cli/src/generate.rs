@@ -67,8 +67,18 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             }
         })
         .collect::<Result<_>>()?;
+    // Encoder-decoder models (T5) generate through their SEQ_2_SEQ_LM head.
+    let encoder_decoder = model_path.join("config.json").exists()
+        && peft::io::read_json(&model_path.join("config.json"))?
+            .get("is_encoder_decoder")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
     let opts = LoadOptions {
-        task: Some(TaskType::CausalLm),
+        task: Some(if encoder_decoder {
+            TaskType::Seq2SeqLm
+        } else {
+            TaskType::CausalLm
+        }),
         device: super::commands::device()?,
         ..Default::default()
     };

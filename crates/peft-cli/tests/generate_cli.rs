@@ -170,3 +170,86 @@ fn an_adapter_finds_its_base_model_in_the_hugging_face_cache() {
         "{err}"
     );
 }
+
+/// A word-level tokenizer for the tiny T5 fixture models: `<pad>` 0, `</s>` 1, `t2`..`t47`, and
+/// `</s>` appended to every input as T5's tokenizer does.
+fn t5_tokenizer() -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<pad>".into(), 0.into());
+    vocab.insert("</s>".into(), 1.into());
+    for i in 2..48 {
+        vocab.insert(format!("t{i}"), i.into());
+    }
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [
+            {"id": 0, "content": "<pad>", "single_word": false, "lstrip": false, "rstrip": false,
+             "normalized": false, "special": true},
+            {"id": 1, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false,
+             "normalized": false, "special": true}
+        ],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}},
+                     {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}
+        },
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<pad>"}
+    })
+}
+
+/// `peft generate` on T5 v1.1 (an encoder-decoder model, 3 decoder layers), with and without its
+/// PEFT adapter: the ids transformers' `generate` chose (tools/fixtures/make_zoo_fixtures.py).
+#[test]
+fn generate_runs_encoder_decoder_models() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft/tests/fixtures");
+    let fx = peft::io::read_json(&fixtures.join("zoo/t5_generate.json")).unwrap();
+    let src = fixtures.join("t5/t5_v1_1");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join("model").join(f), tmp.path().join(f)).unwrap();
+    }
+    std::fs::write(
+        tmp.path().join("tokenizer.json"),
+        t5_tokenizer().to_string(),
+    )
+    .unwrap();
+    // Prompt text: every id but the final </s>, which the tokenizer appends.
+    let texts: Vec<String> = fx["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let ids = p.as_array().unwrap();
+            ids[..ids.len() - 1]
+                .iter()
+                .map(|i| format!("t{i}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let m = tmp.path().to_str().unwrap();
+    let adapter = src.join("adapter");
+    for (adapter, want) in [
+        (None, &fx["cases"]["t5_v1_1"]["base_greedy"]["batched"]),
+        (
+            Some(adapter.to_str().unwrap()),
+            &fx["cases"]["t5_v1_1"]["lora_greedy"]["batched"],
+        ),
+    ] {
+        let mut args = vec!["--model", m, "--max-new-tokens", "10", "--print-ids"];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a]);
+        }
+        for t in &texts {
+            args.extend(["--prompt", t.as_str()]);
+        }
+        let (ok, out, err) = generate(&args, &[]);
+        assert!(ok, "{out}{err}");
+        assert_eq!(&printed_ids(&out), want, "adapter {adapter:?}");
+    }
+}

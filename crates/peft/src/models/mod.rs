@@ -8,6 +8,7 @@ pub mod gpt2;
 pub mod llama;
 pub mod opt;
 pub mod t5;
+mod t5_heads;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};

@@ -1,6 +1,6 @@
-//! T5 and mT5: `T5ForConditionalGeneration` / `MT5ForConditionalGeneration` (SEQ_2_SEQ_LM) and
-//! `T5EncoderModel` (FEATURE_EXTRACTION), v1.0 (ReLU `wi`/`wo`) and v1.1 / mT5 (gated `wi_0`,
-//! `wi_1`, `wo`).
+//! T5 and mT5: `T5ForConditionalGeneration` / `MT5ForConditionalGeneration` (SEQ_2_SEQ_LM),
+//! `T5EncoderModel` (FEATURE_EXTRACTION) and the classification / question-answering classes
+//! (heads in `t5_heads.rs`), v1.0 (ReLU `wi`/`wo`) and v1.1 / mT5 (gated `wi_0`, `wi_1`, `wo`).
 //!
 //! What sets T5 apart from BERT-style attention: no absolute positions but a learned bias per
 //! (bucketed) relative distance, owned by layer 0 of each stack and shared by the others; no
@@ -13,6 +13,7 @@ use serde::Deserialize;
 use std::path::Path;
 
 use super::bert::Activation;
+use super::t5_heads::{class_of, needs_decoder, T5Heads};
 use super::{task_from_architectures, Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims};
 use super::{ModelInfo, TaskType};
 use crate::io::weights::HeadInit;
@@ -199,15 +200,14 @@ pub struct T5 {
     shared: Embedding,
     encoder: Stack,
     decoder: Option<Stack>,
-    /// `None` when the LM head is tied to `shared`.
-    lm_head: Option<Linear>,
+    heads: T5Heads,
     device: Device,
 }
 impl_modules!(T5 {
     shared,
     encoder,
     decoder,
-    lm_head
+    heads
 });
 
 impl T5 {
@@ -231,40 +231,36 @@ impl T5 {
             .or_else(|| task_from_architectures(&config))
             .unwrap_or(TaskType::Seq2SeqLm);
         let family = if model_type == "mt5" { "MT5" } else { "T5" };
-        let architecture = match task {
-            TaskType::Seq2SeqLm => format!("{family}ForConditionalGeneration"),
-            TaskType::FeatureExtraction => format!("{family}EncoderModel"),
-            other => {
-                return Err(Error::Config(format!(
-                    "{model_type} has no {} head here; use SEQ_2_SEQ_LM or FEATURE_EXTRACTION",
-                    other.as_str()
-                )))
-            }
-        };
+        let (architecture, base_path) = class_of(family, task, &model_type)?;
         let root = super::loader(weights, "transformer", init, opts);
+        let base = if base_path.is_empty() {
+            root.clone()
+        } else {
+            root.pp(base_path)
+        };
         let d = cfg.d_model;
-        let shared = if root.pp("shared").contains("weight") {
-            root.pp("shared").embedding(cfg.vocab_size, d)?
+        let shared = if base.pp("shared").contains("weight") {
+            base.pp("shared").embedding(cfg.vocab_size, d)?
         } else {
             // Some checkpoints keep only the stacks' (tied) copies.
-            let e = root
+            let e = base
                 .pp("encoder.embed_tokens")
                 .embedding(cfg.vocab_size, d)?;
-            Embedding::new("shared", e.weight.base().clone())
+            Embedding::new(base.pp("shared").path(), e.weight.base().clone())
         };
-        let encoder = load_stack(&root.pp("encoder"), &cfg, cfg.num_layers, gated, false)?;
-        let (decoder, lm_head) = if task == TaskType::Seq2SeqLm {
+        let encoder = load_stack(&base.pp("encoder"), &cfg, cfg.num_layers, gated, false)?;
+        let decoder = if needs_decoder(task) {
             let n = cfg.num_decoder_layers.unwrap_or(cfg.num_layers);
-            let dec = load_stack(&root.pp("decoder"), &cfg, n, gated, true)?;
-            let head = if root.pp("lm_head").contains("weight") {
-                Some(root.pp("lm_head").linear(d, cfg.vocab_size, false)?)
-            } else {
-                None
-            };
-            (Some(dec), head)
+            Some(load_stack(&base.pp("decoder"), &cfg, n, gated, true)?)
         } else {
-            (None, None)
+            None
         };
+        let lm_head = if task == TaskType::Seq2SeqLm && root.pp("lm_head").contains("weight") {
+            Some(root.pp("lm_head").linear(d, cfg.vocab_size, false)?)
+        } else {
+            None
+        };
+        let heads = T5Heads::load(&root, task, &config, opts, d, lm_head)?;
         // transformers 5 writes `scale_decoder_outputs`; before it, T5 scaled exactly when tied,
         // and MT5 never does in transformers 5.
         let scale_output = cfg
@@ -277,7 +273,7 @@ impl T5 {
             head: if task == TaskType::Seq2SeqLm {
                 vec!["lm_head".into()]
             } else {
-                Vec::new()
+                heads.names()
             },
             config,
             dir: dir.to_path_buf(),
@@ -290,7 +286,7 @@ impl T5 {
             shared,
             encoder,
             decoder,
-            lm_head,
+            heads,
             device: opts.device.clone(),
         })
     }
@@ -628,9 +624,37 @@ impl Model for T5 {
             .as_deref()
             .map(|c| c.encoder_self_attn.clone())
             .unwrap_or_default();
-        if self.info.task == TaskType::FeatureExtraction {
-            return self.encode(inputs, &prefixes, train);
+        let task = self.info.task;
+        if matches!(task, TaskType::FeatureExtraction | TaskType::TokenCls) {
+            let h = self.encode(inputs, &prefixes, train)?;
+            return match task {
+                TaskType::TokenCls => self.heads.per_token(&h, train),
+                _ => Ok(h),
+            };
         }
+        // The classification and QA classes, like transformers', decode `input_ids` shifted
+        // right when no decoder input is given.
+        let shifted;
+        let inputs = match (
+            task,
+            &inputs.decoder_input_ids,
+            &inputs.decoder_inputs_embeds,
+        ) {
+            (TaskType::SeqCls | TaskType::QuestionAns, None, None) => {
+                let dims = self.dims();
+                let start = dims.decoder_start_token_id.unwrap_or(0);
+                shifted = Inputs {
+                    decoder_input_ids: Some(shift_right(
+                        inputs.ids()?,
+                        start,
+                        dims.pad_token_id.unwrap_or(0),
+                    )?),
+                    ..inputs.clone()
+                };
+                &shifted
+            }
+            _ => inputs,
+        };
         let stored = cache.as_deref().and_then(|c| c.encoder_output.clone());
         let (enc, enc_mask) = match stored {
             Some(e) => e,
@@ -644,6 +668,18 @@ impl Model for T5 {
             }
         };
         let mut h = self.decode(inputs, &enc, enc_mask.as_ref(), cache, train)?;
+        match task {
+            TaskType::SeqCls => {
+                let eos = self.dims().eos_token_ids.first().copied().ok_or_else(|| {
+                    Error::Config(
+                        "T5 sequence classification needs eos_token_id in config.json".into(),
+                    )
+                })?;
+                return self.heads.classify_sequence(&h, inputs.ids()?, eos, train);
+            }
+            TaskType::QuestionAns => return self.heads.per_token(&h, train),
+            _ => {}
+        }
         if inputs.logits_to_keep > 0 {
             let t = h.dim(1)?;
             let keep = inputs.logits_to_keep.min(t);
@@ -652,7 +688,7 @@ impl Model for T5 {
         if self.scale_output {
             h = (h * (self.cfg.d_model as f64).powf(-0.5))?;
         }
-        match &self.lm_head {
+        match &self.heads.lm_head {
             Some(head) => head.forward_t(&h, train),
             None => Ok(h.broadcast_matmul(&self.shared.weight.value().t()?)?),
         }

