@@ -691,7 +691,7 @@ pub fn load_with_adapter(
 }
 
 /// Rows of a classification head saved in an adapter (`modules_to_save`), if there is one.
-fn saved_head_classes(adapter_dir: &Path) -> Result<Option<usize>> {
+pub fn saved_head_classes(adapter_dir: &Path) -> Result<Option<usize>> {
     let path = adapter_dir.join(WEIGHTS_NAME);
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
     let (_, meta) =
