@@ -346,7 +346,13 @@ impl Trainer<'_> {
                 }
                 let stop = STOP.swap(false, Ordering::SeqCst);
                 if due(args.save_strategy, args.save_steps) || stop {
+                    let t = Instant::now();
                     let dir = checkpoint::save(&out_dir, self.model, &opt, &schedule, &state)?;
+                    say(format!(
+                        "saved {} in {:.3} s",
+                        dir.display(),
+                        t.elapsed().as_secs_f64()
+                    ));
                     checkpoint::rotate(
                         &out_dir,
                         args.save_total_limit,
