@@ -207,6 +207,22 @@ impl PeftModel {
         self.model.forward_with_cache(inputs, cache, train)
     }
 
+    /// Stores every frozen base weight in `dtype` (bf16 mixed precision): activations follow
+    /// the weights' dtype, while trainable tensors stay fp32 master weights, cast per use.
+    pub fn cast_frozen(&mut self, dtype: candle_core::DType) -> Result<()> {
+        let mut result = Ok(());
+        self.for_each_param(|p| {
+            if p.base_var().is_none() && p.base().dtype() != dtype && result.is_ok() {
+                result = p
+                    .base()
+                    .to_dtype(dtype)
+                    .map_err(Error::from)
+                    .and_then(|t| p.set_base(t));
+            }
+        });
+        result
+    }
+
     /// Trainable tensors under the keys they are saved with.
     pub fn trainable_parameters(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();

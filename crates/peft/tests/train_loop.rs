@@ -361,3 +361,62 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+fn mean_abs_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
+    let (mut sum, mut n) = (0f32, 0usize);
+    for (k, t) in a {
+        let d = (t - &b[k]).unwrap().abs().unwrap();
+        sum += d.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        n += t.elem_count();
+    }
+    sum / n as f32
+}
+
+#[test]
+fn bf16_computes_in_bf16_and_keeps_fp32_master_weights_and_moments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = without_dropout("seq_cls", tmp.path());
+    let data = examples(TaskType::SeqCls, 16, 3);
+    let mut a = args(&tmp.path().join("f32"));
+    a.per_device_train_batch_size = 8;
+    a.max_steps = 4;
+    let mut full = model(&dir, TaskType::SeqCls, 0.0);
+    run(&mut full, a.clone(), TaskType::SeqCls, &data, None);
+    a.output_dir = tmp.path().join("bf16");
+    a.bf16 = true;
+    a.save_strategy = Interval::Steps;
+    a.save_steps = 4;
+    let mut half = model(&dir, TaskType::SeqCls, 0.0);
+    let r = run(&mut half, a.clone(), TaskType::SeqCls, &data, None);
+    assert!(r.final_loss.is_finite());
+    let fresh = adapter(&model(&dir, TaskType::SeqCls, 0.0));
+    let (f, h) = (adapter(&full), adapter(&half));
+    assert!(
+        h.values().all(|t| t.dtype() == candle_core::DType::F32),
+        "fp32 master weights"
+    );
+    // bf16 rounding moves the result a little; training moves it a lot.
+    let (moved, off) = (mean_abs_diff(&f, &fresh), mean_abs_diff(&f, &h));
+    assert!(
+        off < 0.2 * moved,
+        "bf16 vs fp32 {off}, training moved {moved}"
+    );
+    let opt = peft::io::load_safetensors(
+        &a.output_dir.join("checkpoint-4/optimizer.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(
+        opt.values().all(|t| t.dtype() == candle_core::DType::F32),
+        "fp32 moments"
+    );
+    // The frozen base really is bf16: the model's logits come out in bf16.
+    let batch = peft::train::data::collate(
+        &[&data[0]],
+        &collate_opts(TaskType::SeqCls),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let logits = half.forward(&batch.inputs, false).unwrap();
+    assert_eq!(logits.dtype(), candle_core::DType::BF16);
+}

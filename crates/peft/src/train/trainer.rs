@@ -108,6 +108,9 @@ impl Trainer<'_> {
                     .into(),
             ));
         }
+        if args.bf16 {
+            self.model.cast_frozen(DType::BF16)?;
+        }
         let out_dir = args.output_dir.clone();
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
         let bs = args.per_device_train_batch_size;
