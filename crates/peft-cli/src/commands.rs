@@ -1,15 +1,12 @@
 //! The subcommands, each a short composition of library calls.
 
 use candle_core::{DType, Device, Tensor};
-use peft::io::tokenizer::Tokenizer;
 use peft::io::{read_json, save_safetensors, Weights};
 use peft::layers::ModuleRef;
 use peft::models::{self, LoadOptions};
 use peft::peft_model::get_peft_model_with_seed;
 use peft::peft_model::{load_with_adapter, thousands, CONFIG_NAME, WEIGHTS_NAME};
 use peft::train::config::TrainConfig;
-use peft::train::data::{encode_rows, read_rows, Columns, Labels};
-use peft::train::{evaluate_accuracy, train as run_training};
 use peft::{Error, Inputs, Result, TaskType};
 use std::path::{Path, PathBuf};
 
@@ -23,80 +20,21 @@ pub(crate) fn device() -> Result<Device> {
     Ok(Device::Cpu)
 }
 
-pub fn train(config_path: &Path) -> Result<()> {
-    let cfg = TrainConfig::from_toml_file(config_path)?;
-    let task = cfg.model.task_type.unwrap_or(TaskType::SeqCls);
-    let mut tok = Tokenizer::from_path(&cfg.model.path)?;
-    let cols = Columns {
-        text: cfg.data.text_column.clone(),
-        text_pair: cfg.data.text_pair_column.clone(),
-        label: cfg.data.label_column.clone(),
-    };
-    let train_rows = read_rows(&cfg.data.train_file, &cols)?;
-    let labels = Labels::infer(&train_rows);
-    let num_labels = cfg
-        .model
-        .num_labels
-        .unwrap_or_else(|| labels.num_classes(&train_rows).max(2));
-    let device = device()?;
-    let opts = LoadOptions {
-        task: Some(task),
-        num_labels: Some(num_labels),
-        device,
-        seed: cfg.training.seed,
-    };
-    let model = models::load(&cfg.model.path, &opts)?;
-    let mut peft_config = cfg.peft.clone();
-    if peft_config.task_type().is_none() {
-        // The [model] table already says the task; PEFT needs it to train and save the head.
-        peft_config.set_task_type(task);
+/// `peft train`: the config file with `--set` overrides (and `--resume`), Ctrl-C saving a
+/// checkpoint.
+pub fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Result<()> {
+    let mut cfg = TrainConfig::from_toml_file_with(config_path, overrides)?;
+    if resume.is_some() {
+        cfg.training.resume_from_checkpoint = resume;
     }
-    let mut peft_model = get_peft_model_with_seed(model, peft_config, cfg.training.seed)?;
-    peft_model.print_trainable_parameters();
-    let max_len = cfg.data.max_length;
-    let train_set = encode_rows(
-        &train_rows,
-        &labels,
-        num_labels,
-        &mut tok,
-        max_len,
-        &cfg.data.train_file,
-    )?;
-    let eval_set = match &cfg.data.eval_file {
-        Some(f) => {
-            let rows = read_rows(f, &cols)?;
-            Some(encode_rows(
-                &rows, &labels, num_labels, &mut tok, max_len, f,
-            )?)
-        }
-        None => None,
-    };
-    println!(
-        "training on {} examples ({} labels){}",
-        train_set.len(),
-        num_labels,
-        eval_set
-            .as_ref()
-            .map(|e| format!(", evaluating on {}", e.len()))
-            .unwrap_or_default()
-    );
-    let report = run_training(&mut peft_model, &train_set, &cfg.training, tok.pad_id())?;
-    println!(
-        "trained {} steps ({:.2} epochs) in {:.1} s, {:.1} examples/s, final loss {:.4}",
-        report.steps, report.epochs, report.seconds, report.examples_per_second, report.final_loss
-    );
-    if let Some(eval) = &eval_set {
-        let acc = evaluate_accuracy(
-            &peft_model,
-            eval,
-            cfg.training.per_device_eval_batch_size,
-            tok.pad_id(),
-        )?;
-        println!("test accuracy: {acc:.4} ({} examples)", eval.len());
-    }
-    peft_model.save_pretrained(&cfg.training.output_dir)?;
-    println!("adapter saved to {}", cfg.training.output_dir.display());
-    Ok(())
+    peft::train::install_interrupt_handler()?;
+    peft::train::run::train(&cfg, &device()?)
+}
+
+/// `peft eval`: metrics of a trained adapter on the config's evaluation data.
+pub fn eval(config_path: &Path, overrides: &[String], adapter: Option<&Path>) -> Result<()> {
+    let cfg = TrainConfig::from_toml_file_with(config_path, overrides)?;
+    peft::train::run::eval(&cfg, adapter, &device()?).map(|_| ())
 }
 
 pub struct ForwardArgs {

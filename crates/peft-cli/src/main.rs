@@ -30,6 +30,24 @@ enum Command {
     Train {
         #[arg(long)]
         config: PathBuf,
+        /// Override a config value: `--set training.learning_rate=1e-4` (repeatable).
+        #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue from a checkpoint directory, or without a value from the newest
+        /// `checkpoint-N` in output_dir.
+        #[arg(long, num_args = 0..=1, default_missing_value = "last")]
+        resume: Option<String>,
+    },
+    /// Evaluate an adapter on the config's evaluation data (eval_file, or the held-out split)
+    /// and print the metrics.
+    Eval {
+        #[arg(long)]
+        config: PathBuf,
+        /// Adapter directory; default: the config's output_dir.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Run a model (with an optional adapter) on token ids and write the logits to safetensors.
     Forward {
@@ -142,7 +160,16 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { config } => commands::train(&config),
+        Command::Train {
+            config,
+            set,
+            resume,
+        } => commands::train(&config, &set, resume),
+        Command::Eval {
+            config,
+            adapter,
+            set,
+        } => commands::eval(&config, &set, adapter.as_deref()),
         Command::Forward {
             model,
             adapter,

@@ -160,6 +160,7 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
         return Ok(x.zeros_like()?);
     }
     let seed: u64 = DROPOUT_RNG.with(|r| r.borrow_mut().random());
+    DROPOUT_DRAWS.with(|d| d.set(d.get() + 1));
     let y = (x.detach() * dropout_mask(x, p, seed)?)?;
     with_backward(x, y, move |x, _y, g| {
         g * dropout_mask(x, p, seed).map_err(candle_core::Error::wrap)?
@@ -171,16 +172,43 @@ thread_local! {
         std::cell::RefCell::new(rand::SeedableRng::from_os_rng());
 }
 
+thread_local! {
+    /// Draws since the last [`seed_dropout`]: with the seed, the generator's whole state.
+    static DROPOUT_DRAWS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// A random word from this thread's dropout generator, for other training-time randomness (the
-/// rank and module dropout of LoHa/LoKr), so that [`seed_dropout`] makes it repeatable too.
+/// rank and module dropout of LoHa/LoKr), so that [`seed_dropout`] makes it repeatable too and a
+/// resumed run ([`restore_dropout`]) draws what the uninterrupted run would have.
 pub fn random_u64() -> u64 {
     use rand::Rng;
+    DROPOUT_DRAWS.with(|d| d.set(d.get() + 1));
     DROPOUT_RNG.with(|r| r.borrow_mut().random())
 }
 
 /// Seeds this thread's dropout masks, so that a training run with a fixed seed repeats exactly.
 pub fn seed_dropout(seed: u64) {
     DROPOUT_RNG.with(|r| *r.borrow_mut() = rand::SeedableRng::seed_from_u64(seed));
+    DROPOUT_DRAWS.with(|d| d.set(0));
+}
+
+/// How many dropout masks this thread drew since it was seeded; a checkpoint stores it so that
+/// a resumed run draws the masks the uninterrupted run would have drawn.
+pub fn dropout_draws() -> u64 {
+    DROPOUT_DRAWS.with(|d| d.get())
+}
+
+/// Puts this thread's dropout generator where it was after `draws` masks from `seed`.
+pub fn restore_dropout(seed: u64, draws: u64) {
+    use rand::Rng;
+    seed_dropout(seed);
+    DROPOUT_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        for _ in 0..draws {
+            let _: u64 = r.random();
+        }
+    });
+    DROPOUT_DRAWS.with(|d| d.set(draws));
 }
 
 /// A `{0, 1/(1-p)}` mask shaped like `x`, drawn from `seed` with a fast non-cryptographic

@@ -207,6 +207,22 @@ impl PeftModel {
         self.model.forward_with_cache(inputs, cache, train)
     }
 
+    /// Stores every frozen base weight in `dtype` (bf16 mixed precision): activations follow
+    /// the weights' dtype, while trainable tensors stay fp32 master weights, cast per use.
+    pub fn cast_frozen(&mut self, dtype: candle_core::DType) -> Result<()> {
+        let mut result = Ok(());
+        self.for_each_param(|p| {
+            if p.base_var().is_none() && p.base().dtype() != dtype && result.is_ok() {
+                result = p
+                    .base()
+                    .to_dtype(dtype)
+                    .map_err(Error::from)
+                    .and_then(|t| p.set_base(t));
+            }
+        });
+        result
+    }
+
     /// Trainable tensors under the keys they are saved with.
     pub fn trainable_parameters(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
@@ -695,7 +711,7 @@ pub fn load_with_adapter(
 }
 
 /// Rows of a classification head saved in an adapter (`modules_to_save`), if there is one.
-fn saved_head_classes(adapter_dir: &Path) -> Result<Option<usize>> {
+pub fn saved_head_classes(adapter_dir: &Path) -> Result<Option<usize>> {
     let path = adapter_dir.join(WEIGHTS_NAME);
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
     let (_, meta) =

@@ -6,7 +6,6 @@ use common::*;
 use peft::models::{self, LoadOptions};
 use peft::peft_model::{CONFIG_NAME, WEIGHTS_NAME};
 use peft::train::config::TrainConfig;
-use peft::train::data::{read_rows, Columns, Labels};
 use peft::tuners::lora::LoraConfig;
 use peft::tuners::targets::ModuleSpec;
 use peft::{get_peft_model, Error, PeftConfig, PeftModel, TaskType};
@@ -163,36 +162,6 @@ fn bad_lora_config_values_are_refused() {
         );
         assert!(e.contains(needle), "{json}: {e}");
     }
-}
-
-#[test]
-fn data_errors_name_the_file_and_line() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cols = Columns {
-        text: "text".into(),
-        text_pair: None,
-        label: "label".into(),
-    };
-    let empty = tmp.path().join("empty.csv");
-    std::fs::write(&empty, "text,label\n").unwrap();
-    assert!(message(read_rows(&empty, &cols).err().unwrap()).contains("no examples"));
-
-    let missing = tmp.path().join("missing.csv");
-    std::fs::write(&missing, "sentence,label\nhi,1\n").unwrap();
-    let e = message(read_rows(&missing, &cols).err().unwrap());
-    assert!(e.contains("`text`") && e.contains("sentence"), "{e}");
-
-    let jsonl = tmp.path().join("bad.jsonl");
-    std::fs::write(&jsonl, "{\"text\":\"a\",\"label\":0}\n{\"text\": oops}\n").unwrap();
-    let e = message(read_rows(&jsonl, &cols).err().unwrap());
-    assert!(e.contains("line 2"), "{e}");
-
-    let range = tmp.path().join("range.csv");
-    std::fs::write(&range, "text,label\na,0\nb,7\n").unwrap();
-    let rows = read_rows(&range, &cols).unwrap();
-    let labels = Labels::infer(&rows);
-    let e = message(labels.id(&rows[1], 2, &range).err().unwrap());
-    assert!(e.contains("out of range") && e.contains("line 3"), "{e}");
 }
 
 #[test]

@@ -74,7 +74,8 @@ impl Linear {
             });
         }
         let x2 = x.reshape(((), k))?;
-        let w = self.weight.value();
+        // Mixed precision: fp32 trainable copies (modules_to_save) meet bf16 activations.
+        let w = cast_to(self.weight.value(), x.dtype())?;
         let mut y = if self.weight.is_trainable() {
             let wt = if self.transposed { w.clone() } else { w.t()? };
             x2.matmul(&wt)?
@@ -82,7 +83,7 @@ impl Linear {
             ops::frozen_linear(&x2, &w, self.transposed)?
         };
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.value())?;
+            y = y.broadcast_add(&cast_to(b.value(), y.dtype())?)?;
         }
         let base = self.base();
         for adapter in self.adapters.running() {
@@ -136,5 +137,14 @@ impl Linear {
             p.set_base(b)?;
         }
         Ok(())
+    }
+}
+
+/// `t` in `dtype` (a no-op when it already is); the cast passes gradients back in `t`'s dtype.
+pub(crate) fn cast_to(t: Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        Ok(t)
+    } else {
+        Ok(t.to_dtype(dtype)?)
     }
 }

@@ -1,10 +1,13 @@
 //! AdamW with torch's update rule (decoupled weight decay, bias-corrected moments) and global
-//! gradient-norm clipping as transformers' Trainer applies it.
+//! gradient-norm clipping as transformers' Trainer applies it. Moments are fp32 whatever the
+//! compute dtype, and can be saved and restored for resuming.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
 
-use crate::Result;
+use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWParams {
@@ -26,6 +29,7 @@ impl Default for AdamWParams {
 }
 
 struct Slot {
+    name: String,
     var: Var,
     decay: bool,
     m: Tensor,
@@ -49,8 +53,9 @@ impl AdamW {
                     || lower.contains("layernorm")
                     || lower.contains("norm."));
                 Ok(Slot {
-                    m: var.zeros_like()?,
-                    v: var.zeros_like()?,
+                    m: var.zeros_like()?.to_dtype(DType::F32)?,
+                    v: var.zeros_like()?.to_dtype(DType::F32)?,
+                    name,
                     var,
                     decay,
                 })
@@ -67,39 +72,49 @@ impl AdamW {
         self.slots.iter().map(|s| &s.var)
     }
 
+    /// Updates taken so far.
+    pub fn steps_taken(&self) -> usize {
+        self.step
+    }
+
+    /// Each variable's gradient from `grads`, in the optimizer's order.
+    pub fn gradients(&self, grads: &GradStore) -> Vec<Option<Tensor>> {
+        self.slots
+            .iter()
+            .map(|s| grads.get(s.var.as_tensor()).cloned())
+            .collect()
+    }
+
     /// L2 norm of all gradients together.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut sq = 0f64;
-        for s in &self.slots {
-            if let Some(g) = grads.get(s.var.as_tensor()) {
-                sq += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
-            }
-        }
-        Ok(sq.sqrt())
+        norm_of(&self.gradients(grads))
     }
 
     /// One update with learning rate `lr`. Gradients are multiplied by `grad_scale` first (used for
     /// clipping). Variables without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        let g = self.gradients(grads);
+        self.step_with(&g, lr, grad_scale)
+    }
+
+    /// [`AdamW::step`] with gradients given in the optimizer's order (see [`AdamW::gradients`]).
+    pub fn step_with(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let p = self.params;
         let t = self.step as i32;
         let bc1 = 1.0 - p.beta1.powi(t);
         let bc2 = 1.0 - p.beta2.powi(t);
-        for s in &mut self.slots {
-            let Some(g) = grads.get(s.var.as_tensor()) else {
+        for (s, g) in self.slots.iter_mut().zip(grads) {
+            let Some(g) = g else {
                 continue;
             };
+            let g = g.to_dtype(DType::F32)?;
             let g = if grad_scale != 1.0 {
                 (g * grad_scale)?
             } else {
-                g.clone()
+                g
             };
-            let mut theta = s.var.as_tensor().detach();
+            let mut theta = s.var.as_tensor().detach().to_dtype(DType::F32)?;
             if s.decay && p.weight_decay != 0.0 {
                 theta = (theta * (1.0 - lr * p.weight_decay))?;
             }
@@ -107,10 +122,75 @@ impl AdamW {
             s.v = ((&s.v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let denom = ((s.v.sqrt()? / bc2.sqrt())? + p.eps)?;
             let update = (s.m.div(&denom)? * (lr / bc1))?;
-            s.var.set(&(theta - update)?)?;
+            s.var.set(&(theta - update)?.to_dtype(s.var.dtype())?)?;
         }
         Ok(())
     }
+
+    /// The moments under torch's names (`<param>.exp_avg`, `<param>.exp_avg_sq`) and the step
+    /// count (`step`, as an f32 scalar like torch's state).
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(self.slots.len() * 2 + 1);
+        for s in &self.slots {
+            out.push((format!("{}.exp_avg", s.name), s.m.clone()));
+            out.push((format!("{}.exp_avg_sq", s.name), s.v.clone()));
+        }
+        out.push((
+            "step".into(),
+            Tensor::new(&[self.step as f32], &Device::Cpu)?,
+        ));
+        Ok(out)
+    }
+
+    /// Restores what [`AdamW::state_tensors`] wrote; every parameter's moments must be there
+    /// with its shape.
+    pub fn load_state(&mut self, path: &Path) -> Result<()> {
+        let device = self
+            .slots
+            .first()
+            .map(|s| s.var.device().clone())
+            .unwrap_or(Device::Cpu);
+        let mut t: HashMap<String, Tensor> = crate::io::load_safetensors(path, &device)?;
+        let step = t
+            .remove("step")
+            .ok_or_else(|| Error::Training(format!("{}: no `step` entry", path.display())))?;
+        self.step = step.to_dtype(DType::F32)?.to_vec1::<f32>()?[0] as usize;
+        for s in &mut self.slots {
+            for (suffix, slot) in [("exp_avg", &mut s.m), ("exp_avg_sq", &mut s.v)] {
+                let key = format!("{}.{suffix}", s.name);
+                let v = t.remove(&key).ok_or_else(|| {
+                    Error::Training(format!(
+                        "{}: no `{key}`; the checkpoint was written for a different adapter \
+                         config",
+                        path.display()
+                    ))
+                })?;
+                if v.dims() != s.var.dims() {
+                    return Err(Error::ShapeMismatch {
+                        name: key,
+                        expected: s.var.dims().to_vec(),
+                        found: v.dims().to_vec(),
+                    });
+                }
+                *slot = v.to_dtype(DType::F32)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// L2 norm of a list of gradients together.
+pub fn norm_of(grads: &[Option<Tensor>]) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter().flatten() {
+        sq += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(sq.sqrt())
 }
 
 /// The factor that brings the gradient norm down to `max_norm` (torch's `clip_grad_norm_`), or 1.

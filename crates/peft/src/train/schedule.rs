@@ -1,4 +1,5 @@
-//! Learning-rate schedules with transformers' formulas (`get_scheduler`).
+//! Learning-rate schedules with transformers' formulas (`get_scheduler`): the multiplier of the
+//! base learning rate at each optimizer step, warmup included.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,10 +11,48 @@ pub enum SchedulerType {
     Cosine,
     Constant,
     ConstantWithWarmup,
+    Polynomial,
 }
 
-/// The multiplier of the base learning rate at optimizer step `step` (0-based: the first update
-/// uses `step = 0`).
+/// A schedule as the Trainer builds it; saved in checkpoints (`scheduler.json`) so that a
+/// resumed run continues on the same curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub kind: SchedulerType,
+    pub base_lr: f64,
+    pub warmup: usize,
+    pub total: usize,
+    /// Polynomial only: the learning rate reached at `total`, and the decay's power.
+    pub lr_end: f64,
+    pub power: f64,
+}
+
+impl Schedule {
+    /// The learning rate of optimizer step `step` (0-based: the first update uses 0).
+    pub fn lr(&self, step: usize) -> f64 {
+        if self.kind == SchedulerType::Polynomial {
+            return self.base_lr * self.polynomial(step);
+        }
+        self.base_lr * lr_lambda(self.kind, step, self.warmup, self.total)
+    }
+
+    /// transformers' `get_polynomial_decay_schedule_with_warmup`.
+    fn polynomial(&self, step: usize) -> f64 {
+        let (s, w, t) = (step as f64, self.warmup as f64, self.total as f64);
+        if step < self.warmup {
+            return s / w.max(1.0);
+        }
+        if step > self.total {
+            return self.lr_end / self.base_lr;
+        }
+        let range = self.base_lr - self.lr_end;
+        let remaining = 1.0 - (s - w) / (t - w);
+        (range * remaining.powf(self.power) + self.lr_end) / self.base_lr
+    }
+}
+
+/// The multiplier of the base learning rate at optimizer step `step` (0-based) for the
+/// schedules that depend on nothing but the step counts (all but polynomial; see [`Schedule`]).
 pub fn lr_lambda(kind: SchedulerType, step: usize, warmup: usize, total: usize) -> f64 {
     let s = step as f64;
     let w = warmup as f64;
@@ -22,7 +61,9 @@ pub fn lr_lambda(kind: SchedulerType, step: usize, warmup: usize, total: usize) 
     }
     match kind {
         SchedulerType::Constant | SchedulerType::ConstantWithWarmup => 1.0,
-        SchedulerType::Linear => ((total as f64 - s) / (total as f64 - w).max(1.0)).max(0.0),
+        SchedulerType::Linear | SchedulerType::Polynomial => {
+            ((total as f64 - s) / (total as f64 - w).max(1.0)).max(0.0)
+        }
         SchedulerType::Cosine => {
             let progress = (s - w) / (total as f64 - w).max(1.0);
             (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)

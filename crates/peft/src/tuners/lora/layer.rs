@@ -67,7 +67,13 @@ impl LoraLinear {
 impl LinearAdapter for LoraLinear {
     fn forward(&self, x: &Tensor, out: Tensor, _base: &LinearBase, train: bool) -> Result<Tensor> {
         let x = ops::dropout(x, self.dropout, train)?;
+        // fp32 master weights, computed in the activations' dtype (bf16 training).
         let (a, b) = (live(&self.a), live(&self.b));
+        let (a, b) = if a.dtype() != x.dtype() {
+            (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?)
+        } else {
+            (a, b)
+        };
         let h = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
         Ok((out + (h * self.scaling)?)?)
     }
@@ -129,7 +135,7 @@ impl LoraEmbedding {
 impl EmbeddingAdapter for LoraEmbedding {
     fn forward(&self, ids: &Tensor, out: Tensor, _train: bool) -> Result<Tensor> {
         let rows = live(&self.a).t()?.contiguous()?.index_select(ids, 0)?;
-        let h = rows.matmul(&live(&self.b).t()?)?;
+        let h = rows.matmul(&live(&self.b).t()?)?.to_dtype(out.dtype())?;
         Ok((out + (h * self.scaling)?)?)
     }
 

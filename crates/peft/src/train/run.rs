@@ -1,0 +1,272 @@
+//! A whole job from a [`TrainConfig`]: read and tokenise the data, load the model with the head
+//! the task needs, wrap it with the adapter, train (or only evaluate), save. `peft train` and
+//! `peft eval` are these two functions.
+
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+
+use super::config::TrainConfig;
+use super::data::{
+    build_examples, read_records, split_validation, CollateOptions, Example, LabelSet, TaskData,
+};
+use super::eval::{evaluate, EvalOptions};
+use super::metrics::Metrics;
+use super::trainer::{Outcome, Trainer};
+use crate::io::tokenizer::Tokenizer;
+use crate::models::{self, LoadOptions, TaskType};
+use crate::peft_model::{get_peft_model_with_seed, PeftModel, CONFIG_NAME};
+use crate::{Error, Result};
+
+/// Tokenised data and everything derived from it.
+pub struct Prepared {
+    pub task: TaskType,
+    pub train: Vec<Example>,
+    pub eval: Vec<Example>,
+    pub labels: Option<LabelSet>,
+    pub collate: CollateOptions,
+    /// Where the evaluation examples came from, for messages.
+    pub eval_source: String,
+}
+
+/// The task: `[model] task_type`, else the `[peft]` table's, else SEQ_CLS.
+pub fn task_of(cfg: &TrainConfig) -> TaskType {
+    cfg.model
+        .task_type
+        .or(cfg.peft.task_type())
+        .unwrap_or(TaskType::SeqCls)
+}
+
+fn load_base(
+    cfg: &TrainConfig,
+    labels: Option<&LabelSet>,
+    device: &Device,
+) -> Result<Box<dyn crate::Model>> {
+    let task = task_of(cfg);
+    let num_labels = match task {
+        TaskType::SeqCls | TaskType::TokenCls => {
+            cfg.model.num_labels.or(labels.map(|l| l.num_labels))
+        }
+        _ => None,
+    };
+    models::load(
+        &cfg.model.path,
+        &LoadOptions {
+            task: Some(task),
+            num_labels,
+            device: device.clone(),
+            seed: cfg.training.seed,
+        },
+    )
+}
+
+/// Reads, splits and tokenises the data for `model`'s task.
+pub fn prepare(cfg: &TrainConfig, model: &dyn crate::Model, tok: &Tokenizer) -> Result<Prepared> {
+    let task = task_of(cfg);
+    let d = &cfg.data;
+    let records = read_records(&d.train_file)?;
+    let (train_rec, eval_rec, eval_file, eval_source) = match &d.eval_file {
+        Some(f) => {
+            let e = read_records(f)?;
+            (records, e, f.clone(), f.display().to_string())
+        }
+        None => {
+            let (t, e) = split_validation(records, d.validation_split, cfg.training.seed);
+            let src = format!(
+                "{} held out of {} (validation_split = {})",
+                e.len(),
+                d.train_file.display(),
+                d.validation_split
+            );
+            (t, e, d.train_file.clone(), src)
+        }
+    };
+    let labels = match task {
+        TaskType::SeqCls | TaskType::TokenCls => {
+            let raw = TaskData::raw_labels(task, d, &train_rec, &d.train_file)?;
+            let min = if task == TaskType::SeqCls { 2 } else { 1 };
+            let mut set = LabelSet::infer(d.label_names.as_deref(), &raw, min);
+            if let Some(n) = cfg.model.num_labels {
+                if set.names.as_ref().is_some_and(|names| names.len() > n) {
+                    return Err(Error::Config(format!(
+                        "[model] num_labels = {n} but the data has {} labels",
+                        set.num_labels
+                    )));
+                }
+                set.num_labels = n;
+            }
+            Some(set)
+        }
+        _ => None,
+    };
+    let dims = model.dims();
+    let spec = TaskData {
+        task,
+        data: d,
+        labels: labels.as_ref(),
+        eos_id: dims.eos_token_ids.first().copied(),
+    };
+    let train = build_examples(&spec, &train_rec, &d.train_file, tok)?;
+    if train.is_empty() {
+        return Err(Error::Data(format!(
+            "{}: no training examples after tokenisation",
+            d.train_file.display()
+        )));
+    }
+    let eval = build_examples(&spec, &eval_rec, &eval_file, tok)?;
+    let pad_id = dims.pad_token_id.unwrap_or(tok.pad_id());
+    Ok(Prepared {
+        task,
+        train,
+        eval,
+        labels,
+        collate: CollateOptions {
+            task,
+            pad_id,
+            padding_side: d.padding_side,
+            decoder_start_id: dims.decoder_start_token_id.unwrap_or(pad_id),
+        },
+        eval_source,
+    })
+}
+
+fn label_names(p: &Prepared) -> Vec<String> {
+    p.labels
+        .as_ref()
+        .map(|l| (0..l.num_labels).map(|i| l.name(i)).collect())
+        .unwrap_or_default()
+}
+
+/// Labels from the training file, read before the model so the head gets the right size.
+fn labels_for_head(cfg: &TrainConfig) -> Result<Option<LabelSet>> {
+    let task = task_of(cfg);
+    if !matches!(task, TaskType::SeqCls | TaskType::TokenCls) || cfg.model.num_labels.is_some() {
+        return Ok(None);
+    }
+    let records = read_records(&cfg.data.train_file)?;
+    let raw = TaskData::raw_labels(task, &cfg.data, &records, &cfg.data.train_file)?;
+    let min = if task == TaskType::SeqCls { 2 } else { 1 };
+    Ok(Some(LabelSet::infer(
+        cfg.data.label_names.as_deref(),
+        &raw,
+        min,
+    )))
+}
+
+/// `peft train`: trains, evaluates, and saves the adapter, model card and curves in
+/// `output_dir`.
+pub fn train(cfg: &TrainConfig, device: &Device) -> Result<()> {
+    let task = task_of(cfg);
+    let tok = Tokenizer::for_model(&cfg.model.path)?;
+    let head_labels = labels_for_head(cfg)?;
+    let model = load_base(cfg, head_labels.as_ref(), device)?;
+    let mut prepared = prepare(cfg, model.as_ref(), &tok)?;
+    if let (Some(h), Some(l)) = (&head_labels, &mut prepared.labels) {
+        l.num_labels = l.num_labels.max(h.num_labels);
+    }
+    let mut peft_config = cfg.peft.clone();
+    if peft_config.task_type().is_none() {
+        // The [model] table already says the task; PEFT needs it to train and save the head.
+        peft_config.set_task_type(task);
+    }
+    let mut peft_model = get_peft_model_with_seed(model, peft_config, cfg.training.seed)?;
+    peft_model.print_trainable_parameters();
+    println!(
+        "training on {} examples ({}){}",
+        prepared.train.len(),
+        match &prepared.labels {
+            Some(l) => format!("{} labels", l.num_labels),
+            None => task.as_str().to_string(),
+        },
+        if prepared.eval.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", evaluating on {} ({})",
+                prepared.eval.len(),
+                prepared.eval_source
+            )
+        }
+    );
+    let names = label_names(&prepared);
+    let mut trainer = Trainer {
+        model: &mut peft_model,
+        args: cfg.training.clone(),
+        collate: prepared.collate,
+        train: &prepared.train,
+        eval: (!prepared.eval.is_empty()).then_some(prepared.eval.as_slice()),
+        label_names: names,
+        quiet: false,
+    };
+    let report = trainer.train()?;
+    println!(
+        "trained {} steps ({:.2} epochs) in {:.1} s, {:.1} examples/s, final loss {:.4}",
+        report.steps, report.epochs, report.seconds, report.examples_per_second, report.final_loss
+    );
+    if let Outcome::Interrupted(dir) = &report.outcome {
+        println!("checkpoint saved to {}", dir.display());
+        return Ok(());
+    }
+    let metrics = trainer.evaluate()?;
+    if let Some(m) = &metrics {
+        print_metrics(m, prepared.eval.len());
+    }
+    trainer.save_final(&report, metrics.as_ref())?;
+    if let Some(m) = &metrics {
+        let path = cfg.training.output_dir.join("eval_results.json");
+        super::checkpoint::write_json(&path, m)?;
+    }
+    println!(
+        "adapter saved to {} (metrics.jsonl, curves.png, curves.svg, README.md)",
+        cfg.training.output_dir.display()
+    );
+    Ok(())
+}
+
+pub fn print_metrics(m: &Metrics, n: usize) {
+    println!("eval metrics ({n} examples):");
+    for (k, v) in m {
+        println!("  {k}: {v:.4}");
+    }
+    if let Some(acc) = m.get("accuracy") {
+        println!("test accuracy: {acc:.4} ({n} examples)");
+    }
+}
+
+/// `peft eval`: the metrics of an adapter (default: the one in `output_dir`) on the eval data.
+pub fn eval(cfg: &TrainConfig, adapter: Option<&Path>, device: &Device) -> Result<Metrics> {
+    let dir: PathBuf = adapter
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| cfg.training.output_dir.clone());
+    if !dir.join(CONFIG_NAME).exists() {
+        return Err(Error::Adapter(format!(
+            "{}: no {CONFIG_NAME}; pass --adapter DIR or train first",
+            dir.display()
+        )));
+    }
+    let tok = Tokenizer::for_model(&cfg.model.path)?;
+    let mut cfg = cfg.clone();
+    if cfg.model.num_labels.is_none() {
+        cfg.model.num_labels = crate::peft_model::saved_head_classes(&dir)?;
+    }
+    let head_labels = labels_for_head(&cfg)?;
+    let model = load_base(&cfg, head_labels.as_ref(), device)?;
+    let prepared = prepare(&cfg, model.as_ref(), &tok)?;
+    if prepared.eval.is_empty() {
+        return Err(Error::Data(
+            "no evaluation examples: set [data] eval_file or validation_split > 0".into(),
+        ));
+    }
+    let peft_model = PeftModel::from_pretrained(model, &dir)?;
+    let m = evaluate(
+        &peft_model,
+        &prepared.eval,
+        &EvalOptions {
+            collate: prepared.collate,
+            batch_size: cfg.training.per_device_eval_batch_size,
+            label_names: label_names(&prepared),
+            max_answer_length: 30,
+        },
+    )?;
+    print_metrics(&m, prepared.eval.len());
+    Ok(m)
+}

@@ -1,0 +1,494 @@
+//! The training loop: transformers' `Trainer` for an adapter. Per optimizer step it sums the
+//! gradients of `gradient_accumulation_steps` micro-batches (each loss weighted by its share of
+//! the step's targets, so k micro-batches equal one batch k times larger), clips, steps AdamW on
+//! the schedule, logs, evaluates and checkpoints on the configured intervals, and stops cleanly
+//! on Ctrl-C or a non-finite loss.
+
+use candle_core::{DType, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use super::checkpoint::{self, TrainerState};
+use super::config::{Interval, TrainingArguments};
+use super::data::{collate, CollateOptions, Example};
+use super::eval::{evaluate, task_loss, EvalOptions};
+use super::metrics::Metrics;
+use super::optim::{clip_scale, norm_of, AdamW, AdamWParams};
+use super::schedule::{warmup_steps, Schedule};
+use crate::peft_model::PeftModel;
+use crate::{ops, Error, Result};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Installs a SIGINT (Ctrl-C) handler that asks a running [`Trainer`] to save a checkpoint and
+/// stop after the current step. A second Ctrl-C exits at once.
+pub fn install_interrupt_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    })
+    .map_err(|e| Error::Training(format!("cannot install the Ctrl-C handler: {e}")))
+}
+
+/// Asks the running trainer to stop as Ctrl-C does (or clears the request).
+pub fn request_stop(stop: bool) {
+    STOP.store(stop, Ordering::SeqCst);
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Finished,
+    /// Stopped on request; the checkpoint to resume from.
+    Interrupted(PathBuf),
+}
+
+/// What a training run did.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub epochs: f64,
+    pub final_loss: f64,
+    pub seconds: f64,
+    pub examples_per_second: f64,
+    pub outcome: Outcome,
+    /// Metrics of the last evaluation, if any.
+    pub eval: Option<Metrics>,
+    pub best_checkpoint: Option<PathBuf>,
+}
+
+/// A training run over tokenised examples.
+pub struct Trainer<'a> {
+    pub model: &'a mut PeftModel,
+    pub args: TrainingArguments,
+    pub collate: CollateOptions,
+    pub train: &'a [Example],
+    pub eval: Option<&'a [Example]>,
+    /// TOKEN_CLS tag names for entity F1.
+    pub label_names: Vec<String>,
+    /// No progress bar and no log lines (tests); metrics.jsonl is still written.
+    pub quiet: bool,
+}
+
+impl Trainer<'_> {
+    fn eval_options(&self) -> EvalOptions {
+        EvalOptions {
+            collate: self.collate,
+            batch_size: self.args.per_device_eval_batch_size,
+            label_names: self.label_names.clone(),
+            max_answer_length: 30,
+        }
+    }
+
+    pub fn evaluate(&self) -> Result<Option<Metrics>> {
+        match self.eval {
+            Some(e) if !e.is_empty() => Ok(Some(evaluate(self.model, e, &self.eval_options())?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Trains the active adapter; resumes from `args.resume_from_checkpoint` when set.
+    pub fn train(&mut self) -> Result<TrainReport> {
+        let args = self.args.clone();
+        args.validate()?;
+        if self.train.is_empty() {
+            return Err(Error::Data("the training set is empty".into()));
+        }
+        let vars = self.model.trainable_parameters();
+        if vars.is_empty() {
+            return Err(Error::Training(
+                "the model has no trainable parameters (was the adapter loaded for inference?)"
+                    .into(),
+            ));
+        }
+        if args.bf16 {
+            self.model.cast_frozen(DType::BF16)?;
+        }
+        let out_dir = args.output_dir.clone();
+        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+        let bs = args.per_device_train_batch_size;
+        let k = args.gradient_accumulation_steps;
+        let micro_per_epoch = self.train.len().div_ceil(bs);
+        let steps_per_epoch = micro_per_epoch.div_ceil(k).max(1);
+        let total = if args.max_steps > 0 {
+            args.max_steps as usize
+        } else {
+            (args.num_train_epochs * steps_per_epoch as f64).ceil() as usize
+        };
+        let mut schedule = Schedule {
+            kind: args.lr_scheduler_type,
+            base_lr: args.learning_rate,
+            warmup: warmup_steps(args.warmup_steps, args.warmup_ratio, total),
+            total,
+            lr_end: args.lr_end,
+            power: args.power,
+        };
+        let mut opt = AdamW::new(
+            vars,
+            AdamWParams {
+                beta1: args.adam_beta1,
+                beta2: args.adam_beta2,
+                eps: args.adam_epsilon,
+                weight_decay: args.weight_decay,
+            },
+        )?;
+        let mut state = TrainerState {
+            max_steps: total,
+            num_train_epochs: args.num_train_epochs,
+            seed: args.seed,
+            ..Default::default()
+        };
+        ops::seed_dropout(args.seed);
+        if let Some(spec) = &args.resume_from_checkpoint {
+            let dir = checkpoint::resolve_resume(spec, &out_dir)?;
+            let (s, sch) = checkpoint::read_state(&dir)?;
+            checkpoint::load_trainable(self.model, &dir)?;
+            opt.load_state(&dir.join(checkpoint::OPTIMIZER_NAME))?;
+            ops::restore_dropout(s.seed, s.dropout_draws);
+            schedule = sch;
+            state = s;
+            println!(
+                "resuming from {} (step {}, epoch {:.2})",
+                dir.display(),
+                state.global_step,
+                state.epoch
+            );
+        }
+        let metrics_path = out_dir.join("metrics.jsonl");
+        if state.global_step == 0 {
+            let _ = std::fs::remove_file(&metrics_path);
+        }
+        let device = self.model.base_model().device().clone();
+        // The data order: one generator for the run, one permutation per epoch, so that a
+        // resumed run replays the earlier epochs' draws to reach the same order.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+        let lengths: Vec<usize> = self.train.iter().map(|e| e.input_ids.len()).collect();
+        let next_order = |rng: &mut rand::rngs::StdRng| {
+            if args.group_by_length {
+                length_grouped_order(&lengths, bs, rng)
+            } else {
+                let mut order: Vec<usize> = (0..lengths.len()).collect();
+                order.shuffle(rng);
+                order
+            }
+        };
+        for _ in 0..state.epochs_started.saturating_sub(1) {
+            next_order(&mut rng);
+        }
+        let bar = if self.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(total as u64)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_position(state.global_step as u64);
+        let say = |line: String| {
+            // A hidden bar (output not a terminal) swallows println; logs must still appear.
+            if bar.is_hidden() {
+                if !self.quiet {
+                    println!("{line}");
+                }
+            } else {
+                bar.println(line);
+            }
+        };
+        let start = Instant::now();
+        let (mut seen, mut window_loss, mut window_n, mut last_loss) =
+            (0usize, 0f64, 0usize, f64::NAN);
+        let mut last_eval = None;
+        let mut outcome = Outcome::Finished;
+        let mut order = if state.epochs_started > 0 {
+            next_order(&mut rng)
+        } else {
+            Vec::new()
+        };
+        'outer: while state.global_step < total {
+            if state.epochs_started == 0 || state.micro_batch_in_epoch >= micro_per_epoch {
+                order = next_order(&mut rng);
+                state.epochs_started += 1;
+                state.micro_batch_in_epoch = 0;
+            }
+            let micro: Vec<&[usize]> = order.chunks(bs).collect();
+            while state.micro_batch_in_epoch < micro.len() {
+                if state.global_step >= total {
+                    break 'outer;
+                }
+                let group_end = (state.micro_batch_in_epoch + k).min(micro.len());
+                let batches = micro[state.micro_batch_in_epoch..group_end]
+                    .iter()
+                    .map(|chunk| {
+                        let ex: Vec<&Example> = chunk.iter().map(|&i| &self.train[i]).collect();
+                        seen += ex.len();
+                        collate(&ex, &self.collate, &device)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let n_total: usize = batches.iter().map(|b| b.num_targets).sum();
+                let mut grads: Option<Vec<Option<Tensor>>> = None;
+                let mut step_loss = 0f64;
+                for b in &batches {
+                    if b.num_targets == 0 {
+                        continue;
+                    }
+                    let logits = self.model.forward(&b.inputs, true)?;
+                    let loss = task_loss(self.collate.task, &logits, &b.targets)?;
+                    let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    if !loss_v.is_finite() {
+                        bar.abandon();
+                        let last = checkpoint::list_checkpoints(&out_dir).pop();
+                        return Err(Error::Training(format!(
+                            "the loss became {loss_v} at step {}; lower learning_rate (or check \
+                             the data). {}",
+                            state.global_step + 1,
+                            match last {
+                                Some((_, p)) => format!(
+                                    "The last good checkpoint is {}; resume from it with \
+                                     --resume {}",
+                                    p.display(),
+                                    p.display()
+                                ),
+                                None => "No checkpoint was saved before it.".into(),
+                            }
+                        )));
+                    }
+                    let share = b.num_targets as f64 / n_total as f64;
+                    step_loss += loss_v * share;
+                    let loss = if share != 1.0 { (loss * share)? } else { loss };
+                    let g = opt.gradients(&loss.backward()?);
+                    grads = Some(match grads {
+                        None => g,
+                        Some(acc) => acc
+                            .into_iter()
+                            .zip(g)
+                            .map(|(a, b)| match (a, b) {
+                                (Some(a), Some(b)) => Ok(Some((a + b)?)),
+                                (a, b) => Ok(a.or(b)),
+                            })
+                            .collect::<Result<_>>()?,
+                    });
+                }
+                state.micro_batch_in_epoch = group_end;
+                let Some(grads) = grads else {
+                    continue;
+                };
+                let norm = norm_of(&grads)?;
+                let scale = clip_scale(norm, args.max_grad_norm);
+                let lr = schedule.lr(state.global_step);
+                opt.step_with(&grads, lr, scale)?;
+                state.global_step += 1;
+                state.epoch = (state.epochs_started - 1) as f64
+                    + state.micro_batch_in_epoch as f64 / micro_per_epoch as f64;
+                state.dropout_draws = ops::dropout_draws();
+                window_loss += step_loss;
+                window_n += 1;
+                last_loss = step_loss;
+                bar.set_position(state.global_step as u64);
+                let rate = seen as f64 / start.elapsed().as_secs_f64();
+                bar.set_message(format!(
+                    "epoch {:.2} loss {step_loss:.4} lr {lr:.2e} {rate:.1} ex/s",
+                    state.epoch
+                ));
+                let step = state.global_step;
+                if args.logging_steps > 0 && step.is_multiple_of(args.logging_steps) {
+                    let entry = serde_json::json!({
+                        "step": step, "epoch": round4(state.epoch),
+                        "loss": window_loss / window_n as f64, "learning_rate": lr,
+                        "grad_norm": norm, "examples_per_second": rate,
+                    });
+                    say(format!(
+                        "step {step}/{total}  epoch {:.2}  loss {:.4}  lr {lr:.3e}  {rate:.1} ex/s",
+                        state.epoch,
+                        window_loss / window_n as f64
+                    ));
+                    log(&metrics_path, &mut state, entry)?;
+                    window_loss = 0.0;
+                    window_n = 0;
+                }
+                let epoch_end = state.micro_batch_in_epoch >= micro_per_epoch;
+                let due = |s: Interval, every: usize| match s {
+                    Interval::No => false,
+                    Interval::Steps => step.is_multiple_of(every),
+                    Interval::Epoch => epoch_end,
+                };
+                if due(args.eval_strategy, args.eval_steps()) {
+                    if let Some(m) = self.evaluate()? {
+                        say(format!("eval at step {step}: {}", show(&m)));
+                        let mut entry =
+                            serde_json::json!({"step": step, "epoch": round4(state.epoch)});
+                        for (k, v) in &m {
+                            entry[format!("eval_{k}")] = serde_json::json!(v);
+                        }
+                        log(&metrics_path, &mut state, entry)?;
+                        if let Some(&v) = m.get(&args.best_metric()) {
+                            let better = state.best_metric.is_none_or(|b| {
+                                if args.greater_is_better() {
+                                    v > b
+                                } else {
+                                    v < b
+                                }
+                            });
+                            if better {
+                                state.best_metric = Some(v);
+                                state.best_model_checkpoint =
+                                    Some(out_dir.join(format!("checkpoint-{step}")));
+                            }
+                        }
+                        last_eval = Some(m);
+                    }
+                }
+                let stop = STOP.swap(false, Ordering::SeqCst);
+                if due(args.save_strategy, args.save_steps) || stop {
+                    let t = Instant::now();
+                    let dir = checkpoint::save(&out_dir, self.model, &opt, &schedule, &state)?;
+                    say(format!(
+                        "saved {} in {:.3} s",
+                        dir.display(),
+                        t.elapsed().as_secs_f64()
+                    ));
+                    checkpoint::rotate(
+                        &out_dir,
+                        args.save_total_limit,
+                        state.best_model_checkpoint.as_deref(),
+                    )?;
+                    if stop {
+                        say(format!(
+                            "stopped at step {step}; resume with --resume {}",
+                            dir.display()
+                        ));
+                        outcome = Outcome::Interrupted(dir);
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        bar.finish_and_clear();
+        if outcome == Outcome::Finished && args.load_best_model_at_end {
+            if let Some(best) = &state.best_model_checkpoint {
+                if best.exists() {
+                    checkpoint::load_trainable(self.model, best)?;
+                    say(format!("loaded the best checkpoint {}", best.display()));
+                }
+            }
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        Ok(TrainReport {
+            steps: state.global_step,
+            epochs: state.global_step as f64 / steps_per_epoch as f64,
+            final_loss: last_loss,
+            seconds,
+            examples_per_second: seen as f64 / seconds.max(1e-9),
+            outcome,
+            eval: last_eval,
+            best_checkpoint: state.best_model_checkpoint.clone(),
+        })
+    }
+
+    /// After training: the adapter in `output_dir`, a model card, and the curves.
+    pub fn save_final(&self, report: &TrainReport, eval: Option<&Metrics>) -> Result<()> {
+        let dir = &self.args.output_dir;
+        self.model.save_pretrained(dir)?;
+        super::card::write_model_card(
+            dir,
+            self.model,
+            &self.args,
+            self.train.len(),
+            report.steps,
+            eval,
+        )?;
+        let history = read_history(&dir.join("metrics.jsonl"));
+        let panels = super::plot::curves_from_history(&history, &self.args.best_metric());
+        super::plot::write_curves(&dir.join("curves"), &panels)
+    }
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
+}
+
+fn show(m: &Metrics) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect::<Vec<_>>()
+        .join("  ")
+}
+
+/// Appends `entry` to `metrics.jsonl` and the state's log history.
+fn log(path: &Path, state: &mut TrainerState, entry: serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    writeln!(f, "{entry}").map_err(|e| Error::io(path, e))?;
+    state.log_history.push(entry);
+    Ok(())
+}
+
+/// The entries of a `metrics.jsonl`, skipping unreadable lines.
+pub fn read_history(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// transformers' LengthGroupedSampler: shuffle, cut into megabatches of up to 50 batches, sort
+/// each megabatch by length (longest first), and move the longest example of all to the front
+/// so a too-large batch fails at the first step rather than late.
+pub fn length_grouped_order(
+    lengths: &[usize],
+    batch_size: usize,
+    rng: &mut impl rand::Rng,
+) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..lengths.len()).collect();
+    idx.shuffle(rng);
+    let mult = (lengths.len() / (batch_size * 4)).clamp(1, 50);
+    let mut megabatches: Vec<Vec<usize>> = idx
+        .chunks(mult * batch_size)
+        .map(|m| {
+            let mut m = m.to_vec();
+            m.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+            m
+        })
+        .collect();
+    if let Some(longest) =
+        (0..megabatches.len()).max_by_key(|&j| (lengths[megabatches[j][0]], std::cmp::Reverse(j)))
+    {
+        let first = megabatches[longest][0];
+        megabatches[longest][0] = megabatches[0][0];
+        megabatches[0][0] = first;
+    }
+    megabatches.concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_grouping_sorts_megabatches_and_leads_with_the_longest() {
+        let lengths: Vec<usize> = (0..1000).map(|i| (i * 7919) % 97 + 3).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let order = length_grouped_order(&lengths, 4, &mut rng);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>(), "a permutation");
+        assert_eq!(lengths[order[0]], 99, "longest first");
+        // 1000 / (4 * 4) = 62 -> 50 batches of 4 per megabatch: 200 examples, descending.
+        for mb in order.chunks(200) {
+            assert!(mb[1..].windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]));
+        }
+    }
+}
