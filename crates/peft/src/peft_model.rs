@@ -9,10 +9,14 @@ use std::path::Path;
 use crate::io::{load_safetensors, read_json, save_safetensors, write_atomic};
 use crate::layers::{ModuleMut, ModuleRef, Param};
 use crate::models::{Cache, Inputs, Model};
+use crate::tuners::adalora::{self, RankAllocator};
 use crate::tuners::lora::{self, Bias};
 use crate::tuners::targets::in_modules_to_save;
 use crate::tuners::PeftConfig;
 use crate::{Error, Result};
+
+#[path = "peft_model_lora_family.rs"]
+mod lora_family;
 
 /// Prefix of every key in an adapter file: PEFT's wrapper path to the base model's modules.
 pub const KEY_PREFIX: &str = "base_model.model.";
@@ -33,6 +37,8 @@ pub struct PeftModel {
     active: String,
     /// Seed for adapter initialisation; each added adapter advances it.
     seed: u64,
+    /// AdaLoRA's rank allocator for the trainable AdaLoRA adapter, if there is one.
+    allocator: Option<RankAllocator>,
 }
 
 /// Wraps `model` with a new trainable adapter named `default`.
@@ -51,6 +57,7 @@ pub fn get_peft_model_with_seed(
         adapters: Vec::new(),
         active: "default".into(),
         seed,
+        allocator: None,
     };
     m.add_adapter("default", config.into())?;
     Ok(m)
@@ -64,6 +71,7 @@ impl PeftModel {
             adapters: Vec::new(),
             active: "default".into(),
             seed: 0,
+            allocator: None,
         };
         m.load_adapter(dir, "default", false)?;
         Ok(m)
@@ -119,33 +127,48 @@ impl PeftModel {
         }
         let seed = self.seed.wrapping_add(self.adapters.len() as u64);
         let first = self.adapters.is_empty();
-        match &mut config {
+        let adapted = match &mut config {
             PeftConfig::Lora(c) => {
-                let adapted = lora::inject(self.model.as_mut(), name, c, &modules_to_save, seed)?;
-                let adapted: BTreeSet<String> = adapted.into_iter().collect();
-                for module in self.model.modules_mut() {
-                    let module_name = module.name().to_string();
-                    let is_adapted = adapted.contains(&module_name);
-                    let saved = in_modules_to_save(&module_name, &modules_to_save);
-                    for p in module.params_mut() {
-                        if saved {
-                            p.add_copy(name)?;
-                            if first {
-                                p.activate(Some(name));
-                            }
-                        }
-                        let is_bias = p.name.ends_with(".bias");
-                        let train_bias = match c.bias {
-                            Bias::None => false,
-                            Bias::All => is_bias,
-                            Bias::LoraOnly => is_bias && is_adapted,
-                        };
-                        if train_bias && trainable && !saved {
-                            p.train_in_place()?;
-                        }
+                lora::inject(self.model.as_mut(), name, c, &modules_to_save, seed)?
+            }
+            PeftConfig::AdaLora(c) => {
+                if trainable && self.allocator.is_some() {
+                    return Err(Error::Adapter(
+                        "AdaLoRA trains one adapter at a time; load other AdaLoRA adapters for \
+                         inference only"
+                            .into(),
+                    ));
+                }
+                adalora::inject(self.model.as_mut(), name, c, &modules_to_save, seed)?
+            }
+        };
+        let bias = config.bias();
+        let adapted: BTreeSet<String> = adapted.into_iter().collect();
+        for module in self.model.modules_mut() {
+            let module_name = module.name().to_string();
+            let is_adapted = adapted.contains(&module_name);
+            let saved = in_modules_to_save(&module_name, &modules_to_save);
+            for p in module.params_mut() {
+                if saved {
+                    p.add_copy(name)?;
+                    if first {
+                        p.activate(Some(name));
                     }
                 }
+                let is_bias = p.name.ends_with(".bias");
+                let train_bias = match bias {
+                    Bias::None => false,
+                    Bias::All => is_bias,
+                    Bias::LoraOnly => is_bias && is_adapted,
+                };
+                if train_bias && trainable && !saved {
+                    p.train_in_place()?;
+                }
             }
+        }
+        if let (PeftConfig::AdaLora(c), true) = (&config, trainable) {
+            let layers = adalora::layers(self.model.as_ref(), name);
+            self.allocator = Some(RankAllocator::new(c, name, &layers)?);
         }
         self.adapters.push(AdapterEntry {
             name: name.to_string(),
@@ -305,9 +328,7 @@ impl PeftModel {
             .into_iter()
             .map(|(k, v)| (k, v.as_tensor().detach()))
             .collect();
-        let bias = match &entry.config {
-            PeftConfig::Lora(c) => c.bias,
-        };
+        let bias = entry.config.bias();
         if bias != Bias::None {
             for module in self.model.modules() {
                 let wrapped = has_adapters(&module);
@@ -339,6 +360,9 @@ impl PeftModel {
                     }
                 }
             }
+        }
+        if let PeftConfig::AdaLora(c) = &entry.config {
+            out = adalora::resize_state_dict(c, KEY_PREFIX, out)?;
         }
         Ok(out)
     }
@@ -389,10 +413,7 @@ impl PeftModel {
         self.inject(name, config, is_trainable)?;
         let mut expected = self.adapter_vars(name);
         // Trained biases are part of the adapter too: `bias` = all / lora_only.
-        let bias = match &self.entry(name).map(|e| &e.config) {
-            Some(PeftConfig::Lora(c)) => c.bias,
-            None => Bias::None,
-        };
+        let bias = self.entry(name).map_or(Bias::None, |e| e.config.bias());
         let mut missing = Vec::new();
         for (key, var) in expected.drain(..) {
             match file.remove(&key) {
@@ -499,6 +520,9 @@ impl PeftModel {
             }
         }
         self.adapters.remove(i);
+        if self.allocator.as_ref().is_some_and(|a| a.adapter == name) {
+            self.allocator = None;
+        }
         if self.active == name {
             if let Some(next) = self.adapters.first().map(|a| a.name.clone()) {
                 self.set_adapter(&next)?;

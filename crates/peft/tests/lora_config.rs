@@ -46,6 +46,7 @@ fn bert_defaults_to_query_and_value() {
             c.target_modules,
             Some(ModuleSpec::List(vec!["query".into(), "value".into()]))
         ),
+        other => panic!("not a LoRA config: {other:?}"),
     }
 }
 
@@ -121,6 +122,7 @@ fn fan_in_fan_out_is_corrected_for_linear_layers() {
     let m = get_peft_model(load_model("list_qv"), config).unwrap();
     match m.peft_config("default").unwrap() {
         peft::PeftConfig::Lora(c) => assert!(!c.fan_in_fan_out),
+        other => panic!("not a LoRA config: {other:?}"),
     }
 }
 

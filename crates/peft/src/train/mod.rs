@@ -114,7 +114,11 @@ pub fn train(
             let batch: Vec<&Example> = chunk.iter().map(|&i| &train[i]).collect();
             let (inputs, labels) = collate(&batch, pad_id, &device)?;
             let logits = model.forward(&inputs, true)?;
-            let loss = classification_loss(&logits, &labels)?;
+            let mut loss = classification_loss(&logits, &labels)?;
+            // Method-specific terms (AdaLoRA's orthogonal regularisation), as PEFT adds them.
+            if let Some(reg) = model.regularization_loss()? {
+                loss = (loss + reg)?;
+            }
             let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_v.is_finite() {
                 bar.abandon();
@@ -127,6 +131,8 @@ pub fn train(
             let scale = clip_scale(opt.grad_norm(&grads)?, args.max_grad_norm);
             let lr = args.learning_rate * lr_lambda(args.lr_scheduler_type, step, warmup, total);
             opt.step(&grads, lr, scale)?;
+            // AdaLoRA's rank allocation, after the step and with its gradients (a no-op otherwise).
+            model.update_and_allocate(step, &grads)?;
             step += 1;
             seen += batch.len();
             window_loss += loss_v;

@@ -1,9 +1,13 @@
 //! LoRA (Hu et al., 2021) as PEFT implements it: config, layer math, and attaching it to a model.
 
 pub mod config;
+pub mod convert;
+pub mod dora;
+pub mod init;
 pub mod layer;
 
-pub use config::{Bias, InitLoraWeights, LoraConfig};
+pub use config::{Bias, InitLoraWeights, InitMethod, LoraConfig};
+pub use dora::{DoraEmbedding, DoraLinear};
 pub use layer::{LoraEmbedding, LoraLinear};
 
 use rand::SeedableRng;
@@ -28,20 +32,38 @@ pub fn default_target_modules(model_type: &str) -> Option<&'static [&'static str
 /// when absent, and `all-linear` expanded to the full names of every linear layer except the
 /// output head. The config is updated so that it is saved in resolved form, as PEFT saves it.
 pub fn resolve_targets(model: &dyn Model, config: &mut LoraConfig) -> Result<ModuleSpec> {
+    let spec = resolve_spec(
+        model,
+        config.target_modules.as_ref(),
+        default_target_modules,
+        "LoRA",
+    )?;
+    config.target_modules = Some(spec.clone());
+    Ok(spec)
+}
+
+/// `target_modules` resolved against `model`: `given`, or the method's default for the model
+/// type from `defaults`; `all-linear` expanded to every linear layer except the output head.
+pub fn resolve_spec(
+    model: &dyn Model,
+    given: Option<&ModuleSpec>,
+    defaults: fn(&str) -> Option<&'static [&'static str]>,
+    method: &str,
+) -> Result<ModuleSpec> {
     let info = model.info();
-    let spec = match &config.target_modules {
+    let spec = match given {
         Some(t) => t.clone(),
         None => {
-            let d = default_target_modules(&info.model_type).ok_or_else(|| {
+            let d = defaults(&info.model_type).ok_or_else(|| {
                 Error::Config(format!(
-                    "no default target_modules for model_type `{}`; set target_modules",
+                    "no default {method} target_modules for model_type `{}`; set target_modules",
                     info.model_type
                 ))
             })?;
             ModuleSpec::List(d.iter().map(|s| s.to_string()).collect())
         }
     };
-    let spec = if spec.is_all_linear() {
+    Ok(if spec.is_all_linear() {
         let names = model
             .modules()
             .iter()
@@ -55,9 +77,7 @@ pub fn resolve_targets(model: &dyn Model, config: &mut LoraConfig) -> Result<Mod
         ModuleSpec::List(names)
     } else {
         spec
-    };
-    config.target_modules = Some(spec.clone());
-    Ok(spec)
+    })
 }
 
 /// Attaches adapter `name` to every matching layer. Returns the names of the adapted modules.
@@ -115,7 +135,7 @@ pub fn inject(
                     );
                     config.fan_in_fan_out = l.transposed;
                 }
-                let lora = LoraLinear {
+                let mut lora = LoraLinear {
                     dropout: config.lora_dropout,
                     ..LoraLinear::new(
                         l.in_features(),
@@ -127,7 +147,16 @@ pub fn inject(
                         &device,
                     )?
                 };
-                l.adapters.insert(name, Box::new(lora));
+                let method = config.init_lora_weights.method()?;
+                if method.mutates_base() {
+                    mutate_base(l, &key, &mut lora, method, r, scaling, &mut rng)?;
+                }
+                if config.use_dora {
+                    let dora = DoraLinear::new(lora, &l.base())?;
+                    l.adapters.insert(name, Box::new(dora));
+                } else {
+                    l.adapters.insert(name, Box::new(lora));
+                }
             }
             ModuleMut::Embedding(e) => {
                 let lora = LoraEmbedding::new(
@@ -139,7 +168,12 @@ pub fn inject(
                     &mut rng,
                     &device,
                 )?;
-                e.adapters.insert(name, Box::new(lora));
+                if config.use_dora {
+                    let dora = DoraEmbedding::new(lora, &e.weight.value())?;
+                    e.adapters.insert(name, Box::new(dora));
+                } else {
+                    e.adapters.insert(name, Box::new(lora));
+                }
             }
             ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => {
                 return Err(Error::Config(format!(
@@ -157,4 +191,41 @@ pub fn inject(
         });
     }
     Ok(adapted)
+}
+
+/// PiSSA / OLoRA: moves the initial adapter out of the base weight of `l`, as PEFT does when the
+/// adapter is created (also when a saved adapter is loaded: the trained factors then replace the
+/// initial ones, on top of the residual weight).
+fn mutate_base(
+    l: &mut crate::layers::Linear,
+    key: &str,
+    lora: &mut LoraLinear,
+    method: InitMethod,
+    r: usize,
+    scaling: f64,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<()> {
+    let stored = l.weight.base().clone();
+    let d = match method {
+        InitMethod::Olora if l.transposed => {
+            return Err(Error::Config(format!(
+                "init_lora_weights = \"olora\" cannot initialise `{key}`: its weight is stored [in, out] \
+                 (Conv1D) and PEFT 0.21 takes the QR of the stored weight, which gives factors of the \
+                 wrong shape; use \"pissa\" or exclude the module"
+            )))
+        }
+        InitMethod::Olora => init::olora(&stored, r, scaling)?,
+        InitMethod::Pissa => init::pissa(&l.base().weight_out_in()?, r, scaling)?,
+        InitMethod::PissaNiter(n) => init::pissa_niter(&l.base().weight_out_in()?, r, scaling, n, rng)?,
+        _ => return Ok(()),
+    };
+    lora.a.set(&d.a)?;
+    lora.b.set(&d.b)?;
+    let residual = if l.transposed {
+        d.residual.t()?.contiguous()?
+    } else {
+        d.residual
+    };
+    l.weight.set_base(residual.to_dtype(stored.dtype())?)?;
+    Ok(())
 }
