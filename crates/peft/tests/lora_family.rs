@@ -565,7 +565,7 @@ fn adalora_trained_here_prunes_saves_and_reloads() {
         let before = run(&model, m);
         let back = PeftModel::from_pretrained(load_model(m), dir.path()).unwrap();
         check(&format!("{m}: reloaded"), m, &run(&back, m), &before);
-        write_logits(&dir, &before);
+        write_export(&dir, &back, m);
     }
 }
 
@@ -620,14 +620,38 @@ fn export_dir(name: &str) -> Out {
     }
 }
 
-fn write_logits(dir: &Out, logits: &Tensor) {
-    if let Out::Kept(p) = dir {
-        peft::io::save_safetensors(
-            &p.join("logits.safetensors"),
-            &[("logits".into(), logits.clone())],
-        )
+/// With `PEFT_EXPORT_DIR`: `inputs.safetensors` and our `logits.safetensors` next to the adapter,
+/// for `check_adapter.py --inputs`. Decoders get their ids unpadded (padded positions of a causal
+/// LM are not comparable).
+fn write_export(dir: &Out, model: &PeftModel, m: &str) {
+    let Out::Kept(p) = dir else { return };
+    let raw = raw_inputs(m);
+    let names: &[&str] = match m {
+        "bert" => &["input_ids", "attention_mask", "token_type_ids"],
+        "t5" => &["input_ids", "attention_mask", "decoder_input_ids"],
+        _ => &["input_ids"],
+    };
+    let tensors: Vec<(String, Tensor)> = names
+        .iter()
+        .map(|k| (k.to_string(), raw[*k].clone()))
+        .collect();
+    let u = |k: &str| {
+        tensors
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, t)| t.to_dtype(DType::U32).unwrap())
+    };
+    let inputs = Inputs {
+        input_ids: u("input_ids"),
+        attention_mask: u("attention_mask"),
+        token_type_ids: u("token_type_ids"),
+        decoder_input_ids: u("decoder_input_ids"),
+        ..Default::default()
+    };
+    let logits = peft::no_grad(|| model.forward(&inputs, false)).unwrap();
+    peft::io::save_safetensors(&p.join("inputs.safetensors"), &tensors).unwrap();
+    peft::io::save_safetensors(&p.join("logits.safetensors"), &[("logits".into(), logits)])
         .unwrap();
-    }
 }
 
 /// Trains every method here for a few steps on each architecture (DoRA, PiSSA, OLoRA) and checks
@@ -662,7 +686,7 @@ fn dora_pissa_olora_trained_here_reload() {
             &run(&back, &m),
             &before,
         );
-        write_logits(&dir, &before);
+        write_export(&dir, &back, &m);
         model.merge_adapter().unwrap();
         check(
             &format!("{case}: trained here, merged"),
