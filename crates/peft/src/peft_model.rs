@@ -9,10 +9,14 @@ use std::path::Path;
 use crate::io::{load_safetensors, read_json, save_safetensors, write_atomic};
 use crate::layers::{ModuleMut, ModuleRef, Param};
 use crate::models::{Cache, Inputs, Model};
+use crate::tuners::adalora::{self, RankAllocator};
 use crate::tuners::lora::Bias;
 use crate::tuners::targets::in_modules_to_save;
 use crate::tuners::PeftConfig;
 use crate::{Error, Result};
+
+#[path = "peft_model_lora_family.rs"]
+mod lora_family;
 
 /// Prefix of every key in an adapter file: PEFT's wrapper path to the base model's modules.
 pub const KEY_PREFIX: &str = "base_model.model.";
@@ -35,6 +39,8 @@ pub struct PeftModel {
     active: String,
     /// Seed for adapter initialisation; each added adapter advances it.
     seed: u64,
+    /// AdaLoRA's rank allocator for the trainable AdaLoRA adapter, if there is one.
+    allocator: Option<RankAllocator>,
 }
 
 /// Wraps `model` with a new trainable adapter named `default`.
@@ -53,6 +59,7 @@ pub fn get_peft_model_with_seed(
         adapters: Vec::new(),
         active: "default".into(),
         seed,
+        allocator: None,
     };
     m.add_adapter("default", config.into())?;
     Ok(m)
@@ -66,6 +73,7 @@ impl PeftModel {
             adapters: Vec::new(),
             active: "default".into(),
             seed: 0,
+            allocator: None,
         };
         m.load_adapter(dir, "default", false)?;
         Ok(m)
@@ -121,6 +129,13 @@ impl PeftModel {
         }
         let seed = self.seed.wrapping_add(self.adapters.len() as u64);
         let first = self.adapters.is_empty();
+        if matches!(config, PeftConfig::AdaLora(_)) && trainable && self.allocator.is_some() {
+            return Err(Error::Adapter(
+                "AdaLoRA trains one adapter at a time; load other AdaLoRA adapters for inference \
+                 only"
+                    .into(),
+            ));
+        }
         let injected = config.inject(self.model.as_mut(), name, &modules_to_save, seed)?;
         let bias = config.bias();
         let adapted: BTreeSet<String> = injected.modules.into_iter().collect();
@@ -145,6 +160,10 @@ impl PeftModel {
                     p.train_in_place()?;
                 }
             }
+        }
+        if let (PeftConfig::AdaLora(c), true) = (&config, trainable) {
+            let layers = adalora::layers(self.model.as_ref(), name);
+            self.allocator = Some(RankAllocator::new(c, name, &layers)?);
         }
         self.adapters.push(AdapterEntry {
             name: name.to_string(),
@@ -360,6 +379,9 @@ impl PeftModel {
                 }
             }
         }
+        if let PeftConfig::AdaLora(c) = &entry.config {
+            out = adalora::resize_state_dict(c, KEY_PREFIX, out)?;
+        }
         Ok(out)
     }
 
@@ -519,6 +541,9 @@ impl PeftModel {
             }
         }
         self.adapters.remove(i);
+        if self.allocator.as_ref().is_some_and(|a| a.adapter == name) {
+            self.allocator = None;
+        }
         if self.active == name {
             if let Some(next) = self.adapters.first().map(|a| a.name.clone()) {
                 self.set_adapter(&next)?;

@@ -151,7 +151,8 @@ fn bad_lora_config_values_are_refused() {
         (r#"{"peft_type":"LORA","init_lora_weights":"pisa"}"#, "pisa"),
         (r#"{"peft_type":"LORA","bias":"some"}"#, "some"),
         (r#"{"peft_type":"LORA","lora_alfa":8}"#, "lora_alpha"),
-        (r#"{"peft_type":"LORA","use_dora":true}"#, "use_dora"),
+        (r#"{"peft_type":"LORA","use_qalora":true}"#, "use_qalora"),
+        (r#"{"peft_type":"ADALORA","init_r":4}"#, "total_step"),
     ];
     for (json, needle) in bad {
         let v: serde_json::Value = serde_json::from_str(json).unwrap();

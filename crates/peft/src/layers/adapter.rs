@@ -52,6 +52,14 @@ pub trait EmbeddingAdapter: Debug + Send + Sync {
     fn forward(&self, ids: &Tensor, out: Tensor, train: bool) -> Result<Tensor>;
     /// The change to the `[num_embeddings, dim]` table.
     fn delta_weight(&self) -> Result<Tensor>;
+    /// The table with this adapter merged in (DoRA rescales as well as adds).
+    fn merge(&self, weight: &Tensor) -> Result<Tensor> {
+        Ok((weight + self.delta_weight()?)?)
+    }
+    /// Undoes [`EmbeddingAdapter::merge`].
+    fn unmerge(&self, weight: &Tensor) -> Result<Tensor> {
+        Ok((weight - self.delta_weight()?)?)
+    }
     fn tensors(&self) -> Vec<(String, Var)>;
     fn as_any(&self) -> &dyn Any;
 }

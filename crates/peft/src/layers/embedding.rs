@@ -56,7 +56,7 @@ impl Embedding {
             let Some(adapter) = self.adapters.get(name) else {
                 continue;
             };
-            let w = (self.weight.value() + adapter.delta_weight()?)?;
+            let w = adapter.merge(&self.weight.value())?;
             self.weight.set_base(w)?;
             self.adapters.mark_merged(name, true);
         }
@@ -66,7 +66,7 @@ impl Embedding {
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some(name) = self.adapters.merged().last().cloned() {
             if let Some(adapter) = self.adapters.get(&name) {
-                let w = (self.weight.value() - adapter.delta_weight()?)?;
+                let w = adapter.unmerge(&self.weight.value())?;
                 self.weight.set_base(w)?;
             }
             self.adapters.mark_merged(&name, false);

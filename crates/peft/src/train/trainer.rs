@@ -242,7 +242,12 @@ impl Trainer<'_> {
                         continue;
                     }
                     let logits = self.model.forward(&b.inputs, true)?;
-                    let loss = task_loss(self.collate.task, &logits, &b.targets)?;
+                    let mut loss = task_loss(self.collate.task, &logits, &b.targets)?;
+                    // Method-specific terms (AdaLoRA's orthogonal regularisation), as PEFT adds
+                    // them to the task loss.
+                    if let Some(reg) = self.model.regularization_loss()? {
+                        loss = (loss + reg)?;
+                    }
                     let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     if !loss_v.is_finite() {
                         bar.abandon();
@@ -286,6 +291,19 @@ impl Trainer<'_> {
                 let scale = clip_scale(norm, args.max_grad_norm);
                 let lr = schedule.lr(state.global_step);
                 opt.step_with(&grads, lr, scale)?;
+                // AdaLoRA's rank allocation with this step's gradients (a no-op for other
+                // methods), after the optimizer step as PEFT's training loops call it.
+                let by_var: Vec<(Tensor, Tensor)> = opt
+                    .vars()
+                    .zip(&grads)
+                    .filter_map(|(v, g)| g.clone().map(|g| (v.as_tensor().clone(), g)))
+                    .collect();
+                self.model.update_and_allocate_by(state.global_step, &|t| {
+                    by_var
+                        .iter()
+                        .find(|(v, _)| v.id() == t.id())
+                        .map(|(_, g)| g.clone())
+                })?;
                 state.global_step += 1;
                 state.epoch = (state.epochs_started - 1) as f64
                     + state.micro_batch_in_epoch as f64 / micro_per_epoch as f64;

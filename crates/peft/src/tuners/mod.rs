@@ -4,6 +4,7 @@ pub mod common;
 pub mod ia3;
 pub mod loha;
 pub mod lokr;
+pub mod adalora;
 pub mod lora;
 pub mod lycoris;
 pub mod targets;
@@ -21,6 +22,8 @@ use loha::LohaConfig;
 use lokr::LokrConfig;
 use lora::{Bias, LoraConfig};
 use vera::VeraConfig;
+use adalora::AdaLoraConfig;
+use lora::{Bias, LoraConfig};
 
 /// A PEFT method's configuration, tagged by `peft_type` as in `adapter_config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,7 +35,6 @@ pub enum PeftConfig {
     Vera(VeraConfig),
 }
 
-const SUPPORTED: &str = "LORA, LOHA, LOKR, IA3, VERA";
 
 /// What attaching an adapter produced: the adapted module names, and tensors the adapter owns at
 /// model level (VeRA's shared projections), under their file keys; those are saved and loaded
@@ -41,6 +43,10 @@ pub struct Injected {
     pub modules: Vec<String>,
     pub shared: Vec<(String, Var)>,
 }
+    AdaLora(AdaLoraConfig),
+}
+
+const SUPPORTED: &str = "LORA, ADALORA, LOHA, LOKR, IA3, VERA";
 
 impl PeftConfig {
     fn dispatch(v: &Value, strict: bool) -> Result<Self> {
@@ -58,6 +64,11 @@ impl PeftConfig {
             "LOKR" => Ok(PeftConfig::Lokr(LokrConfig::from_json(v, strict)?)),
             "IA3" => Ok(PeftConfig::Ia3(Ia3Config::from_json(v, strict)?)),
             "VERA" => Ok(PeftConfig::Vera(VeraConfig::from_json(v, strict)?)),
+            "ADALORA" => Ok(PeftConfig::AdaLora(if strict {
+                AdaLoraConfig::from_json_strict(v)?
+            } else {
+                AdaLoraConfig::from_adapter_json(v)?
+            })),
             other => Err(config_err!(
                 "unknown peft_type `{other}`; supported: {SUPPORTED}"
             )),
@@ -81,6 +92,7 @@ impl PeftConfig {
             PeftConfig::Lokr(c) => c.to_adapter_json(),
             PeftConfig::Ia3(c) => c.to_adapter_json(),
             PeftConfig::Vera(c) => c.to_adapter_json(),
+            PeftConfig::AdaLora(c) => c.to_adapter_json(),
         }
     }
 
@@ -91,13 +103,14 @@ impl PeftConfig {
             PeftConfig::Lokr(_) => "LOKR",
             PeftConfig::Ia3(_) => "IA3",
             PeftConfig::Vera(_) => "VERA",
+            PeftConfig::AdaLora(_) => "ADALORA",
         }
     }
 
     /// The base `PeftConfig` fields of the methods that keep them in [`BaseFields`].
     fn base(&self) -> Option<&BaseFields> {
         match self {
-            PeftConfig::Lora(_) => None,
+            PeftConfig::Lora(_) | PeftConfig::AdaLora(_) => None,
             PeftConfig::Loha(c) => Some(&c.common.base),
             PeftConfig::Lokr(c) => Some(&c.common.base),
             PeftConfig::Ia3(c) => Some(&c.base),
@@ -107,7 +120,7 @@ impl PeftConfig {
 
     fn base_mut(&mut self) -> Option<&mut BaseFields> {
         match self {
-            PeftConfig::Lora(_) => None,
+            PeftConfig::Lora(_) | PeftConfig::AdaLora(_) => None,
             PeftConfig::Loha(c) => Some(&mut c.common.base),
             PeftConfig::Lokr(c) => Some(&mut c.common.base),
             PeftConfig::Ia3(c) => Some(&mut c.base),
@@ -118,6 +131,7 @@ impl PeftConfig {
     pub fn task_type(&self) -> Option<TaskType> {
         match self {
             PeftConfig::Lora(c) => c.task_type,
+            PeftConfig::AdaLora(c) => c.task_type,
             other => other.base().and_then(|b| b.task_type),
         }
     }
@@ -125,6 +139,7 @@ impl PeftConfig {
     pub fn set_task_type(&mut self, task: TaskType) {
         match self {
             PeftConfig::Lora(c) => c.task_type = Some(task),
+            PeftConfig::AdaLora(c) => c.task_type = Some(task),
             other => {
                 if let Some(b) = other.base_mut() {
                     b.task_type = Some(task)
@@ -136,6 +151,7 @@ impl PeftConfig {
     pub fn modules_to_save(&self) -> Option<&Vec<String>> {
         match self {
             PeftConfig::Lora(c) => c.modules_to_save.as_ref(),
+            PeftConfig::AdaLora(c) => c.modules_to_save.as_ref(),
             other => other.base().and_then(|b| b.modules_to_save.as_ref()),
         }
     }
@@ -143,6 +159,7 @@ impl PeftConfig {
     pub fn set_modules_to_save(&mut self, m: Option<Vec<String>>) {
         match self {
             PeftConfig::Lora(c) => c.modules_to_save = m,
+            PeftConfig::AdaLora(c) => c.modules_to_save = m,
             other => {
                 if let Some(b) = other.base_mut() {
                     b.modules_to_save = m
@@ -154,6 +171,7 @@ impl PeftConfig {
     pub fn set_base_model_name_or_path(&mut self, p: Option<String>) {
         match self {
             PeftConfig::Lora(c) => c.base_model_name_or_path = p,
+            PeftConfig::AdaLora(c) => c.base_model_name_or_path = p,
             other => {
                 if let Some(b) = other.base_mut() {
                     b.base_model_name_or_path = p
@@ -165,6 +183,7 @@ impl PeftConfig {
     pub fn base_model_name_or_path(&self) -> Option<&str> {
         match self {
             PeftConfig::Lora(c) => c.base_model_name_or_path.as_deref(),
+            PeftConfig::AdaLora(c) => c.base_model_name_or_path.as_deref(),
             other => other
                 .base()
                 .and_then(|b| b.base_model_name_or_path.as_deref()),
@@ -175,6 +194,7 @@ impl PeftConfig {
     pub fn bias(&self) -> Bias {
         match self {
             PeftConfig::Lora(c) => c.bias,
+            PeftConfig::AdaLora(c) => c.bias,
             PeftConfig::Vera(c) => c.bias.into(),
             PeftConfig::Loha(_) | PeftConfig::Lokr(_) | PeftConfig::Ia3(_) => Bias::None,
         }
@@ -196,11 +216,24 @@ impl PeftConfig {
         };
         Ok(match self {
             PeftConfig::Lora(c) => plain(lora::inject(model, name, c, modules_to_save, seed)?),
+            PeftConfig::AdaLora(c) => {
+                plain(adalora::inject(model, name, c, modules_to_save, seed)?)
+            }
             PeftConfig::Loha(c) => plain(loha::inject(model, name, c, modules_to_save, seed)?),
             PeftConfig::Lokr(c) => plain(lokr::inject(model, name, c, modules_to_save, seed)?),
             PeftConfig::Ia3(c) => plain(ia3::inject(model, name, c, modules_to_save, seed)?),
             PeftConfig::Vera(c) => vera::inject(model, name, c, modules_to_save, seed)?,
         })
+    }
+}
+
+impl PeftConfig {
+    /// `bias`: which base biases are trained and saved with the adapter.
+}
+
+impl From<AdaLoraConfig> for PeftConfig {
+    fn from(c: AdaLoraConfig) -> Self {
+        PeftConfig::AdaLora(c)
     }
 }
 

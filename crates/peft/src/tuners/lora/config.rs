@@ -26,6 +26,56 @@ pub enum InitLoraWeights {
     Method(String),
 }
 
+/// An `init_lora_weights` value, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitMethod {
+    /// `true`: A kaiming-uniform, B zero (embeddings: A zero, B normal).
+    Default,
+    /// `false`: both factors random, so the adapter changes the output from the start.
+    Random,
+    /// `"gaussian"`: A ~ N(0, 1/r), B zero.
+    Gaussian,
+    /// `"pissa"`: the top-r singular triplets of W move into the adapter (full SVD).
+    Pissa,
+    /// `"pissa_niter_N"`: the same through a randomized SVD with N subspace iterations.
+    PissaNiter(usize),
+    /// `"olora"`: the first r columns of W's QR decomposition move into the adapter.
+    Olora,
+}
+
+impl InitMethod {
+    /// True for the initialisations that subtract the initial adapter from the base weight.
+    pub fn mutates_base(self) -> bool {
+        matches!(
+            self,
+            InitMethod::Pissa | InitMethod::PissaNiter(_) | InitMethod::Olora
+        )
+    }
+}
+
+impl InitLoraWeights {
+    /// Parses the value; an unknown name lists the ones this crate implements.
+    pub fn method(&self) -> Result<InitMethod> {
+        Ok(match self {
+            InitLoraWeights::Bool(true) => InitMethod::Default,
+            InitLoraWeights::Bool(false) => InitMethod::Random,
+            InitLoraWeights::Method(m) => match m.as_str() {
+                "gaussian" => InitMethod::Gaussian,
+                "pissa" => InitMethod::Pissa,
+                "olora" => InitMethod::Olora,
+                other => match other.strip_prefix("pissa_niter_").map(str::parse::<usize>) {
+                    Some(Ok(n)) => InitMethod::PissaNiter(n),
+                    _ => {
+                        return Err(config_err!(
+                            "init_lora_weights = \"{m}\" is not available; use true, false, \"gaussian\", \"pissa\", \"pissa_niter_<n>\" or \"olora\""
+                        ))
+                    }
+                },
+            },
+        })
+    }
+}
+
 impl Default for InitLoraWeights {
     fn default() -> Self {
         InitLoraWeights::Bool(true)
@@ -49,6 +99,8 @@ pub struct LoraConfig {
     pub layers_pattern: Option<OneOrMany<String>>,
     pub rank_pattern: Map<String, Value>,
     pub alpha_pattern: Map<String, Value>,
+    /// DoRA: a trained per-output magnitude on top of LoRA's direction.
+    pub use_dora: bool,
     pub task_type: Option<TaskType>,
     pub base_model_name_or_path: Option<String>,
     pub revision: Option<String>,
@@ -76,6 +128,7 @@ impl Default for LoraConfig {
             layers_pattern: None,
             rank_pattern: Map::new(),
             alpha_pattern: Map::new(),
+            use_dora: false,
             task_type: None,
             base_model_name_or_path: None,
             revision: None,
@@ -88,7 +141,7 @@ impl Default for LoraConfig {
 /// PEFT 0.21's LoraConfig fields that this crate does not implement, with the defaults PEFT
 /// writes. A config that sets one of them to anything else is refused rather than silently
 /// trained as something it is not.
-fn unimplemented_defaults() -> Map<String, Value> {
+pub(crate) fn unimplemented_defaults() -> Map<String, Value> {
     let v = json!({
         "alora_invocation_tokens": null,
         "arrow_config": null,
@@ -108,7 +161,6 @@ fn unimplemented_defaults() -> Map<String, Value> {
         "target_parameters": null,
         "trainable_token_indices": null,
         "use_bdlora": null,
-        "use_dora": false,
         "use_qalora": false,
         "velora_config": null,
     });
@@ -178,15 +230,7 @@ impl LoraConfig {
                 self.lora_dropout
             ));
         }
-        match &self.init_lora_weights {
-            InitLoraWeights::Bool(_) => {}
-            InitLoraWeights::Method(m) if m == "gaussian" => {}
-            InitLoraWeights::Method(m) => {
-                return Err(config_err!(
-                    "init_lora_weights = \"{m}\" is not available; use true, false or \"gaussian\""
-                ))
-            }
-        }
+        self.init_lora_weights.method()?;
         let defaults = unimplemented_defaults();
         for (k, v) in &self.other {
             if let Some(d) = defaults.get(k) {
@@ -261,6 +305,7 @@ fn known_fields() -> Vec<String> {
         "layers_pattern",
         "rank_pattern",
         "alpha_pattern",
+        "use_dora",
         "task_type",
         "base_model_name_or_path",
         "revision",

@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal, Uniform};
 use std::any::Any;
 
-use super::config::InitLoraWeights;
+use super::config::{InitLoraWeights, InitMethod};
 use crate::grad::live;
 use crate::layers::{EmbeddingAdapter, LinearAdapter, LinearBase};
 use crate::{ops, Error, Result};
@@ -32,23 +32,24 @@ impl LoraLinear {
         rng: &mut StdRng,
         device: &Device,
     ) -> Result<Self> {
-        let (a, b) = match init {
-            InitLoraWeights::Bool(true) => (
+        // PiSSA and OLoRA replace both factors afterwards (they need the base weight).
+        let (a, b) = match init.method()? {
+            InitMethod::Default
+            | InitMethod::Pissa
+            | InitMethod::PissaNiter(_)
+            | InitMethod::Olora => (
                 kaiming_uniform(r, in_dim, rng, device)?,
                 zeros(out_dim, r, device)?,
             ),
-            InitLoraWeights::Method(m) if m == "gaussian" => (
+            InitMethod::Gaussian => (
                 normal(r, in_dim, 1.0 / r as f64, rng, device)?,
                 zeros(out_dim, r, device)?,
             ),
             // No initialisation: both factors keep nn.Linear's default init.
-            InitLoraWeights::Bool(false) => (
+            InitMethod::Random => (
                 kaiming_uniform(r, in_dim, rng, device)?,
                 kaiming_uniform(out_dim, r, rng, device)?,
             ),
-            InitLoraWeights::Method(m) => {
-                return Err(Error::Config(format!("unknown init_lora_weights `{m}`")))
-            }
         };
         Ok(Self {
             a: Var::from_tensor(&a)?,

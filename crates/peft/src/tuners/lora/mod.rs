@@ -1,9 +1,13 @@
 //! LoRA (Hu et al., 2021) as PEFT implements it: config, layer math, and attaching it to a model.
 
 pub mod config;
+pub mod convert;
+pub mod dora;
+pub mod init;
 pub mod layer;
 
-pub use config::{Bias, InitLoraWeights, LoraConfig};
+pub use config::{Bias, InitLoraWeights, InitMethod, LoraConfig};
+pub use dora::{DoraEmbedding, DoraLinear};
 pub use layer::{LoraEmbedding, LoraLinear};
 
 use rand::SeedableRng;
@@ -90,7 +94,7 @@ pub fn inject(
                     );
                     config.fan_in_fan_out = l.transposed;
                 }
-                let lora = LoraLinear {
+                let mut lora = LoraLinear {
                     dropout: config.lora_dropout,
                     ..LoraLinear::new(
                         l.in_features(),
@@ -102,7 +106,16 @@ pub fn inject(
                         &device,
                     )?
                 };
-                l.adapters.insert(name, Box::new(lora));
+                let method = config.init_lora_weights.method()?;
+                if method.mutates_base() {
+                    mutate_base(l, &key, &mut lora, method, r, scaling, &mut rng)?;
+                }
+                if config.use_dora {
+                    let dora = DoraLinear::new(lora, &l.base())?;
+                    l.adapters.insert(name, Box::new(dora));
+                } else {
+                    l.adapters.insert(name, Box::new(lora));
+                }
             }
             ModuleMut::Embedding(e) => {
                 let lora = LoraEmbedding::new(
@@ -114,7 +127,12 @@ pub fn inject(
                     &mut rng,
                     &device,
                 )?;
-                e.adapters.insert(name, Box::new(lora));
+                if config.use_dora {
+                    let dora = DoraEmbedding::new(lora, &e.weight.value())?;
+                    e.adapters.insert(name, Box::new(dora));
+                } else {
+                    e.adapters.insert(name, Box::new(lora));
+                }
             }
             ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => {
                 return Err(Error::Config(format!(
@@ -132,4 +150,41 @@ pub fn inject(
         });
     }
     Ok(adapted)
+}
+
+/// PiSSA / OLoRA: moves the initial adapter out of the base weight of `l`, as PEFT does when the
+/// adapter is created (also when a saved adapter is loaded: the trained factors then replace the
+/// initial ones, on top of the residual weight).
+fn mutate_base(
+    l: &mut crate::layers::Linear,
+    key: &str,
+    lora: &mut LoraLinear,
+    method: InitMethod,
+    r: usize,
+    scaling: f64,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<()> {
+    let stored = l.weight.base().clone();
+    let d = match method {
+        InitMethod::Olora if l.transposed => {
+            return Err(Error::Config(format!(
+                "init_lora_weights = \"olora\" cannot initialise `{key}`: its weight is stored [in, out] \
+                 (Conv1D) and PEFT 0.21 takes the QR of the stored weight, which gives factors of the \
+                 wrong shape; use \"pissa\" or exclude the module"
+            )))
+        }
+        InitMethod::Olora => init::olora(&stored, r, scaling)?,
+        InitMethod::Pissa => init::pissa(&l.base().weight_out_in()?, r, scaling)?,
+        InitMethod::PissaNiter(n) => init::pissa_niter(&l.base().weight_out_in()?, r, scaling, n, rng)?,
+        _ => return Ok(()),
+    };
+    lora.a.set(&d.a)?;
+    lora.b.set(&d.b)?;
+    let residual = if l.transposed {
+        d.residual.t()?.contiguous()?
+    } else {
+        d.residual
+    };
+    l.weight.set_base(residual.to_dtype(stored.dtype())?)?;
+    Ok(())
 }
