@@ -75,14 +75,21 @@ impl Linear {
         }
         let x2 = x.reshape(((), k))?;
         let w = self.weight.value();
-        let mut y = if self.weight.is_trainable() {
-            let wt = if self.transposed { w.clone() } else { w.t()? };
-            x2.matmul(&wt)?
-        } else {
-            ops::frozen_linear(&x2, &w, self.transposed)?
+        let bias = self.bias.as_ref().map(|b| (b.value(), b.is_trainable()));
+        let mut y = match (&bias, self.weight.is_trainable()) {
+            (None, false) => ops::frozen_linear(&x2, &w, self.transposed)?,
+            (Some((b, false)), false) => {
+                ops::frozen_linear_bias(&x2, &w, Some(b), self.transposed)?
+            }
+            _ => {
+                let wt = if self.transposed { w.clone() } else { w.t()? };
+                x2.matmul(&wt)?
+            }
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.value())?;
+        if let Some((b, trainable)) = &bias {
+            if *trainable || self.weight.is_trainable() {
+                y = y.broadcast_add(b)?;
+            }
         }
         let base = self.base();
         for adapter in self.adapters.running() {
