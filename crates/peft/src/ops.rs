@@ -18,6 +18,11 @@ mod fused;
 pub use attention::attention_merged_heads;
 pub use fused::gelu_erf;
 
+/// Whether the fused CPU kernels (f32 on the CPU) serve these tensors.
+pub fn fused_applies(x: &Tensor, w: &Tensor) -> bool {
+    fused::fast(x) && fused::fast(w)
+}
+
 /// Softmax over the last dimension. Forward with candle's fused kernel; backward in closed form,
 /// `dx = y * (dy - sum(dy * y))`, which the fused kernel lacks.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
@@ -256,13 +261,18 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor>
 }
 
 /// [`frozen_linear`] plus a frozen `bias`, added before the result joins the graph: one node
-/// instead of two (candle's backward would also build a full-size gradient for the bias).
+/// instead of two (candle's backward would also build a full-size gradient for the bias). On
+/// the CPU in f32, `x` may have any leading dimensions and the product is written straight into
+/// the op's output; elsewhere `x` must be `[rows, in]`.
 pub fn frozen_linear_bias(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     transposed: bool,
 ) -> Result<Tensor> {
+    if fused::fast(x) && fused::fast(w) && bias.is_none_or(fused::fast) {
+        return fused::frozen_linear_f32(x, w, bias, transposed);
+    }
     let wt = if transposed { w.clone() } else { w.t()? };
     let mut y = x.detach().matmul(&wt)?;
     if let Some(b) = bias {

@@ -262,3 +262,33 @@ fn attention_dropout_backward_matches_finite_differences() {
         }
     }
 }
+
+#[test]
+fn frozen_linear_matches_matmul_for_3d_inputs_in_both_layouts() {
+    let x = Var::from_tensor(&data(&[2, 5, 12], 0.7, 2.0)).unwrap();
+    let w = data(&[7, 12], 1.9, 1.0); // [out, in]
+    let b = data(&[7], 3.1, 1.0);
+    let reference = x
+        .as_tensor()
+        .broadcast_matmul(&w.t().unwrap())
+        .unwrap()
+        .broadcast_add(&b)
+        .unwrap();
+    let g_ref = weighted_sum(&reference).backward().unwrap();
+    for transposed in [false, true] {
+        let stored = if transposed {
+            w.t().unwrap().contiguous().unwrap()
+        } else {
+            w.clone()
+        };
+        let ours = ops::frozen_linear_bias(x.as_tensor(), &stored, Some(&b), transposed).unwrap();
+        assert_close("frozen linear forward", &ours, &reference, 1e-6);
+        let g = weighted_sum(&ours).backward().unwrap();
+        assert_close(
+            "frozen linear backward",
+            g.get(x.as_tensor()).unwrap(),
+            g_ref.get(x.as_tensor()).unwrap(),
+            1e-6,
+        );
+    }
+}

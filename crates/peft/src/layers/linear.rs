@@ -73,8 +73,16 @@ impl Linear {
                 found: vec![k],
             });
         }
-        let x2 = x.reshape(((), k))?;
         let w = self.weight.value();
+        let bias_frozen = self.bias.as_ref().is_none_or(|b| !b.is_trainable());
+        if !self.weight.is_trainable() && bias_frozen && self.adapters.running().next().is_none() {
+            let b = self.bias.as_ref().map(|b| b.value());
+            if ops::fused_applies(x, &w) {
+                // One node for the whole layer, whatever the leading dimensions.
+                return ops::frozen_linear_bias(x, &w, b.as_ref(), self.transposed);
+            }
+        }
+        let x2 = x.reshape(((), k))?;
         let bias = self.bias.as_ref().map(|b| (b.value(), b.is_trainable()));
         let mut y = match (&bias, self.weight.is_trainable()) {
             (None, false) => ops::frozen_linear(&x2, &w, self.transposed)?,

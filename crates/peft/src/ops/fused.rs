@@ -195,12 +195,14 @@ pub(crate) fn par_map2(
 /// An elementwise op computed in one pass over the (contiguous, f32, CPU) input, with a
 /// backward given as a closure. Unlike [`super::with_backward`], the forward runs inside the
 /// op, so its output is not copied once more into the graph.
-type ForwardFn = dyn Fn(&[f32]) -> Vec<f32> + Send + Sync;
+type ForwardFn = dyn Fn(&[f32]) -> candle_core::Result<Vec<f32>> + Send + Sync;
 
 struct MapOp {
     name: &'static str,
     fwd: Box<ForwardFn>,
     bwd: Box<BackwardFn>,
+    /// The output's shape where it differs from the input's.
+    shape: Option<Shape>,
 }
 
 impl CustomOp1 for MapOp {
@@ -212,10 +214,8 @@ impl CustomOp1 for MapOp {
         let (CpuStorage::F32(v), Some((start, end))) = (s, l.contiguous_offsets()) else {
             candle_core::bail!("{}: expected contiguous f32 input", self.name)
         };
-        Ok((
-            CpuStorage::F32((self.fwd)(&v[start..end])),
-            l.shape().clone(),
-        ))
+        let shape = self.shape.clone().unwrap_or_else(|| l.shape().clone());
+        Ok((CpuStorage::F32((self.fwd)(&v[start..end])?), shape))
     }
 
     fn bwd(
@@ -236,8 +236,9 @@ fn apply_map(
 ) -> Result<Tensor> {
     let op = MapOp {
         name,
-        fwd: Box::new(fwd),
+        fwd: Box::new(move |x| Ok(fwd(x))),
         bwd: Box::new(bwd),
+        shape: None,
     };
     Ok(x.contiguous()?.apply_op1(op)?)
 }
@@ -364,4 +365,98 @@ pub(crate) fn layer_norm_frozen(
             Tensor::from_vec(dx, x.shape(), x.device())
         },
     )
+}
+
+/// `x @ w.T + bias` (`x @ w + bias` when `w` is stored `[in, out]`) for frozen `w` and `bias`,
+/// any number of leading dimensions. The product runs inside the op, straight into the output
+/// (no copy into the graph, no reshape nodes); the backward is `dy · W` for `x` only.
+pub(crate) fn frozen_linear_f32(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    transposed: bool,
+) -> Result<Tensor> {
+    let (d0, d1) = w.dims2()?;
+    let (in_dim, out_dim) = if transposed { (d0, d1) } else { (d1, d0) };
+    let w = w.contiguous()?;
+    let bias: Option<Vec<f32>> = match bias {
+        Some(b) => Some(b.flatten_all()?.to_vec1()?),
+        None => None,
+    };
+    let w_bwd = w.clone();
+    let fwd = move |x: &[f32]| -> candle_core::Result<Vec<f32>> {
+        let rows = x.len() / in_dim;
+        let mut y = vec![0f32; rows * out_dim];
+        if let Some(b) = &bias {
+            for row in y.chunks_exact_mut(out_dim) {
+                row.copy_from_slice(b);
+            }
+        }
+        let threads = candle_core::utils::get_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // (row, column) strides of the `in × out` right-hand side as stored.
+        let (rhs_rs, rhs_cs) = if transposed {
+            (out_dim, 1)
+        } else {
+            (1, in_dim)
+        };
+        with_f32(&w, |wv| {
+            // SAFETY: `x` holds `rows × in`, `w` `in × out` (as strided), `y` `rows × out`.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    out_dim,
+                    in_dim,
+                    y.as_mut_ptr(),
+                    1,
+                    out_dim as isize,
+                    bias.is_some(),
+                    x.as_ptr(),
+                    1,
+                    in_dim as isize,
+                    wv.as_ptr(),
+                    rhs_cs as isize,
+                    rhs_rs as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+        })?;
+        Ok(y)
+    };
+    let x = x.contiguous()?;
+    let mut out_dims = x.dims().to_vec();
+    if out_dims.last() != Some(&in_dim) {
+        return Err(crate::Error::ShapeMismatch {
+            name: "input of a linear layer".into(),
+            expected: vec![in_dim],
+            found: out_dims,
+        });
+    }
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_dim;
+    }
+    let op = MapOp {
+        name: "frozen-linear",
+        fwd: Box::new(fwd),
+        bwd: Box::new(move |x, _y, g| {
+            let g2 = g.reshape(((), out_dim))?;
+            let dx = if transposed {
+                g2.matmul(&w_bwd.t()?)?
+            } else {
+                g2.matmul(&w_bwd)?
+            };
+            dx.reshape(x.dims())
+        }),
+        shape: Some(Shape::from(out_dims)),
+    };
+    Ok(x.apply_op1(op)?)
 }
