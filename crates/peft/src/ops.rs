@@ -12,6 +12,17 @@ use std::sync::Mutex;
 
 use crate::Result;
 
+mod attention;
+mod fused;
+
+pub use attention::attention_merged_heads;
+pub use fused::gelu_erf;
+
+/// Whether the fused CPU kernels (f32 on the CPU) serve these tensors.
+pub fn fused_applies(x: &Tensor, w: &Tensor) -> bool {
+    fused::fast(x) && fused::fast(w)
+}
+
 /// Softmax over the last dimension. Forward with candle's fused kernel; backward in closed form,
 /// `dx = y * (dy - sum(dy * y))`, which the fused kernel lacks.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
@@ -80,6 +91,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     let affine_trained = weight.track_op() || bias.is_some_and(|b| b.track_op());
     if affine_trained {
         return layer_norm_composed(x, weight, bias, eps);
+    }
+    if fused::fast(x) && fused::fast(weight) {
+        return fused::layer_norm_frozen(x, weight, bias, eps);
     }
     let zeros;
     let beta = match bias {
@@ -152,15 +166,16 @@ fn layer_norm_composed(
 /// Only the mask's seed is kept for the backward pass, which draws the same mask again; the
 /// attention-probability masks would otherwise be the largest tensors kept alive.
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
-    use rand::Rng;
     if !train || p <= 0.0 {
         return Ok(x.clone());
     }
     if p >= 1.0 {
         return Ok(x.zeros_like()?);
     }
-    let seed: u64 = DROPOUT_RNG.with(|r| r.borrow_mut().random());
-    DROPOUT_DRAWS.with(|d| d.set(d.get() + 1));
+    let seed = next_dropout_seed();
+    if fused::fast(x) {
+        return fused::dropout_f32(x, p, seed);
+    }
     let y = (x.detach() * dropout_mask(x, p, seed)?)?;
     with_backward(x, y, move |x, _y, g| {
         g * dropout_mask(x, p, seed).map_err(candle_core::Error::wrap)?
@@ -184,6 +199,11 @@ pub fn random_u64() -> u64 {
     use rand::Rng;
     DROPOUT_DRAWS.with(|d| d.set(d.get() + 1));
     DROPOUT_RNG.with(|r| r.borrow_mut().random())
+}
+
+/// The seed of the next dropout mask, from this thread's generator (counted like every draw).
+pub(crate) fn next_dropout_seed() -> u64 {
+    random_u64()
 }
 
 /// Seeds this thread's dropout masks, so that a training run with a fixed seed repeats exactly.
@@ -270,8 +290,27 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// `x @ w.T` (or `x @ w` when `w` is stored `[in, out]`, `transposed`) for a weight that is not
 /// trained. When `x` is part of a graph the gradient flows to `x` only.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
+    frozen_linear_bias(x, w, None, transposed)
+}
+
+/// [`frozen_linear`] plus a frozen `bias`, added before the result joins the graph: one node
+/// instead of two (candle's backward would also build a full-size gradient for the bias). On
+/// the CPU in f32, `x` may have any leading dimensions and the product is written straight into
+/// the op's output; elsewhere `x` must be `[rows, in]`.
+pub fn frozen_linear_bias(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    transposed: bool,
+) -> Result<Tensor> {
+    if fused::fast(x) && fused::fast(w) && bias.is_none_or(fused::fast) {
+        return fused::frozen_linear_f32(x, w, bias, transposed);
+    }
     let wt = if transposed { w.clone() } else { w.t()? };
-    let y = x.detach().matmul(&wt)?;
+    let mut y = x.detach().matmul(&wt)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
     with_backward(x, y, move |_x, _y, g| g.matmul(&wt.t()?))
 }
 

@@ -73,17 +73,38 @@ impl Linear {
                 found: vec![k],
             });
         }
-        let x2 = x.reshape(((), k))?;
         // Mixed precision: fp32 trainable copies (modules_to_save) meet bf16 activations.
         let w = cast_to(self.weight.value(), x.dtype())?;
-        let mut y = if self.weight.is_trainable() {
-            let wt = if self.transposed { w.clone() } else { w.t()? };
-            x2.matmul(&wt)?
-        } else {
-            ops::frozen_linear(&x2, &w, self.transposed)?
+        let bias_frozen = self.bias.as_ref().is_none_or(|b| !b.is_trainable());
+        if !self.weight.is_trainable() && bias_frozen && self.adapters.running().next().is_none() {
+            let b = match &self.bias {
+                Some(b) => Some(cast_to(b.value(), x.dtype())?),
+                None => None,
+            };
+            if ops::fused_applies(x, &w) {
+                // One node for the whole layer, whatever the leading dimensions.
+                return ops::frozen_linear_bias(x, &w, b.as_ref(), self.transposed);
+            }
+        }
+        let x2 = x.reshape(((), k))?;
+        let bias = match &self.bias {
+            Some(b) => Some((cast_to(b.value(), x.dtype())?, b.is_trainable())),
+            None => None,
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&cast_to(b.value(), y.dtype())?)?;
+        let mut y = match (&bias, self.weight.is_trainable()) {
+            (None, false) => ops::frozen_linear(&x2, &w, self.transposed)?,
+            (Some((b, false)), false) => {
+                ops::frozen_linear_bias(&x2, &w, Some(b), self.transposed)?
+            }
+            _ => {
+                let wt = if self.transposed { w.clone() } else { w.t()? };
+                x2.matmul(&wt)?
+            }
+        };
+        if let Some((b, trainable)) = &bias {
+            if *trainable || self.weight.is_trainable() {
+                y = y.broadcast_add(b)?;
+            }
         }
         let base = self.base();
         for adapter in self.adapters.running() {

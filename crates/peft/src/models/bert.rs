@@ -80,7 +80,7 @@ impl Activation {
 
     pub(crate) fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Activation::GeluErf => x.gelu_erf()?,
+            Activation::GeluErf => ops::gelu_erf(x)?,
             Activation::GeluTanh => x.gelu()?,
             Activation::Relu => x.relu()?,
             Activation::Silu => x.silu()?,
@@ -382,32 +382,41 @@ impl Bert {
         kv: Option<&mut Option<KeyValue>>,
         train: bool,
     ) -> Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
+        let (b, _, h) = x.dims3()?;
         let heads = self.cfg.num_attention_heads;
         let d = h / heads;
-        let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?)
+        let q = l.query.forward_t(x, train)?;
+        let mut k = l.key.forward_t(x, train)?;
+        let mut v = l.value.forward_t(x, train)?;
+        // The cache keeps keys and values per head, `[batch, heads, s, d]`.
+        let split = |y: &Tensor| -> Result<Tensor> {
+            let s = y.dim(1)?;
+            Ok(y.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = split(l.query.forward_t(x, train)?)?;
-        let mut k = split(l.key.forward_t(x, train)?)?;
-        let mut v = split(l.value.forward_t(x, train)?)?;
+        let merge = |y: &Tensor| -> Result<Tensor> {
+            let s = y.dim(2)?;
+            Ok(y.transpose(1, 2)?.reshape((b, s, h))?)
+        };
         if let Some(slot) = kv {
+            let (mut kh, mut vh) = (split(&k)?, split(&v)?);
             if let Some(past) = slot.as_ref() {
-                k = Tensor::cat(&[&past.key, &k], 2)?;
-                v = Tensor::cat(&[&past.value, &v], 2)?;
+                kh = Tensor::cat(&[&past.key, &kh], 2)?;
+                vh = Tensor::cat(&[&past.value, &vh], 2)?;
+                k = merge(&kh)?;
+                v = merge(&vh)?;
             }
-            *slot = Some(KeyValue {
-                key: k.clone(),
-                value: v.clone(),
-            });
+            *slot = Some(KeyValue { key: kh, value: vh });
         }
-        let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
-        let probs = ops::dropout(
-            &ops::masked_softmax(&scores, mask)?,
+        let ctx = ops::attention_merged_heads(
+            &q,
+            &k,
+            &v,
+            heads,
+            mask,
+            1.0 / (d as f64).sqrt(),
             self.cfg.attention_probs_dropout_prob,
             train,
         )?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         let p = self.cfg.hidden_dropout_prob;
         let a = ops::dropout(&l.attn_out.forward_t(&ctx, train)?, p, train)?;
         let a = l.attn_norm.forward(&(a + x)?)?;

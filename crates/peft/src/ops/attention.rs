@@ -1,0 +1,399 @@
+//! Scaled dot-product attention as one graph node on the CPU.
+//!
+//! Composed from candle ops, attention is about fifteen graph nodes per layer (head split and
+//! its copies, scaling, `q kᵀ`, mask, softmax, dropout, `p v`, head merge), each with its own
+//! pass over a `[batch, heads, t, s]` or `[batch, t, hidden]` tensor forward and two more in
+//! backward (candle accumulates every gradient into a fresh zero tensor). Here the heads are
+//! read in place from the projections' `[batch, t, heads * head_dim]` layout through strides,
+//! each `(batch, head)` pair is one task for rayon, and the probabilities are not stored: the
+//! backward recomputes them from `q` and `k` (one small product per head, as flash attention
+//! does), which also keeps a `[batch, heads, t, s]` tensor per layer out of memory.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::fused::{dropout_params, exp_f32, fast, keep, simd_fn, with_f32};
+use crate::Result;
+
+/// `softmax(q kᵀ · scale + mask)` with dropout on the probabilities, times `v`, for `q`
+/// `[batch, t, heads * d]` and `k`, `v` `[batch, s, heads * d]` (heads side by side, as the
+/// projections produce them). `mask` is additive and broadcasts to `[batch, 1, t, s]`. Returns
+/// `[batch, t, heads * d]`, the heads merged back.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_merged_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+    dropout: f64,
+    train: bool,
+) -> Result<Tensor> {
+    let (b, t, hd) = q.dims3()?;
+    let s = k.dim(1)?;
+    let d = hd / heads;
+    let p = if train { dropout } else { 0.0 };
+    if !(fast(q) && fast(k) && fast(v)) || p >= 1.0 {
+        let split = |x: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (qh, kh, vh) = (split(q, t)?, split(k, s)?, split(v, s)?);
+        let scores = (qh * scale)?.matmul(&kh.t()?)?;
+        let probs = super::dropout(&super::masked_softmax(&scores, mask)?, dropout, train)?;
+        return Ok(probs.matmul(&vh)?.transpose(1, 2)?.reshape((b, t, hd))?);
+    }
+    let mask = match mask {
+        None => None,
+        Some(m) => {
+            let (mb, _, mt, ms) = m.dims4()?;
+            if ms != s || (mb != 1 && mb != b) || (mt != 1 && mt != t) {
+                return Err(crate::Error::ShapeMismatch {
+                    name: "attention mask".into(),
+                    expected: vec![b, 1, t, s],
+                    found: m.dims().to_vec(),
+                });
+            }
+            let data: Vec<f32> = m
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            let batch_stride = if mb == 1 { 0 } else { mt * s };
+            let row_stride = if mt == 1 { 0 } else { s };
+            Some((data, batch_stride, row_stride))
+        }
+    };
+    let drop = (p > 0.0).then(|| {
+        let seed = super::next_dropout_seed();
+        let (threshold, keep_scale) = dropout_params(p);
+        (seed, threshold, keep_scale)
+    });
+    let op = Attention {
+        b,
+        t,
+        s,
+        heads,
+        d,
+        scale: scale as f32,
+        mask,
+        drop,
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+struct Attention {
+    b: usize,
+    t: usize,
+    s: usize,
+    heads: usize,
+    d: usize,
+    scale: f32,
+    /// Additive mask data with its batch and row strides (0 where broadcast).
+    mask: Option<(Vec<f32>, usize, usize)>,
+    /// Dropout seed, drop threshold out of 2^32, keep scale.
+    drop: Option<(u64, u32, f32)>,
+}
+
+/// A pointer that rayon tasks may share: each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: tasks write disjoint elements (one `(batch, head)` block each).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// Taking `self` makes a closure capture the whole (shareable) wrapper, not the raw field.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+simd_fn!(
+    fn softmax_row(row: &mut [f32], mask: &[f32]) {
+        if !mask.is_empty() {
+            for (r, &m) in row.iter_mut().zip(mask) {
+                *r += m;
+            }
+        }
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for r in row.iter_mut() {
+            *r = exp_f32(*r - max);
+        }
+        let sum: f32 = row.iter().sum();
+        let inv = 1.0 / sum;
+        for r in row.iter_mut() {
+            *r *= inv;
+        }
+    }
+);
+
+simd_fn!(
+    fn apply_drop(row: &mut [f32], seed: u64, start: u64, threshold: u32, scale: f32) {
+        for (j, r) in row.iter_mut().enumerate() {
+            *r *= keep(seed, start + j as u64, threshold, scale);
+        }
+    }
+);
+
+// `ds = p ⊙ (dp - rowsum(dp ⊙ p))`, in place of `dp`.
+simd_fn!(
+    fn softmax_bwd_row(p: &[f32], dp: &mut [f32]) {
+        let dot: f32 = p.iter().zip(dp.iter()).map(|(a, b)| a * b).sum();
+        for (g, &p) in dp.iter_mut().zip(p) {
+            *g = p * (*g - dot);
+        }
+    }
+);
+
+/// `dst (m×n) = beta · lhs (m×k) · rhs (k×n)`, strides as (row, column), single-threaded (the
+/// caller runs one product per rayon task).
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
+impl Attention {
+    fn hd(&self) -> usize {
+        self.heads * self.d
+    }
+
+    /// Offsets of head `h` of batch `bi` in `q` (and the output) and in `k`/`v`.
+    fn offsets(&self, task: usize) -> (usize, usize, usize, usize) {
+        let (bi, h) = (task / self.heads, task % self.heads);
+        let hd = self.hd();
+        (
+            bi,
+            h,
+            bi * self.t * hd + h * self.d,
+            bi * self.s * hd + h * self.d,
+        )
+    }
+
+    /// The probabilities (before dropout) of one `(batch, head)` pair into `p` (`t × s`).
+    fn probs(&self, q: &[f32], k: &[f32], task: usize, p: &mut [f32]) {
+        let (t, s, d, hd) = (self.t, self.s, self.d, self.hd());
+        let (bi, _, qo, ko) = self.offsets(task);
+        // SAFETY: the shapes were checked by candle; offsets stay inside q, k and p.
+        unsafe {
+            mm(
+                (t, s, d),
+                p.as_mut_ptr(),
+                (s, 1),
+                q[qo..].as_ptr(),
+                (hd, 1),
+                k[ko..].as_ptr(),
+                (1, hd),
+                self.scale,
+            )
+        };
+        for (i, row) in p.chunks_exact_mut(s).enumerate() {
+            let m: &[f32] = match &self.mask {
+                Some((data, bs, rs)) => &data[bi * bs + i * rs..][..s],
+                None => &[],
+            };
+            softmax_row(row, m);
+        }
+    }
+
+    fn drop_rows(&self, task: usize, p: &mut [f32]) {
+        if let Some((seed, threshold, scale)) = self.drop {
+            let base = (task * self.t * self.s) as u64;
+            for (i, row) in p.chunks_exact_mut(self.s).enumerate() {
+                apply_drop(row, seed, base + (i * self.s) as u64, threshold, scale);
+            }
+        }
+    }
+
+    fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let (t, s, hd) = (self.t, self.s, self.hd());
+        let mut out = vec![0f32; self.b * t * hd];
+        let dst = Shared(out.as_mut_ptr());
+        (0..self.b * self.heads).into_par_iter().for_each(|task| {
+            let mut p = vec![0f32; t * s];
+            self.probs(q, k, task, &mut p);
+            self.drop_rows(task, &mut p);
+            let (_, _, qo, vo) = self.offsets(task);
+            // SAFETY: this task alone writes head `h` of batch `bi` of the output.
+            unsafe {
+                mm(
+                    (t, self.d, s),
+                    dst.at(qo),
+                    (hd, 1),
+                    p.as_ptr(),
+                    (s, 1),
+                    v[vo..].as_ptr(),
+                    (hd, 1),
+                    1.0,
+                )
+            };
+        });
+        out
+    }
+
+    /// Gradients with respect to `q`, `k` and `v` given that of the output, `g`.
+    fn backward(&self, q: &[f32], k: &[f32], v: &[f32], g: &[f32]) -> [Vec<f32>; 3] {
+        let (t, s, d, hd) = (self.t, self.s, self.d, self.hd());
+        let mut dq = vec![0f32; q.len()];
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        let (pq, pk, pv) = (
+            Shared(dq.as_mut_ptr()),
+            Shared(dk.as_mut_ptr()),
+            Shared(dv.as_mut_ptr()),
+        );
+        (0..self.b * self.heads).into_par_iter().for_each(|task| {
+            let (_, _, qo, ko) = self.offsets(task);
+            let mut p = vec![0f32; t * s];
+            self.probs(q, k, task, &mut p);
+            let mut dp = vec![0f32; t * s];
+            // SAFETY (all products): offsets stay inside their buffers, and this task alone
+            // writes head `h` of batch `bi` of dq, dk and dv.
+            unsafe {
+                // dp' = g vᵀ
+                mm(
+                    (t, s, d),
+                    dp.as_mut_ptr(),
+                    (s, 1),
+                    g[qo..].as_ptr(),
+                    (hd, 1),
+                    v[ko..].as_ptr(),
+                    (1, hd),
+                    1.0,
+                );
+            }
+            let dropped;
+            let pd: &[f32] = if self.drop.is_some() {
+                let mut x = p.clone();
+                self.drop_rows(task, &mut x);
+                // The same mask scales dp' (dropout's backward).
+                self.drop_rows(task, &mut dp);
+                dropped = x;
+                &dropped
+            } else {
+                &p
+            };
+            unsafe {
+                // dv = pdᵀ g
+                mm(
+                    (s, d, t),
+                    pv.at(ko),
+                    (hd, 1),
+                    pd.as_ptr(),
+                    (1, s),
+                    g[qo..].as_ptr(),
+                    (hd, 1),
+                    1.0,
+                );
+            }
+            for (p, dp) in p.chunks_exact(s).zip(dp.chunks_exact_mut(s)) {
+                softmax_bwd_row(p, dp);
+            }
+            unsafe {
+                // dq = scale · ds k ; dk = scale · dsᵀ q
+                mm(
+                    (t, d, s),
+                    pq.at(qo),
+                    (hd, 1),
+                    dp.as_ptr(),
+                    (s, 1),
+                    k[ko..].as_ptr(),
+                    (hd, 1),
+                    self.scale,
+                );
+                mm(
+                    (s, d, t),
+                    pk.at(ko),
+                    (hd, 1),
+                    dp.as_ptr(),
+                    (1, s),
+                    q[qo..].as_ptr(),
+                    (hd, 1),
+                    self.scale,
+                );
+            }
+        });
+        [dq, dk, dv]
+    }
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        _ => candle_core::bail!("attention: expected contiguous f32 inputs"),
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
+        Ok((CpuStorage::F32(self.forward(q, k, v)), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [dq, dk, dv] = with_f32(q, |qv| {
+            with_f32(k, |kv| {
+                with_f32(v, |vv| with_f32(grad, |gv| self.backward(qv, kv, vv, gv)))
+            })
+        })????;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}

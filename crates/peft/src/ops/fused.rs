@@ -1,0 +1,462 @@
+//! Fused CPU kernels for the training hot path, each with an explicit backward.
+//!
+//! candle's backward pass allocates a zero tensor and adds into it for every node of the graph,
+//! and its elementwise ops run one pass over memory per primitive (GELU's backward alone is eight
+//! passes plus a scalar `erf`). On a small CPU those passes cost as much as the matrix products,
+//! so the ops here do one pass per direction, vectorised (AVX-512 or AVX2 chosen at run time)
+//! and split over the cores with rayon. Each falls back to the composed candle version off the
+//! CPU or for other dtypes, and is tested against that version (`tests/fused_ops.rs`).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::BackwardFn;
+use crate::Result;
+
+/// Compiles `$body` three times (AVX-512, AVX2 + FMA, baseline) and picks the best the CPU has
+/// at run time, so that the loops vectorise without building the whole crate for one CPU.
+macro_rules! simd_fn {
+    ($vis:vis fn $name:ident($($a:ident : $t:ty),* $(,)?) $body:block) => {
+        $vis fn $name($($a: $t),*) {
+            #[inline(always)]
+            fn inner($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")]
+                unsafe fn v4($($a: $t),*) { inner($($a),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($a: $t),*) { inner($($a),*) }
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512dq")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512bw")
+                {
+                    // SAFETY: the features were detected on this CPU.
+                    return unsafe { v4($($a),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { v3($($a),*) };
+                }
+            }
+            inner($($a),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
+/// Elements per parallel task: large enough that rayon's overhead is noise, small enough that
+/// both cores get work on the smallest activations (`[1024, 384]`).
+pub(crate) const CHUNK: usize = 1 << 15;
+
+/// `e^x` for `x <= 88`, branch-free so it vectorises: Cephes' `expf` (range reduction by
+/// `ln 2`, degree-6 polynomial), relative error about 2e-7; arguments below -87 give 0.
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
+    let xc = x.clamp(-87.0, 88.0);
+    let t = xc * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    let ni = t.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let scale = f32::from_bits(((ni + 127) << 23) as u32);
+    if x < -87.0 {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// `erf(x)` from Numerical Recipes' Chebyshev fit of `erfc` (fractional error below 1.2e-7),
+/// branch-free.
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+pub(crate) fn erf_f32(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_9
+                                + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let erfc = t * exp_f32(poly - z * z);
+    (1.0 - erfc).copysign(x)
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// `1 / sqrt(2 pi)`.
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+simd_fn!(
+    fn gelu_fwd_kernel(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = 0.5 * x * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
+        }
+    }
+);
+
+simd_fn!(
+    fn gelu_bwd_kernel(x: &[f32], g: &[f32], dx: &mut [f32]) {
+        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+            let cdf = 0.5 * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
+            let pdf = FRAC_1_SQRT_2PI * exp_f32(-0.5 * x * x);
+            *d = g * (cdf + x * pdf);
+        }
+    }
+);
+
+/// A 32-bit hash of `(seed, index)` (splitmix64's finaliser): counter-based random numbers, so
+/// a dropout mask is the same however the work is split and can be redrawn in backward.
+#[inline(always)]
+pub(crate) fn hash32(seed: u64, index: u64) -> u32 {
+    let mut z = seed.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 32) as u32
+}
+
+/// The dropout multiplier of element `index`: 0 with probability `threshold / 2^32`, else
+/// `scale`.
+#[inline(always)]
+pub(crate) fn keep(seed: u64, index: u64, threshold: u32, scale: f32) -> f32 {
+    if hash32(seed, index) < threshold {
+        0.0
+    } else {
+        scale
+    }
+}
+
+simd_fn!(
+    fn dropout_kernel(x: &[f32], y: &mut [f32], seed: u64, start: u64, threshold: u32, scale: f32) {
+        for (i, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+            *y = x * keep(seed, start + i as u64, threshold, scale);
+        }
+    }
+);
+
+/// Dropout parameters in integer form: the drop threshold out of 2^32 and the keep scale.
+pub(crate) fn dropout_params(p: f64) -> (u32, f32) {
+    (
+        (p * 4_294_967_296.0).min(u32::MAX as f64) as u32,
+        (1.0 / (1.0 - p)) as f32,
+    )
+}
+
+/// Whether the fused CPU kernels apply to `x`.
+pub(crate) fn fast(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// Runs `f` on the contiguous f32 data of `t` (CPU).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let start = layout.start_offset();
+            Ok(f(&v[start..start + t.elem_count()]))
+        }
+        _ => candle_core::bail!("fused op: expected f32 data on the CPU"),
+    }
+}
+
+/// `f(x chunk, out chunk, chunk start)` over `x`, in parallel.
+pub(crate) fn par_map(x: &[f32], f: impl Fn(&[f32], &mut [f32], usize) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(i, (o, x))| f(x, o, i * CHUNK));
+    out
+}
+
+/// `f(a chunk, b chunk, out chunk)` over two equally long inputs, in parallel.
+pub(crate) fn par_map2(
+    a: &[f32],
+    b: &[f32],
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| f(a, b, o));
+    out
+}
+
+/// An elementwise op computed in one pass over the (contiguous, f32, CPU) input, with a
+/// backward given as a closure. Unlike [`super::with_backward`], the forward runs inside the
+/// op, so its output is not copied once more into the graph.
+type ForwardFn = dyn Fn(&[f32]) -> candle_core::Result<Vec<f32>> + Send + Sync;
+
+struct MapOp {
+    name: &'static str,
+    fwd: Box<ForwardFn>,
+    bwd: Box<BackwardFn>,
+    /// The output's shape where it differs from the input's.
+    shape: Option<Shape>,
+}
+
+impl CustomOp1 for MapOp {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(v), Some((start, end))) = (s, l.contiguous_offsets()) else {
+            candle_core::bail!("{}: expected contiguous f32 input", self.name)
+        };
+        let shape = self.shape.clone().unwrap_or_else(|| l.shape().clone());
+        Ok((CpuStorage::F32((self.fwd)(&v[start..end])?), shape))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(arg, res, grad)?))
+    }
+}
+
+fn apply_map(
+    x: &Tensor,
+    name: &'static str,
+    fwd: impl Fn(&[f32]) -> Vec<f32> + Send + Sync + 'static,
+    bwd: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let op = MapOp {
+        name,
+        fwd: Box::new(move |x| Ok(fwd(x))),
+        bwd: Box::new(bwd),
+        shape: None,
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// `x * Φ(x)` with the exact (erf) normal CDF, as torch's `gelu` and transformers' `"gelu"`.
+/// Vectorised erf and a one-pass closed-form backward, `dy · (Φ(x) + x φ(x))`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !fast(x) {
+        return Ok(x.gelu_erf()?);
+    }
+    apply_map(
+        x,
+        "gelu-erf",
+        |x| par_map(x, |x, y, _| gelu_fwd_kernel(x, y)),
+        |x, _y, g| {
+            let g = g.contiguous()?;
+            let dx = with_f32(x, |xv| with_f32(&g, |gv| par_map2(xv, gv, gelu_bwd_kernel)))??;
+            Tensor::from_vec(dx, x.shape(), x.device())
+        },
+    )
+}
+
+/// Inverted dropout in one pass; the mask is a hash of `(seed, element index)`, drawn again in
+/// backward, so nothing but the seed is kept.
+pub(crate) fn dropout_f32(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let (threshold, scale) = dropout_params(p);
+    let kernel = move |x: &[f32], y: &mut [f32], start: usize| {
+        dropout_kernel(x, y, seed, start as u64, threshold, scale)
+    };
+    apply_map(
+        x,
+        "dropout",
+        move |x| par_map(x, kernel),
+        move |_x, _y, g| {
+            let dx = with_f32(g, |gv| par_map(gv, kernel))?;
+            Tensor::from_vec(dx, g.shape(), g.device())
+        },
+    )
+}
+
+simd_fn!(
+    fn layer_norm_rows(x: &[f32], y: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        let n = w.len();
+        for (x, y) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+            let mean = x.iter().sum::<f32>() / n as f32;
+            let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                *y = (x - mean) * rstd * w + b;
+            }
+        }
+    }
+);
+
+simd_fn!(
+    fn layer_norm_bwd_rows(x: &[f32], g: &[f32], dx: &mut [f32], w: &[f32], eps: f32) {
+        let n = w.len();
+        for ((x, g), dx) in x
+            .chunks_exact(n)
+            .zip(g.chunks_exact(n))
+            .zip(dx.chunks_exact_mut(n))
+        {
+            let mean = x.iter().sum::<f32>() / n as f32;
+            let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            // dxhat = g w; dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
+            let (mut m1, mut m2) = (0f32, 0f32);
+            for ((&x, &g), &w) in x.iter().zip(g).zip(w) {
+                let d = g * w;
+                m1 += d;
+                m2 += d * (x - mean) * rstd;
+            }
+            let (m1, m2) = (m1 / n as f32, m2 / n as f32);
+            for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                *dx = (g * w - m1 - (x - mean) * rstd * m2) * rstd;
+            }
+        }
+    }
+);
+
+/// Rows of `n` per parallel task (whole rows, about [`CHUNK`] elements).
+fn row_chunk(n: usize) -> usize {
+    (CHUNK / n).max(1) * n
+}
+
+/// LayerNorm over the last dimension with frozen affine parameters: one pass forward, one pass
+/// backward for `dx` (mean and variance recomputed per row rather than stored).
+pub(crate) fn layer_norm_frozen(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let n = w.elem_count();
+    let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    let bv: Vec<f32> = match b {
+        Some(b) => b.flatten_all()?.to_vec1()?,
+        None => vec![0.0; n],
+    };
+    let eps = eps as f32;
+    let step = row_chunk(n);
+    let w_bwd = wv.clone();
+    apply_map(
+        x,
+        "layer-norm",
+        move |x| {
+            let mut y = vec![0f32; x.len()];
+            y.par_chunks_mut(step)
+                .zip(x.par_chunks(step))
+                .for_each(|(y, x)| layer_norm_rows(x, y, &wv, &bv, eps));
+            y
+        },
+        move |x, _y, g| {
+            let g = g.contiguous()?;
+            let dx = with_f32(x, |xv| {
+                with_f32(&g, |gv| {
+                    let mut dx = vec![0f32; xv.len()];
+                    dx.par_chunks_mut(step)
+                        .zip(xv.par_chunks(step).zip(gv.par_chunks(step)))
+                        .for_each(|(d, (x, g))| layer_norm_bwd_rows(x, g, d, &w_bwd, eps));
+                    dx
+                })
+            })??;
+            Tensor::from_vec(dx, x.shape(), x.device())
+        },
+    )
+}
+
+/// `x @ w.T + bias` (`x @ w + bias` when `w` is stored `[in, out]`) for frozen `w` and `bias`,
+/// any number of leading dimensions. The product runs inside the op, straight into the output
+/// (no copy into the graph, no reshape nodes); the backward is `dy · W` for `x` only.
+pub(crate) fn frozen_linear_f32(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    transposed: bool,
+) -> Result<Tensor> {
+    let (d0, d1) = w.dims2()?;
+    let (in_dim, out_dim) = if transposed { (d0, d1) } else { (d1, d0) };
+    let w = w.contiguous()?;
+    let bias: Option<Vec<f32>> = match bias {
+        Some(b) => Some(b.flatten_all()?.to_vec1()?),
+        None => None,
+    };
+    let w_bwd = w.clone();
+    let fwd = move |x: &[f32]| -> candle_core::Result<Vec<f32>> {
+        let rows = x.len() / in_dim;
+        let mut y = vec![0f32; rows * out_dim];
+        if let Some(b) = &bias {
+            for row in y.chunks_exact_mut(out_dim) {
+                row.copy_from_slice(b);
+            }
+        }
+        let threads = candle_core::utils::get_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // (row, column) strides of the `in × out` right-hand side as stored.
+        let (rhs_rs, rhs_cs) = if transposed {
+            (out_dim, 1)
+        } else {
+            (1, in_dim)
+        };
+        with_f32(&w, |wv| {
+            // SAFETY: `x` holds `rows × in`, `w` `in × out` (as strided), `y` `rows × out`.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    out_dim,
+                    in_dim,
+                    y.as_mut_ptr(),
+                    1,
+                    out_dim as isize,
+                    bias.is_some(),
+                    x.as_ptr(),
+                    1,
+                    in_dim as isize,
+                    wv.as_ptr(),
+                    rhs_cs as isize,
+                    rhs_rs as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+        })?;
+        Ok(y)
+    };
+    let x = x.contiguous()?;
+    let mut out_dims = x.dims().to_vec();
+    if out_dims.last() != Some(&in_dim) {
+        return Err(crate::Error::ShapeMismatch {
+            name: "input of a linear layer".into(),
+            expected: vec![in_dim],
+            found: out_dims,
+        });
+    }
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_dim;
+    }
+    let op = MapOp {
+        name: "frozen-linear",
+        fwd: Box::new(fwd),
+        bwd: Box::new(move |x, _y, g| {
+            let g2 = g.reshape(((), out_dim))?;
+            let dx = if transposed {
+                g2.matmul(&w_bwd.t()?)?
+            } else {
+                g2.matmul(&w_bwd)?
+            };
+            dx.reshape(x.dims())
+        }),
+        shape: Some(Shape::from(out_dims)),
+    };
+    Ok(x.apply_op1(op)?)
+}

@@ -1,0 +1,294 @@
+//! The fused CPU ops (GELU, LayerNorm, attention) against the same math composed from candle
+//! primitives, forward and backward (candle's autograd of the primitives is the reference), and
+//! attention's dropout backward against finite differences.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use peft::ops;
+
+/// Deterministic, irregular test data in about [-scale, scale].
+fn data(shape: &[usize], seed: f32, scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| scale * ((i as f32 * 0.618 + seed).sin() * 1.7 + (i as f32 * 0.1377).cos()) / 2.7)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn max_abs(a: &Tensor) -> f32 {
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// `sum(y * r)` for a fixed random `r`: every output element gets its own upstream gradient.
+fn weighted_sum(y: &Tensor) -> Tensor {
+    let r = data(y.dims(), 3.3, 1.0);
+    (y * r).unwrap().sum_all().unwrap()
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    let diff = max_abs_diff(got, want);
+    let scale = max_abs(want).max(1e-3);
+    assert!(
+        diff <= tol * scale,
+        "{what}: max |diff| {diff} > {tol} × {scale}"
+    );
+    assert!(max_abs(want) > 0.0, "{what}: reference is all zeros");
+}
+
+#[test]
+fn gelu_matches_candle_forward_and_backward() {
+    // Wide range, including the tails where erf saturates and values near 0.
+    let x = Var::from_tensor(&data(&[64, 1536], 0.5, 6.0)).unwrap();
+    let ours = ops::gelu_erf(x.as_tensor()).unwrap();
+    let reference = x.as_tensor().gelu_erf().unwrap();
+    assert_close("gelu forward", &ours, &reference, 1e-6);
+    let g_ours = weighted_sum(&ours).backward().unwrap();
+    let g_ref = weighted_sum(&reference).backward().unwrap();
+    assert_close(
+        "gelu backward",
+        g_ours.get(x.as_tensor()).unwrap(),
+        g_ref.get(x.as_tensor()).unwrap(),
+        1e-5,
+    );
+}
+
+fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+    let mean = x.mean_keepdim(D::Minus1).unwrap();
+    let c = x.broadcast_sub(&mean).unwrap();
+    let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    c.broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(w)
+        .unwrap()
+        .broadcast_add(b)
+        .unwrap()
+}
+
+#[test]
+fn layer_norm_matches_composed_forward_and_backward() {
+    let x = Var::from_tensor(&data(&[3, 50, 384], 1.0, 4.0)).unwrap();
+    let w = (data(&[384], 2.0, 1.0) + 1.0).unwrap();
+    let b = data(&[384], 7.0, 0.5);
+    let ours = ops::layer_norm(x.as_tensor(), &w, Some(&b), 1e-12).unwrap();
+    let reference = layer_norm_composed(x.as_tensor(), &w, &b, 1e-12);
+    assert_close("layer norm forward", &ours, &reference, 1e-5);
+    let g_ours = weighted_sum(&ours).backward().unwrap();
+    let g_ref = weighted_sum(&reference).backward().unwrap();
+    assert_close(
+        "layer norm backward",
+        g_ours.get(x.as_tensor()).unwrap(),
+        g_ref.get(x.as_tensor()).unwrap(),
+        1e-4,
+    );
+}
+
+/// Attention from primitives only (composed softmax), heads split and merged explicitly.
+fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: &Tensor,
+    scale: f64,
+) -> Tensor {
+    let (b, t, hd) = q.dims3().unwrap();
+    let s = k.dim(1).unwrap();
+    let d = hd / heads;
+    let split = |x: &Tensor, n: usize| {
+        x.reshape((b, n, heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let scores = (split(q, t) * scale)
+        .unwrap()
+        .matmul(&split(k, s).t().unwrap())
+        .unwrap()
+        .broadcast_add(mask)
+        .unwrap();
+    let max = scores.max_keepdim(D::Minus1).unwrap().detach();
+    let e = scores.broadcast_sub(&max).unwrap().exp().unwrap();
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+    p.matmul(&split(v, s))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, t, hd))
+        .unwrap()
+}
+
+/// A padding mask with the last `pad[i]` positions of row `i` masked.
+fn padding(b: usize, s: usize, pad: &[usize]) -> Tensor {
+    let m: Vec<u32> = (0..b)
+        .flat_map(|i| (0..s).map(move |j| u32::from(j + pad[i] < s)))
+        .collect();
+    let m = Tensor::from_vec(m, (b, s), &Device::Cpu).unwrap();
+    ops::padding_mask(&m, s, DType::F32).unwrap()
+}
+
+#[test]
+fn attention_matches_composed_forward_and_backward() {
+    let (b, t, heads, d) = (2, 7, 3, 8);
+    let hd = heads * d;
+    let q = Var::from_tensor(&data(&[b, t, hd], 0.1, 2.0)).unwrap();
+    let k = Var::from_tensor(&data(&[b, t, hd], 1.2, 2.0)).unwrap();
+    let v = Var::from_tensor(&data(&[b, t, hd], 2.3, 2.0)).unwrap();
+    let mask = padding(b, t, &[0, 3]);
+    let scale = 1.0 / (d as f64).sqrt();
+    let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+    let ours =
+        ops::attention_merged_heads(qt, kt, vt, heads, Some(&mask), scale, 0.0, true).unwrap();
+    let reference = attention_composed(qt, kt, vt, heads, &mask, scale);
+    assert_close("attention forward", &ours, &reference, 1e-5);
+    let g_ours = weighted_sum(&ours).backward().unwrap();
+    let g_ref = weighted_sum(&reference).backward().unwrap();
+    for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+        assert_close(
+            &format!("attention backward d{name}"),
+            g_ours.get(var.as_tensor()).unwrap(),
+            g_ref.get(var.as_tensor()).unwrap(),
+            1e-4,
+        );
+    }
+    // Keys and values longer than the queries (a cache): `s != t`.
+    let k2 = data(&[b, 11, hd], 4.0, 2.0);
+    let v2 = data(&[b, 11, hd], 5.0, 2.0);
+    let mask2 = padding(b, 11, &[2, 0]);
+    let ours =
+        ops::attention_merged_heads(qt, &k2, &v2, heads, Some(&mask2), scale, 0.0, false).unwrap();
+    let reference = attention_composed(qt, &k2, &v2, heads, &mask2, scale);
+    assert_close("attention forward, s != t", &ours, &reference, 1e-5);
+}
+
+#[test]
+fn attention_dropout_backward_matches_finite_differences() {
+    let (b, t, heads, d) = (1, 5, 2, 4);
+    let hd = heads * d;
+    let p = 0.3;
+    let inputs = [
+        data(&[b, t, hd], 0.4, 1.0),
+        data(&[b, t, hd], 1.5, 1.0),
+        data(&[b, t, hd], 2.6, 1.0),
+    ];
+    let mask = padding(b, t, &[1]);
+    // The loss with the dropout mask of seed 7, in f64 for the differences' sake.
+    let loss = |x: &[Tensor; 3]| -> f64 {
+        ops::seed_dropout(7);
+        let y = ops::attention_merged_heads(&x[0], &x[1], &x[2], heads, Some(&mask), 0.5, p, true)
+            .unwrap();
+        weighted_sum(&y)
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|x| Var::from_tensor(x).unwrap())
+        .collect();
+    ops::seed_dropout(7);
+    let y = ops::attention_merged_heads(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+        heads,
+        Some(&mask),
+        0.5,
+        p,
+        true,
+    )
+    .unwrap();
+    // Dropout did act: the output differs from the one without it.
+    let plain = ops::attention_merged_heads(
+        &inputs[0],
+        &inputs[1],
+        &inputs[2],
+        heads,
+        Some(&mask),
+        0.5,
+        0.0,
+        true,
+    )
+    .unwrap();
+    assert!(max_abs_diff(&y, &plain) > 1e-3, "dropout changed nothing");
+    let grads = weighted_sum(&y).backward().unwrap();
+    let h = 1e-2f32;
+    for (which, var) in vars.iter().enumerate() {
+        let g: Vec<f32> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(g.iter().any(|&x| x != 0.0), "input {which}: zero gradient");
+        let base: Vec<f32> = inputs[which].flatten_all().unwrap().to_vec1().unwrap();
+        for idx in [0, 3, 9, 17, 26, 38] {
+            let bump = |delta: f32| {
+                let mut v = base.clone();
+                v[idx] += delta;
+                let mut x = inputs.clone();
+                x[which] = Tensor::from_vec(v, (b, t, hd), &Device::Cpu).unwrap();
+                loss(&x)
+            };
+            let fd = (bump(h) - bump(-h)) / (2.0 * h as f64);
+            assert!(
+                (fd - g[idx] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                "input {which}[{idx}]: finite difference {fd} vs backward {}",
+                g[idx]
+            );
+        }
+    }
+}
+
+#[test]
+fn frozen_linear_matches_matmul_for_3d_inputs_in_both_layouts() {
+    let x = Var::from_tensor(&data(&[2, 5, 12], 0.7, 2.0)).unwrap();
+    let w = data(&[7, 12], 1.9, 1.0); // [out, in]
+    let b = data(&[7], 3.1, 1.0);
+    let reference = x
+        .as_tensor()
+        .broadcast_matmul(&w.t().unwrap())
+        .unwrap()
+        .broadcast_add(&b)
+        .unwrap();
+    let g_ref = weighted_sum(&reference).backward().unwrap();
+    for transposed in [false, true] {
+        let stored = if transposed {
+            w.t().unwrap().contiguous().unwrap()
+        } else {
+            w.clone()
+        };
+        let ours = ops::frozen_linear_bias(x.as_tensor(), &stored, Some(&b), transposed).unwrap();
+        assert_close("frozen linear forward", &ours, &reference, 1e-6);
+        let g = weighted_sum(&ours).backward().unwrap();
+        assert_close(
+            "frozen linear backward",
+            g.get(x.as_tensor()).unwrap(),
+            g_ref.get(x.as_tensor()).unwrap(),
+            1e-6,
+        );
+    }
+}
