@@ -341,3 +341,165 @@ fn forward_on_t5_with_decoder_input_ids() {
     ]);
     assert!(!ok && text.contains("decoder_input_ids"), "{text}");
 }
+
+fn adapter_tensors(dir: &Path) -> std::collections::HashMap<String, Tensor> {
+    peft::io::load_safetensors(
+        &dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// `--set` overrides, checkpoints, logs and curves, `peft eval`, and `--resume` after a run
+/// lost its later checkpoints ends with the same adapter.
+#[test]
+fn train_eval_resume_and_overrides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.csv");
+    let mut csv = String::from("sentence,y\n");
+    for i in 0..30 {
+        csv += &format!(
+            "{} token{i},{}\n",
+            ["good", "bad"][i % 2],
+            ["pos", "neg"][i % 2]
+        );
+    }
+    std::fs::write(&data, csv).unwrap();
+    let model = fixtures().join("models/seq_cls");
+    let model_copy = tmp.path().join("model");
+    std::fs::create_dir_all(&model_copy).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(model.join(f), model_copy.join(f)).unwrap();
+    }
+    write_word_tokenizer(&model_copy.join("tokenizer.json"));
+    let out = tmp.path().join("run");
+    let cfg = tmp.path().join("train.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = \"{}\"\ntask_type = \"SEQ_CLS\"\n[peft]\npeft_type = \"LORA\"\nr = 4\n\
+             lora_alpha = 8\nlora_dropout = 0.1\ntarget_modules = [\"query\", \"value\"]\n[data]\n\
+             train_file = \"{}\"\ntext_column = \"sentence\"\nlabel_column = \"y\"\n\
+             validation_split = 0.2\n[training]\noutput_dir = \"{}\"\nlearning_rate = 1e-3\n\
+             max_steps = 6\nper_device_train_batch_size = 4\nlogging_steps = 1\n",
+            model_copy.display(),
+            data.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let sets = [
+        "--set",
+        "training.save_steps=2",
+        "--set",
+        "training.learning_rate=1e-2",
+    ];
+    let mut args = vec!["train", "--config", c];
+    args.extend(sets);
+    let (ok, text) = peft(&args);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("evaluating on 6") && text.contains("accuracy:"),
+        "{text}"
+    );
+    for f in [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+        "metrics.jsonl",
+        "curves.png",
+        "curves.svg",
+        "README.md",
+        "eval_results.json",
+    ] {
+        assert!(out.join(f).exists(), "{f}: {text}");
+    }
+    let first = adapter_tensors(&out);
+    let (ok, text) = peft(&["eval", "--config", c]);
+    assert!(
+        ok && text.contains("accuracy:") && text.contains("f1:"),
+        "{text}"
+    );
+
+    // Lose everything after checkpoint-2, then resume: same adapter as before.
+    for f in ["checkpoint-4", "checkpoint-6"] {
+        std::fs::remove_dir_all(out.join(f)).unwrap();
+    }
+    std::fs::remove_file(out.join("adapter_model.safetensors")).unwrap();
+    let mut args = vec!["train", "--config", c, "--resume"];
+    args.extend(sets);
+    let (ok, text) = peft(&args);
+    assert!(
+        ok && text.contains("resuming from") && text.contains("checkpoint-2"),
+        "{text}"
+    );
+    let second = adapter_tensors(&out);
+    for (k, t) in &first {
+        let d = (t - &second[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{k}");
+    }
+
+    let (ok, text) = peft(&["train", "--config", c, "--set", "training.lerning_rate=1"]);
+    assert!(
+        !ok && text.contains("did you mean `learning_rate`"),
+        "{text}"
+    );
+}
+
+/// CAUSAL_LM prompt/completion training on the tiny Llama, then `peft eval` reports perplexity.
+#[test]
+fn causal_lm_training_and_perplexity() {
+    let tiny =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft/tests/fixtures/generation/tiny_llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    let rows: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"q{} is\", \"completion\": \" a b c\"}}",
+                i % 4
+            )
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let out = tmp.path().join("run");
+    let cfg = tmp.path().join("lm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = \"{}\"\ntask_type = \"CAUSAL_LM\"\n[peft]\npeft_type = \"LORA\"\nr = 4\n\
+             lora_alpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n[data]\ntrain_file = \"{}\"\n\
+             prompt_column = \"prompt\"\nvalidation_split = 0.25\n[training]\noutput_dir = \"{}\"\n\
+             learning_rate = 1e-2\nmax_steps = 4\nper_device_train_batch_size = 3\nlogging_steps = 2\n\
+             eval_strategy = \"steps\"\neval_steps = 2\n",
+            tiny.display(),
+            data.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let (ok, text) = peft(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(ok && text.contains("perplexity:"), "{text}");
+    let (ok, text) = peft(&["eval", "--config", cfg.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let line = text.lines().find(|l| l.contains("perplexity:")).unwrap();
+    let ppl: f64 = line.split(':').nth(1).unwrap().trim().parse().unwrap();
+    let loss_line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("loss:"))
+        .unwrap();
+    let loss: f64 = loss_line.split(':').nth(1).unwrap().trim().parse().unwrap();
+    assert!(ppl.is_finite() && ppl > 1.0, "{text}");
+    assert!(
+        (ppl.ln() - loss).abs() < 1e-3,
+        "perplexity = exp(loss): {text}"
+    );
+}

@@ -42,10 +42,19 @@ fn load_base(
     device: &Device,
 ) -> Result<Box<dyn crate::Model>> {
     let task = task_of(cfg);
+    // Without `[model] num_labels`, the head keeps the checkpoint's class count (as
+    // transformers' from_pretrained does) unless the data needs more classes.
+    let config_path = cfg.model.path.join("config.json");
+    let from_config = config_path
+        .exists()
+        .then(|| crate::io::read_json(&config_path))
+        .transpose()?
+        .map(|c| models::num_labels(&c, None));
     let num_labels = match task {
-        TaskType::SeqCls | TaskType::TokenCls => {
-            cfg.model.num_labels.or(labels.map(|l| l.num_labels))
-        }
+        TaskType::SeqCls | TaskType::TokenCls => cfg
+            .model
+            .num_labels
+            .or(labels.map(|l| l.num_labels.max(from_config.unwrap_or(0)))),
         _ => None,
     };
     models::load(
