@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
 mod commands;
 mod generate;
 
@@ -128,10 +129,21 @@ enum Command {
         #[arg(long)]
         print_ids: bool,
     },
-    /// Time LoRA training steps (r=8 on query/value, SEQ_CLS) on fixed-length random batches.
+    /// Time LoRA training steps (r=8, PEFT's default targets unless --target-modules) on
+    /// fixed-length random batches, or with --generate the speed of greedy generation.
     Bench {
+        /// A model directory or GGUF file.
         #[arg(long)]
         model: PathBuf,
+        /// SEQ_CLS or CAUSAL_LM (training); generation uses the LM head whatever this says.
+        #[arg(long, default_value = "SEQ_CLS")]
+        task: String,
+        /// Comma-separated LoRA target modules (default: PEFT's for the model type).
+        #[arg(long, value_delimiter = ',')]
+        target_modules: Option<Vec<String>>,
+        /// Time generating this many new tokens per row (prompts of --seq-len random ids).
+        #[arg(long)]
+        generate: Option<usize>,
         #[arg(long, default_value_t = 8)]
         batch: usize,
         #[arg(long, default_value_t = 128)]
@@ -230,11 +242,25 @@ fn main() -> ExitCode {
         }),
         Command::Bench {
             model,
+            task,
+            target_modules,
+            generate,
             batch,
             seq_len,
             steps,
             warmup,
-        } => commands::bench(&model, batch, seq_len, steps, warmup),
+        } => task.parse().and_then(|task| {
+            bench::run(&bench::BenchArgs {
+                model,
+                task,
+                target_modules,
+                batch,
+                seq_len,
+                steps,
+                warmup,
+                generate,
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

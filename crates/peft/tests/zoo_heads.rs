@@ -231,3 +231,54 @@ fn qwen2_sliding_window_layers() {
         );
     }
 }
+
+/// A training step through each new head (dropout on) gives every trainable tensor, LoRA and the
+/// `modules_to_save` head copies, a non-zero gradient.
+#[test]
+fn every_trainable_parameter_gets_a_gradient() {
+    use peft::train::classification_loss;
+    let cases = [
+        ("t5_seq_cls", "t5"),
+        ("t5_token_cls", "t5"),
+        ("t5_qa", "t5"),
+        ("llama_token_cls", "decoder"),
+        ("gpt2_qa", "decoder"),
+        ("opt_qa", "decoder"),
+    ];
+    for (case, set) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, meta) = model_with_head(case, tmp.path());
+        let adapter = fixtures().join("zoo").join(case).join("adapter");
+        let mut m = PeftModel::from_pretrained(load(&dir, &meta), &adapter).unwrap();
+        m.delete_adapter("default").unwrap();
+        m.load_adapter(&adapter, "default", true).unwrap();
+        let inputs = inputs(set);
+        let logits = m.forward(&inputs, true).unwrap();
+        // Labels: class 1 for sequences, position-dependent classes (0/1) per token.
+        let labels = match logits.rank() {
+            2 => Tensor::ones(logits.dim(0).unwrap(), DType::I64, &Device::Cpu).unwrap(),
+            _ => {
+                let (b, t, _) = logits.dims3().unwrap();
+                let v: Vec<i64> = (0..b * t).map(|i| (i % 2) as i64).collect();
+                Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
+            }
+        };
+        let loss = classification_loss(&logits, &labels).unwrap();
+        let grads = loss.backward().unwrap();
+        let params = m.trainable_parameters();
+        assert!(params.iter().any(|(k, _)| k.contains("lora_A")), "{case}");
+        for (key, var) in params {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{case}: no gradient for {key}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{case}: zero gradient for {key}");
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! `peft bench`: LoRA training-step throughput (r=8, fixed-length random batches, AdamW) for a
+//! classification or causal-LM model, or generation speed (greedy, a fixed number of new tokens),
+//! of any model `peft` loads (a Hugging Face directory or a GGUF file). Prints one JSON line, the
+//! same fields as the PyTorch references in tools/reference/ (bench_train.py,
+//! bench_train_causal.py, bench_generate.py), so the two can be put side by side.
+
+use candle_core::{DType, Tensor};
+use peft::generation::{generate, GenerationConfig};
+use peft::models::{self, LoadOptions};
+use peft::peft_model::get_peft_model_with_seed;
+use peft::train::optim::{AdamW, AdamWParams};
+use peft::tuners::lora::LoraConfig;
+use peft::tuners::targets::ModuleSpec;
+use peft::{Error, Inputs, Result, TaskType};
+use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub struct BenchArgs {
+    pub model: PathBuf,
+    pub task: TaskType,
+    /// LoRA targets; `None`: PEFT's default for the model type.
+    pub target_modules: Option<Vec<String>>,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    /// Time generation of this many new tokens per row instead of training.
+    pub generate: Option<usize>,
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    let device = crate::commands::device()?;
+    let task = match (a.generate, a.task) {
+        (Some(_), TaskType::Seq2SeqLm) | (None, _) => a.task,
+        (Some(_), _) => TaskType::CausalLm,
+    };
+    let opts = LoadOptions {
+        task: Some(task),
+        num_labels: (a.task == TaskType::SeqCls).then_some(2),
+        device: device.clone(),
+        seed: 0,
+    };
+    let base = models::load(&a.model, &opts)?;
+    let vocab = base.dims().vocab_size as u32;
+    // Random ids away from the special tokens at the start of most vocabularies.
+    let low = (vocab / 10).min(1000);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut random_ids =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(low..vocab)).collect() };
+
+    if let Some(new_tokens) = a.generate {
+        let prompts: Vec<Vec<u32>> = (0..a.batch).map(|_| random_ids(a.seq_len)).collect();
+        let cfg = GenerationConfig {
+            max_new_tokens: new_tokens,
+            // An id outside the vocabulary: no row stops early, every run makes `new_tokens`.
+            eos_token_ids: vec![vocab],
+            ..Default::default()
+        };
+        let mut best = f64::INFINITY;
+        for run in 0..a.warmup + a.steps {
+            let t = Instant::now();
+            let out = generate(base.as_ref(), &prompts, &cfg, None, &mut |_, _| {})?;
+            device.synchronize()?;
+            let s = t.elapsed().as_secs_f64();
+            if out.tokens.iter().any(|r| r.len() != new_tokens) {
+                return Err(Error::Data("generation stopped early".into()));
+            }
+            if run >= a.warmup {
+                best = best.min(s);
+            }
+        }
+        println!(
+            "{{\"impl\":\"peft-rs\",\"mode\":\"generate\",\"tokens_per_s\":{:.2},\"seconds\":{best:.3},\"batch\":{},\"prompt_len\":{},\"new_tokens\":{new_tokens},\"peak_rss_mb\":{:.0}}}",
+            (a.batch * new_tokens) as f64 / best,
+            a.batch,
+            a.seq_len,
+            peak_rss_mb()
+        );
+        return Ok(());
+    }
+
+    let config = LoraConfig {
+        r: 8,
+        lora_alpha: 16.0,
+        lora_dropout: 0.1,
+        target_modules: a.target_modules.clone().map(ModuleSpec::List),
+        task_type: Some(a.task),
+        ..Default::default()
+    };
+    let model = get_peft_model_with_seed(base, config, 0)?;
+    let (b, t) = (a.batch, a.seq_len);
+    let ids = Tensor::from_vec(random_ids(b * t), (b, t), &device)?;
+    let inputs = Inputs {
+        input_ids: Some(ids.clone()),
+        attention_mask: Some(Tensor::ones((b, t), DType::U32, &device)?),
+        ..Default::default()
+    };
+    let labels = match a.task {
+        TaskType::SeqCls => {
+            let l: Vec<i64> = (0..b).map(|i| (i % 2) as i64).collect();
+            Tensor::new(l.as_slice(), &device)?
+        }
+        TaskType::CausalLm => ids.to_dtype(DType::I64)?,
+        other => {
+            return Err(Error::Config(format!(
+                "peft bench trains SEQ_CLS or CAUSAL_LM, not {}",
+                other.as_str()
+            )))
+        }
+    };
+    let mut opt = AdamW::new(model.trainable_parameters(), AdamWParams::default())?;
+    let mut timed = 0.0;
+    for step in 0..a.warmup + a.steps {
+        let start = Instant::now();
+        let logits = model.forward(&inputs, true)?;
+        let loss = match a.task {
+            TaskType::CausalLm => peft::train::causal_lm_loss(&logits, &labels)?,
+            _ => peft::train::classification_loss(&logits, &labels)?,
+        };
+        let t_f = start.elapsed().as_secs_f64();
+        let grads = loss.backward()?;
+        let t_b = start.elapsed().as_secs_f64();
+        opt.step(&grads, 1e-4, 1.0)?;
+        if std::env::var("PEFT_BENCH_SPLIT").is_ok() {
+            eprintln!(
+                "fwd {t_f:.3} bwd {:.3} opt {:.3}",
+                t_b - t_f,
+                start.elapsed().as_secs_f64() - t_b
+            );
+        }
+        device.synchronize()?;
+        if step >= a.warmup {
+            timed += start.elapsed().as_secs_f64();
+        }
+    }
+    let step_s = timed / a.steps.max(1) as f64;
+    let trainable: usize = model
+        .trainable_parameters()
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count())
+        .sum();
+    println!(
+        "{{\"impl\":\"peft-rs\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable}}}",
+        a.task.as_str(),
+        b as f64 / step_s,
+        peak_rss_mb()
+    );
+    Ok(())
+}
+
+/// Peak resident set size of this process (VmHWM), in MB; 0 where /proc is unavailable.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}

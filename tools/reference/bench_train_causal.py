@@ -1,0 +1,97 @@
+"""Training-throughput benchmark of PyTorch + PEFT LoRA on SmolLM2-135M-Instruct (CAUSAL_LM, CPU, fp32).
+
+The counterpart of `peft bench --model GGUF --task CAUSAL_LM --target-modules q_proj,v_proj`:
+
+  * model: the SmolLM2 GGUF from .assets/smollm2, dequantized to f32 by transformers (needs the
+    `gguf` package);
+  * LoRA: task_type=CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj","v_proj"];
+  * input: batch B of L random token ids (seeded), attention mask all ones, labels = the ids
+    (transformers shifts them inside the loss);
+  * step: forward + loss + backward + AdamW(lr=1e-4) step + zero_grad, model.train().
+
+After --warmup steps it times --steps steps and prints one JSON line with seq_per_s, step_s and
+peak_rss_mb (ru_maxrss of the process, MiB), plus other_load (mean cores other processes kept busy
+while timing; see bench_train.py). Run from the repository root:
+
+    python tools/reference/bench_train_causal.py [--threads 2] [--steps 10] [--batch 8] [--seq-len 128]
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from peft import LoraConfig, get_peft_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import busy_jiffies, other_load  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+GGUF = os.path.join(ROOT, ".assets", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--gguf", default=GGUF)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    d, f = os.path.dirname(args.gguf), os.path.basename(args.gguf)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    model.config.use_cache = False
+    model = get_peft_model(
+        model,
+        LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+    )
+    model.train()
+    vocab = model.config.vocab_size
+    ids = torch.randint(min(1000, vocab // 10), vocab, (args.batch, args.seq_len))
+    mask = torch.ones_like(ids)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(args.warmup):
+        step()
+    busy0, cpu0 = busy_jiffies(), time.process_time()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    elapsed = time.perf_counter() - t0
+    step_s = elapsed / args.steps
+    print(
+        json.dumps(
+            {
+                "impl": "pytorch+peft",
+                "task": "CAUSAL_LM",
+                "seq_per_s": round(args.batch / step_s, 2),
+                "step_s": round(step_s, 4),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+                "threads": torch.get_num_threads(),
+                "batch": args.batch,
+                "seq_len": args.seq_len,
+                "steps": args.steps,
+                "other_load": other_load(elapsed, busy0, cpu0),
+                "torch": torch.__version__,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
