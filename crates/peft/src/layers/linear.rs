@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 
 use super::adapter::{Adapters, LinearAdapter, LinearBase};
+use super::mixed;
 use super::param::Param;
 use crate::{ops, Error, Result};
 
@@ -74,23 +75,91 @@ impl Linear {
             });
         }
         let x2 = x.reshape(((), k))?;
-        let w = self.weight.value();
-        let mut y = if self.weight.is_trainable() {
-            let wt = if self.transposed { w.clone() } else { w.t()? };
-            x2.matmul(&wt)?
-        } else {
-            ops::frozen_linear(&x2, &w, self.transposed)?
+        let y = match mixed::current() {
+            Some(names) if self.routes_rows() => {
+                self.forward_mixed(&x2, &names, lead.first().copied())?
+            }
+            _ => {
+                let mut y = self.affine(
+                    &x2,
+                    &self.weight.value(),
+                    self.bias.as_ref().map(|b| b.value()),
+                    self.weight.is_trainable(),
+                )?;
+                let base = self.base();
+                for adapter in self.adapters.running() {
+                    y = adapter.forward(&x2, y, &base, train)?;
+                }
+                y
+            }
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.value())?;
-        }
-        let base = self.base();
-        for adapter in self.adapters.running() {
-            y = adapter.forward(&x2, y, &base, train)?;
-        }
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());
         Ok(y.reshape(out_dims)?)
+    }
+
+    /// `x2 · Wᵀ + b` for a `[rows, in]` input.
+    fn affine(
+        &self,
+        x2: &Tensor,
+        w: &Tensor,
+        b: Option<Tensor>,
+        trainable: bool,
+    ) -> Result<Tensor> {
+        let mut y = if trainable {
+            let wt = if self.transposed { w.clone() } else { w.t()? };
+            x2.matmul(&wt)?
+        } else {
+            ops::frozen_linear(x2, w, self.transposed)?
+        };
+        if let Some(b) = b {
+            y = y.broadcast_add(&b)?;
+        }
+        Ok(y)
+    }
+
+    /// Whether a mixed batch changes anything here: the layer carries adapters or per-adapter
+    /// copies (`modules_to_save`), and they are not switched off.
+    fn routes_rows(&self) -> bool {
+        let copies = self.weight.has_copies() || self.bias.as_ref().is_some_and(|b| b.has_copies());
+        (copies || !self.adapters.is_empty()) && !self.adapters.is_disabled()
+    }
+
+    /// PEFT's `_mixed_batch_forward`: each row group runs through its own adapter (any adapter
+    /// this layer has, active or not) or, for `__base__`, the bare layer.
+    fn forward_mixed(&self, x2: &Tensor, names: &[String], lead: Option<usize>) -> Result<Tensor> {
+        let g = mixed::groups(names, lead, x2.dim(0)?, &self.name, x2.device())?;
+        let copies = self.weight.has_copies() || self.bias.as_ref().is_some_and(|b| b.has_copies());
+        let shared = if copies {
+            None
+        } else {
+            let b = self.bias.as_ref().map(|b| crate::grad::live(b.base()));
+            Some(self.affine(x2, &crate::grad::live(self.weight.base()), b, false)?)
+        };
+        let base = self.base();
+        let mut outs = Vec::with_capacity(g.groups.len());
+        for (name, idx) in &g.groups {
+            let xg = x2.index_select(idx, 0)?;
+            let mut yg = match &shared {
+                Some(y) => y.index_select(idx, 0)?,
+                None => {
+                    let pick = |p: &Param| match p.copy(name) {
+                        Some(v) => crate::grad::live(v.as_tensor()),
+                        None => crate::grad::live(p.base()),
+                    };
+                    let w = pick(&self.weight);
+                    let b = self.bias.as_ref().map(pick);
+                    self.affine(&xg, &w, b, false)?
+                }
+            };
+            if name != mixed::BASE {
+                if let Some(adapter) = self.adapters.get(name) {
+                    yg = adapter.forward(&xg, yg, &base, false)?;
+                }
+            }
+            outs.push(yg);
+        }
+        Ok(Tensor::cat(&outs, 0)?.index_select(&g.inverse, 0)?)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod layer;
+pub mod weighted;
 
 pub use config::{Bias, InitLoraWeights, LoraConfig};
 pub use layer::{LoraEmbedding, LoraLinear};
