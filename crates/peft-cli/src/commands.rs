@@ -5,7 +5,7 @@ use peft::io::{read_json, save_safetensors, Weights};
 use peft::layers::ModuleRef;
 use peft::models::{self, LoadOptions};
 use peft::peft_model::get_peft_model_with_seed;
-use peft::peft_model::{load_with_adapter, thousands, CONFIG_NAME, WEIGHTS_NAME};
+use peft::peft_model::{thousands, CONFIG_NAME, WEIGHTS_NAME};
 use peft::train::config::TrainConfig;
 use peft::{Error, Inputs, Result, TaskType};
 use std::path::{Path, PathBuf};
@@ -39,7 +39,8 @@ pub fn eval(config_path: &Path, overrides: &[String], adapter: Option<&Path>) ->
 
 pub struct ForwardArgs {
     pub model: PathBuf,
-    pub adapter: Option<PathBuf>,
+    pub adapter: Vec<String>,
+    pub adapter_names: Option<String>,
     pub input_ids: String,
     pub attention_mask: Option<String>,
     pub token_type_ids: Option<String>,
@@ -129,12 +130,26 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         device,
         seed: 42,
     };
-    let logits = match &a.adapter {
-        Some(dir) => {
-            let model = load_with_adapter(&a.model, dir, opts)?;
-            peft::no_grad(|| model.forward(&inputs, false))?
+    let specs = crate::adapters::parse_specs(&a.adapter)?;
+    let rows = input_ids.dim(0)?;
+    let logits = match (specs.is_empty(), &a.adapter_names) {
+        (true, Some(_)) => {
+            return Err(Error::Config(
+                "--adapter-names needs the adapters it names: pass --adapter NAME=DIR".into(),
+            ))
         }
-        None => models::load(&a.model, &opts)?.forward(&inputs, false)?,
+        (true, None) => models::load(&a.model, &opts)?.forward(&inputs, false)?,
+        (false, names) => {
+            let model = crate::adapters::load(&a.model, &specs, opts)?;
+            match names {
+                Some(list) => {
+                    let names = crate::adapters::parse_row_names(list);
+                    crate::adapters::check_rows(&names, rows)?;
+                    peft::no_grad(|| model.forward_mixed(&inputs, &names))?
+                }
+                None => peft::no_grad(|| model.forward(&inputs, false))?,
+            }
+        }
     };
     save_safetensors(
         &a.out,
@@ -144,18 +159,61 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn merge(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
-    let peft_model = load_with_adapter(
-        model_dir,
-        adapter,
-        LoadOptions {
-            device: device()?,
-            ..Default::default()
-        },
-    )?;
+pub struct MergeArgs {
+    pub model: PathBuf,
+    pub adapter: Vec<String>,
+    pub weights: Option<String>,
+    pub combination_type: String,
+    pub svd_rank: Option<usize>,
+    pub svd_clamp: Option<f64>,
+    pub density: Option<f64>,
+    pub majority_sign_method: String,
+    pub seed: u64,
+    pub out: PathBuf,
+}
+
+/// Merges one adapter, or a weighted combination of several (PEFT's `add_weighted_adapter`
+/// followed by `merge_and_unload`), into the base model.
+pub fn merge(a: MergeArgs) -> Result<()> {
+    let specs = crate::adapters::parse_specs(&a.adapter)?;
+    let opts = LoadOptions {
+        device: device()?,
+        ..Default::default()
+    };
+    let mut peft_model = crate::adapters::load(&a.model, &specs, opts)?;
+    if specs.len() > 1 || a.weights.is_some() {
+        let weights: Vec<f64> = match &a.weights {
+            Some(w) => w
+                .split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse::<f64>()
+                        .map_err(|_| Error::Config(format!("--weights: `{x}` is not a number")))
+                })
+                .collect::<Result<_>>()?,
+            None => vec![1.0; specs.len()],
+        };
+        let wopts = peft::tuners::lora::weighted::WeightedOptions {
+            combination_type: a.combination_type.parse()?,
+            svd_rank: a.svd_rank,
+            svd_clamp: a.svd_clamp,
+            density: a.density,
+            majority_sign_method: a.majority_sign_method.parse()?,
+            seed: a.seed,
+        };
+        let names: Vec<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
+        let combined = "__weighted__";
+        peft_model.add_weighted_adapter(&names, &weights, combined, &wopts)?;
+        peft_model.set_adapter(combined)?;
+        println!(
+            "combined {} with weights {weights:?} ({})",
+            names.join(", "),
+            a.combination_type
+        );
+    }
     let merged = peft_model.merge_and_unload()?;
-    models::save_pretrained(merged.as_ref(), out)?;
-    println!("merged model written to {}", out.display());
+    models::save_pretrained(merged.as_ref(), &a.out)?;
+    println!("merged model written to {}", a.out.display());
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use peft::generation::{generate as run_generate, GenerationConfig, SamplingConfig};
 use peft::io::tokenizer::Tokenizer;
 use peft::models::{self, LoadOptions};
-use peft::peft_model::{load_with_adapter, CONFIG_NAME};
+use peft::peft_model::CONFIG_NAME;
 use peft::{Error, Result, TaskType};
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,7 +12,8 @@ use std::time::Instant;
 
 pub struct GenerateArgs {
     pub model: Option<PathBuf>,
-    pub adapter: Option<PathBuf>,
+    pub adapter: Vec<String>,
+    pub adapter_names: Option<String>,
     pub prompts: Vec<String>,
     pub max_new_tokens: usize,
     pub do_sample: bool,
@@ -28,7 +29,8 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let model_path = match (&a.model, &a.adapter) {
+    let specs = crate::adapters::parse_specs(&a.adapter)?;
+    let model_path = match (&a.model, specs.first().map(|(_, d)| d)) {
         (Some(m), _) => m.clone(),
         (None, Some(adapter)) => {
             let cfg = peft::io::read_json(&adapter.join(CONFIG_NAME))?;
@@ -115,13 +117,26 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
     };
     let start;
-    let out = match &a.adapter {
-        Some(adapter) => {
-            let model = load_with_adapter(&model_path, adapter, opts)?;
+    let out = match (specs.is_empty(), &a.adapter_names) {
+        (true, Some(_)) => {
+            return Err(Error::Config(
+                "--adapter-names needs the adapters it names: pass --adapter NAME=DIR".into(),
+            ))
+        }
+        (false, Some(list)) => {
+            let model = crate::adapters::load(&model_path, &specs, opts)?;
+            let names = crate::adapters::parse_row_names(list);
+            crate::adapters::check_rows(&names, prompts.len())?;
+            let mixed = model.with_adapter_names(&names)?;
+            start = Instant::now();
+            run_generate(&mixed, &prompts, &cfg, Some(&tok), &mut on_token)?
+        }
+        (false, None) => {
+            let model = crate::adapters::load(&model_path, &specs, opts)?;
             start = Instant::now();
             run_generate(&model, &prompts, &cfg, Some(&tok), &mut on_token)?
         }
-        None => {
+        (true, None) => {
             let model = models::load(&model_path, &opts)?;
             start = Instant::now();
             run_generate(model.as_ref(), &prompts, &cfg, Some(&tok), &mut on_token)?

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod adapters;
 mod bench;
 mod commands;
 mod generate;
@@ -54,8 +55,13 @@ enum Command {
     Forward {
         #[arg(long)]
         model: PathBuf,
+        /// An adapter directory, or NAME=DIR; repeat for several adapters (the first is active).
         #[arg(long)]
-        adapter: Option<PathBuf>,
+        adapter: Vec<String>,
+        /// One adapter name per input row, comma-separated (`__base__`: no adapter): a mixed
+        /// batch, each row through its own adapter.
+        #[arg(long)]
+        adapter_names: Option<String>,
         /// Equal-length rows of token ids as JSON, e.g. '[[101, 2023, 102]]'.
         #[arg(long)]
         input_ids: String,
@@ -81,8 +87,32 @@ enum Command {
     Merge {
         #[arg(long)]
         model: PathBuf,
+        /// An adapter directory, or NAME=DIR; repeat to merge a weighted combination of several.
+        #[arg(long, required = true)]
+        adapter: Vec<String>,
+        /// One weight per adapter, comma-separated (default: 1 each); negative subtracts.
         #[arg(long)]
-        adapter: PathBuf,
+        weights: Option<String>,
+        /// How several adapters combine (PEFT's add_weighted_adapter): linear, cat, svd, ties,
+        /// ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune,
+        /// magnitude_prune_svd.
+        #[arg(long, default_value = "svd")]
+        combination_type: String,
+        /// Rank of the _svd combinations (default: the largest input rank).
+        #[arg(long)]
+        svd_rank: Option<usize>,
+        /// Quantile at which _svd factors are clamped.
+        #[arg(long)]
+        svd_clamp: Option<f64>,
+        /// Fraction of entries TIES / DARE / magnitude pruning keep.
+        #[arg(long)]
+        density: Option<f64>,
+        /// TIES sign election: total or frequency.
+        #[arg(long, default_value = "total")]
+        majority_sign_method: String,
+        /// Seed of DARE's random masks.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         #[arg(long)]
         out: PathBuf,
     },
@@ -95,8 +125,12 @@ enum Command {
         /// base_model_name_or_path (a local path or the Hugging Face cache).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// An adapter directory, or NAME=DIR; repeat for several adapters (the first is active).
         #[arg(long)]
-        adapter: Option<PathBuf>,
+        adapter: Vec<String>,
+        /// One adapter name per prompt, comma-separated (`__base__`: no adapter).
+        #[arg(long)]
+        adapter_names: Option<String>,
         /// The prompt; repeat for a batch (left-padded, generated together).
         #[arg(long, required = true)]
         prompt: Vec<String>,
@@ -185,6 +219,7 @@ fn main() -> ExitCode {
         Command::Forward {
             model,
             adapter,
+            adapter_names,
             input_ids,
             attention_mask,
             token_type_ids,
@@ -195,6 +230,7 @@ fn main() -> ExitCode {
         } => commands::forward(commands::ForwardArgs {
             model,
             adapter,
+            adapter_names,
             input_ids,
             attention_mask,
             token_type_ids,
@@ -206,12 +242,31 @@ fn main() -> ExitCode {
         Command::Merge {
             model,
             adapter,
+            weights,
+            combination_type,
+            svd_rank,
+            svd_clamp,
+            density,
+            majority_sign_method,
+            seed,
             out,
-        } => commands::merge(&model, &adapter, &out),
+        } => commands::merge(commands::MergeArgs {
+            model,
+            adapter,
+            weights,
+            combination_type,
+            svd_rank,
+            svd_clamp,
+            density,
+            majority_sign_method,
+            seed,
+            out,
+        }),
         Command::Inspect { dir } => commands::inspect(&dir),
         Command::Generate {
             model,
             adapter,
+            adapter_names,
             prompt,
             max_new_tokens,
             do_sample,
@@ -227,6 +282,7 @@ fn main() -> ExitCode {
         } => generate::generate(generate::GenerateArgs {
             model,
             adapter,
+            adapter_names,
             prompts: prompt,
             max_new_tokens,
             do_sample,

@@ -17,6 +17,8 @@ use crate::{Error, Result};
 
 #[path = "peft_model_lora_family.rs"]
 mod lora_family;
+mod multi;
+pub use multi::{LayerStatus, MixedBatch, ModelStatus, Status};
 
 /// Prefix of every key in an adapter file: PEFT's wrapper path to the base model's modules.
 pub const KEY_PREFIX: &str = "base_model.model.";
@@ -36,7 +38,8 @@ struct AdapterEntry {
 pub struct PeftModel {
     model: Box<dyn Model>,
     adapters: Vec<AdapterEntry>,
-    active: String,
+    /// The active adapters (one usually; several are summed, see `set_adapters`).
+    active: Vec<String>,
     /// Seed for adapter initialisation; each added adapter advances it.
     seed: u64,
     /// AdaLoRA's rank allocator for the trainable AdaLoRA adapter, if there is one.
@@ -57,7 +60,7 @@ pub fn get_peft_model_with_seed(
     let mut m = PeftModel {
         model,
         adapters: Vec::new(),
-        active: "default".into(),
+        active: vec!["default".into()],
         seed,
         allocator: None,
     };
@@ -71,7 +74,7 @@ impl PeftModel {
         let mut m = PeftModel {
             model,
             adapters: Vec::new(),
-            active: "default".into(),
+            active: vec!["default".into()],
             seed: 0,
             allocator: None,
         };
@@ -83,8 +86,9 @@ impl PeftModel {
         self.model.as_ref()
     }
 
+    /// The first active adapter (PEFT's `active_adapter`).
     pub fn active_adapter(&self) -> &str {
-        &self.active
+        self.active.first().map_or("", |s| s.as_str())
     }
 
     pub fn adapter_names(&self) -> Vec<&str> {
@@ -173,34 +177,14 @@ impl PeftModel {
             shared: injected.shared,
         });
         if first {
-            self.active = name.to_string();
+            self.active = vec![name.to_string()];
         }
         Ok(())
     }
 
     /// Makes `name` the adapter the forward pass uses.
     pub fn set_adapter(&mut self, name: &str) -> Result<()> {
-        if self.entry(name).is_none() {
-            return Err(Error::Adapter(format!(
-                "no adapter named `{name}`; loaded: {}",
-                self.adapter_names().join(", ")
-            )));
-        }
-        self.active = name.to_string();
-        let names = vec![name.to_string()];
-        for module in self.model.modules_mut() {
-            match module {
-                ModuleMut::Linear(l) => l.adapters.set_active(&names),
-                ModuleMut::Embedding(e) => e.adapters.set_active(&names),
-                ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => {}
-            }
-        }
-        self.for_each_param(|p| {
-            if p.has_copies() {
-                p.activate(Some(name));
-            }
-        });
-        Ok(())
+        self.set_adapters(&[name])
     }
 
     fn for_each_param(&mut self, mut f: impl FnMut(&mut Param)) {
@@ -245,7 +229,9 @@ impl PeftModel {
     /// Trainable tensors under the keys they are saved with.
     pub fn trainable_parameters(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
-        for entry in self.adapters.iter().filter(|e| e.trainable) {
+        // As PEFT: only the active adapters require grad (add_adapter leaves a new one inactive).
+        let active = |e: &&AdapterEntry| self.active.contains(&e.name);
+        for entry in self.adapters.iter().filter(|e| e.trainable).filter(active) {
             out.extend(self.adapter_vars(&entry.name));
         }
         out.extend(self.in_place_trained());
@@ -387,7 +373,24 @@ impl PeftModel {
 
     /// Writes every adapter in PEFT's layout: `default` in `dir`, others in `dir/<name>/`.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
-        for entry in &self.adapters {
+        self.save_pretrained_selected(dir, None)
+    }
+
+    /// [`PeftModel::save_pretrained`] of only the named adapters (PEFT's `selected_adapters`).
+    pub fn save_pretrained_selected(&self, dir: &Path, selected: Option<&[&str]>) -> Result<()> {
+        if let Some(sel) = selected {
+            if let Some(bad) = sel.iter().find(|n| self.entry(n).is_none()) {
+                return Err(Error::Adapter(format!(
+                    "cannot save adapter `{bad}`: no such adapter; loaded: {}",
+                    self.adapter_names().join(", ")
+                )));
+            }
+        }
+        let chosen = self
+            .adapters
+            .iter()
+            .filter(|e| selected.is_none_or(|sel| sel.contains(&e.name.as_str())));
+        for entry in chosen {
             let target = if entry.name == "default" {
                 dir.to_path_buf()
             } else {
@@ -544,7 +547,7 @@ impl PeftModel {
         if self.allocator.as_ref().is_some_and(|a| a.adapter == name) {
             self.allocator = None;
         }
-        if self.active == name {
+        if self.active.iter().any(|a| a == name) {
             if let Some(next) = self.adapters.first().map(|a| a.name.clone()) {
                 self.set_adapter(&next)?;
             }
@@ -554,7 +557,7 @@ impl PeftModel {
 
     /// Folds the active adapter into the base weights (PEFT's `merge_adapter`).
     pub fn merge_adapter(&mut self) -> Result<()> {
-        let names = vec![self.active.clone()];
+        let names = self.active.clone();
         for module in self.model.modules_mut() {
             match module {
                 ModuleMut::Linear(l) => l.merge(&names)?,
@@ -614,7 +617,7 @@ impl PeftModel {
         if disabled {
             self.unmerge_adapter()?;
         }
-        let active = self.active.clone();
+        let active = self.active.first().cloned().unwrap_or_default();
         for module in self.model.modules_mut() {
             match module {
                 ModuleMut::Linear(l) => l.adapters.set_disabled(disabled),

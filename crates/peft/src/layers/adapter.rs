@@ -44,6 +44,11 @@ pub trait LinearAdapter: Debug + Send + Sync {
     fn tensors(&self) -> Vec<(String, Var)>;
 
     fn as_any(&self) -> &dyn Any;
+
+    /// Whether rows of a mixed batch may use this adapter (PEFT refuses DoRA there).
+    fn supports_mixed_batch(&self) -> bool {
+        true
+    }
 }
 
 /// An adapter on an embedding layer.
@@ -62,6 +67,11 @@ pub trait EmbeddingAdapter: Debug + Send + Sync {
     }
     fn tensors(&self) -> Vec<(String, Var)>;
     fn as_any(&self) -> &dyn Any;
+
+    /// Whether rows of a mixed batch may use this adapter (PEFT refuses DoRA there).
+    fn supports_mixed_batch(&self) -> bool {
+        true
+    }
 }
 
 /// The adapters attached to one layer, keyed by adapter name.

@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 
 use super::adapter::{Adapters, EmbeddingAdapter};
+use super::mixed;
 use super::param::Param;
 use crate::Result;
 
@@ -37,11 +38,48 @@ impl Embedding {
         let mut out_dims = ids.dims().to_vec();
         out_dims.push(self.dim());
         let flat = ids.flatten_all()?;
-        let mut y = self.weight.value().index_select(&flat, 0)?;
-        for adapter in self.adapters.running() {
-            y = adapter.forward(&flat, y, train)?;
-        }
+        let routes =
+            (self.weight.has_copies() || !self.adapters.is_empty()) && !self.adapters.is_disabled();
+        let y = match mixed::current() {
+            Some(names) if routes => {
+                self.forward_mixed(&flat, &names, ids.dims().first().copied())?
+            }
+            _ => {
+                let mut y = self.weight.value().index_select(&flat, 0)?;
+                for adapter in self.adapters.running() {
+                    y = adapter.forward(&flat, y, train)?;
+                }
+                y
+            }
+        };
         Ok(y.reshape(out_dims)?)
+    }
+
+    /// PEFT's mixed-batch embedding: each row group looks up its adapter's table (a
+    /// `modules_to_save` copy, or the base plus its LoRA update); `__base__` rows the bare one.
+    fn forward_mixed(
+        &self,
+        flat: &Tensor,
+        names: &[String],
+        lead: Option<usize>,
+    ) -> Result<Tensor> {
+        let g = mixed::groups(names, lead, flat.dim(0)?, &self.name, flat.device())?;
+        let mut outs = Vec::with_capacity(g.groups.len());
+        for (name, idx) in &g.groups {
+            let ids = flat.index_select(idx, 0)?;
+            let table = match self.weight.copy(name) {
+                Some(v) => crate::grad::live(v.as_tensor()),
+                None => crate::grad::live(self.weight.base()),
+            };
+            let mut y = table.index_select(&ids, 0)?;
+            if name != mixed::BASE {
+                if let Some(adapter) = self.adapters.get(name) {
+                    y = adapter.forward(&ids, y, false)?;
+                }
+            }
+            outs.push(y);
+        }
+        Ok(Tensor::cat(&outs, 0)?.index_select(&g.inverse, 0)?)
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {

@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 
 use super::adapter::{Adapters, LinearAdapter, LinearBase};
+use super::mixed;
 use super::param::Param;
 use crate::{ops, Error, Result};
 
@@ -76,7 +77,12 @@ impl Linear {
         // Mixed precision: fp32 trainable copies (modules_to_save) meet bf16 activations.
         let w = cast_to(self.weight.value(), x.dtype())?;
         let bias_frozen = self.bias.as_ref().is_none_or(|b| !b.is_trainable());
-        if !self.weight.is_trainable() && bias_frozen && self.adapters.running().next().is_none() {
+        let mixed_rows = mixed::current().is_some() && self.routes_rows();
+        if !self.weight.is_trainable()
+            && bias_frozen
+            && !mixed_rows
+            && self.adapters.running().next().is_none()
+        {
             let b = match &self.bias {
                 Some(b) => Some(cast_to(b.value(), x.dtype())?),
                 None => None,
@@ -87,32 +93,102 @@ impl Linear {
             }
         }
         let x2 = x.reshape(((), k))?;
-        let bias = match &self.bias {
-            Some(b) => Some((cast_to(b.value(), x.dtype())?, b.is_trainable())),
-            None => None,
-        };
-        let mut y = match (&bias, self.weight.is_trainable()) {
-            (None, false) => ops::frozen_linear(&x2, &w, self.transposed)?,
-            (Some((b, false)), false) => {
-                ops::frozen_linear_bias(&x2, &w, Some(b), self.transposed)?
+        let y = match mixed::current() {
+            Some(names) if self.routes_rows() => {
+                self.forward_mixed(&x2, &names, lead.first().copied())?
             }
             _ => {
-                let wt = if self.transposed { w.clone() } else { w.t()? };
-                x2.matmul(&wt)?
+                let mut y = self.affine(
+                    &x2,
+                    &self.weight.value(),
+                    self.bias.as_ref().map(|b| b.value()),
+                    self.weight.is_trainable(),
+                )?;
+                let base = self.base();
+                for adapter in self.adapters.running() {
+                    y = adapter.forward(&x2, y, &base, train)?;
+                }
+                y
             }
         };
-        if let Some((b, trainable)) = &bias {
-            if *trainable || self.weight.is_trainable() {
-                y = y.broadcast_add(b)?;
-            }
-        }
-        let base = self.base();
-        for adapter in self.adapters.running() {
-            y = adapter.forward(&x2, y, &base, train)?;
-        }
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());
         Ok(y.reshape(out_dims)?)
+    }
+
+    /// `x2 · Wᵀ + b` for a `[rows, in]` input.
+    fn affine(
+        &self,
+        x2: &Tensor,
+        w: &Tensor,
+        b: Option<Tensor>,
+        trainable: bool,
+    ) -> Result<Tensor> {
+        // Mixed precision: fp32 trainable copies (modules_to_save) meet bf16 activations.
+        let w = cast_to(w.clone(), x2.dtype())?;
+        let b = match b {
+            Some(b) => Some(cast_to(b, x2.dtype())?),
+            None => None,
+        };
+        if trainable {
+            let wt = if self.transposed { w.clone() } else { w.t()? };
+            let y = x2.matmul(&wt)?;
+            return Ok(match b {
+                Some(b) => y.broadcast_add(&b)?,
+                None => y,
+            });
+        }
+        match b {
+            // A trained bias (`bias="all"`) needs its own node for its gradient.
+            Some(b) if b.track_op() => {
+                Ok(ops::frozen_linear(x2, &w, self.transposed)?.broadcast_add(&b)?)
+            }
+            b => ops::frozen_linear_bias(x2, &w, b.as_ref(), self.transposed),
+        }
+    }
+
+    /// Whether a mixed batch changes anything here: the layer carries adapters or per-adapter
+    /// copies (`modules_to_save`), and they are not switched off.
+    fn routes_rows(&self) -> bool {
+        let copies = self.weight.has_copies() || self.bias.as_ref().is_some_and(|b| b.has_copies());
+        (copies || !self.adapters.is_empty()) && !self.adapters.is_disabled()
+    }
+
+    /// PEFT's `_mixed_batch_forward`: each row group runs through its own adapter (any adapter
+    /// this layer has, active or not) or, for `__base__`, the bare layer.
+    fn forward_mixed(&self, x2: &Tensor, names: &[String], lead: Option<usize>) -> Result<Tensor> {
+        let g = mixed::groups(names, lead, x2.dim(0)?, &self.name, x2.device())?;
+        let copies = self.weight.has_copies() || self.bias.as_ref().is_some_and(|b| b.has_copies());
+        let shared = if copies {
+            None
+        } else {
+            let b = self.bias.as_ref().map(|b| crate::grad::live(b.base()));
+            Some(self.affine(x2, &crate::grad::live(self.weight.base()), b, false)?)
+        };
+        let base = self.base();
+        let mut outs = Vec::with_capacity(g.groups.len());
+        for (name, idx) in &g.groups {
+            let xg = x2.index_select(idx, 0)?;
+            let mut yg = match &shared {
+                Some(y) => y.index_select(idx, 0)?,
+                None => {
+                    let pick = |p: &Param| match p.copy(name) {
+                        Some(v) => crate::grad::live(v.as_tensor()),
+                        None => crate::grad::live(p.base()),
+                    };
+                    let w = pick(&self.weight);
+                    let b = self.bias.as_ref().map(pick);
+                    self.affine(&xg, &w, b, false)?
+                }
+            };
+            if name != mixed::BASE {
+                if let Some(adapter) = self.adapters.get(name) {
+                    yg = adapter.forward(&xg, yg, &base, false)?;
+                }
+            }
+            outs.push(yg);
+        }
+        Ok(Tensor::cat(&outs, 0)?.index_select(&g.inverse, 0)?)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod attention;
 pub mod embedding;
 pub mod linear;
+pub mod mixed;
 pub mod norm;
 pub mod param;
 pub mod rotary;

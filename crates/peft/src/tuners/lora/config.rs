@@ -233,6 +233,10 @@ impl LoraConfig {
         self.init_lora_weights.method()?;
         let defaults = unimplemented_defaults();
         for (k, v) in &self.other {
+            // Informational only (which AutoPeftModel class to rebuild); any value is fine.
+            if k == "auto_mapping" {
+                continue;
+            }
             if let Some(d) = defaults.get(k) {
                 let is_default = v == d
                     || (v.is_null()

@@ -5,6 +5,7 @@ pub mod convert;
 pub mod dora;
 pub mod init;
 pub mod layer;
+pub mod weighted;
 
 pub use config::{Bias, InitLoraWeights, InitMethod, LoraConfig};
 pub use dora::{DoraEmbedding, DoraLinear};
