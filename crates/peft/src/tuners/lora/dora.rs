@@ -104,6 +104,11 @@ impl LinearAdapter for DoraLinear {
         t
     }
 
+    /// PEFT refuses DoRA in mixed batches (the weight norm is per adapter, not per row).
+    fn supports_mixed_batch(&self) -> bool {
+        false
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -182,6 +187,11 @@ impl EmbeddingAdapter for DoraEmbedding {
         let mut t = self.lora.tensors();
         t.push(("lora_magnitude_vector".into(), self.magnitude.clone()));
         t
+    }
+
+    /// PEFT refuses DoRA in mixed batches (the weight norm is per adapter, not per row).
+    fn supports_mixed_batch(&self) -> bool {
+        false
     }
 
     fn as_any(&self) -> &dyn Any {
