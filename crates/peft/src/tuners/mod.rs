@@ -33,8 +33,10 @@ pub enum PeftConfig {
     Lokr(LokrConfig),
     Ia3(Ia3Config),
     Vera(VeraConfig),
+    AdaLora(AdaLoraConfig),
 }
 
+const SUPPORTED: &str = "LORA, ADALORA, LOHA, LOKR, IA3, VERA";
 
 /// What attaching an adapter produced: the adapted module names, and tensors the adapter owns at
 /// model level (VeRA's shared projections), under their file keys; those are saved and loaded
@@ -43,10 +45,6 @@ pub struct Injected {
     pub modules: Vec<String>,
     pub shared: Vec<(String, Var)>,
 }
-    AdaLora(AdaLoraConfig),
-}
-
-const SUPPORTED: &str = "LORA, ADALORA, LOHA, LOKR, IA3, VERA";
 
 impl PeftConfig {
     fn dispatch(v: &Value, strict: bool) -> Result<Self> {
