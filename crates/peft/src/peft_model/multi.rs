@@ -244,6 +244,7 @@ impl PeftModel {
             adapters: Vec::new(),
             active: Vec::new(),
             seed: 0,
+            allocator: None,
         };
         m.load_adapters_from(dir, is_trainable)?;
         Ok(m)
@@ -273,6 +274,7 @@ impl PeftModel {
             adapters: Vec::new(),
             active: Vec::new(),
             seed: 0,
+            allocator: None,
         };
         for (name, dir) in adapters {
             m.load_adapter(dir, name, false)?;
@@ -346,6 +348,12 @@ impl PeftModel {
         for a in adapters {
             match self.entry(a).map(|e| &e.config) {
                 Some(PeftConfig::Lora(c)) => configs.push(c.clone()),
+                Some(other) => {
+                    return Err(Error::Adapter(format!(
+                        "add_weighted_adapter combines LoRA adapters; `{a}` is {}",
+                        other.peft_type()
+                    )))
+                }
                 None => return Err(Error::Adapter(format!("adapter `{a}` does not exist"))),
             }
         }

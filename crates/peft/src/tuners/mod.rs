@@ -1,10 +1,10 @@
 //! Tuners: one module per PEFT method, each with its config and layer math, plus what they share.
 
+pub mod adalora;
 pub mod common;
 pub mod ia3;
 pub mod loha;
 pub mod lokr;
-pub mod adalora;
 pub mod lora;
 pub mod lycoris;
 pub mod targets;
@@ -16,14 +16,13 @@ use serde_json::Value;
 use crate::error::config_err;
 use crate::models::{Model, TaskType};
 use crate::Result;
+use adalora::AdaLoraConfig;
 use common::BaseFields;
 use ia3::Ia3Config;
 use loha::LohaConfig;
 use lokr::LokrConfig;
 use lora::{Bias, LoraConfig};
 use vera::VeraConfig;
-use adalora::AdaLoraConfig;
-use lora::{Bias, LoraConfig};
 
 /// A PEFT method's configuration, tagged by `peft_type` as in `adapter_config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -223,10 +222,6 @@ impl PeftConfig {
             PeftConfig::Vera(c) => vera::inject(model, name, c, modules_to_save, seed)?,
         })
     }
-}
-
-impl PeftConfig {
-    /// `bias`: which base biases are trained and saved with the adapter.
 }
 
 impl From<AdaLoraConfig> for PeftConfig {
