@@ -4,10 +4,9 @@ use candle_core::{DType, Device, Tensor};
 use peft::io::{read_json, save_safetensors, Weights};
 use peft::layers::ModuleRef;
 use peft::models::{self, LoadOptions};
-use peft::peft_model::get_peft_model_with_seed;
 use peft::peft_model::{thousands, CONFIG_NAME, WEIGHTS_NAME};
 use peft::train::config::TrainConfig;
-use peft::{Error, Inputs, Result, TaskType};
+use peft::{Error, Inputs, Result};
 use std::path::{Path, PathBuf};
 
 pub(crate) fn device() -> Result<Device> {
