@@ -2,7 +2,7 @@
 //! merge and unload, with PEFT's names and semantics.
 
 use candle_core::{Tensor, Var};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
 
@@ -446,13 +446,11 @@ impl PeftModel {
             }
         }
         if bias != Bias::None {
-            let keys: Vec<String> = file
-                .keys()
-                .filter(|k| k.ends_with(".bias"))
-                .cloned()
-                .collect();
-            for key in keys {
-                let t = file.remove(&key).expect("key listed above");
+            let (biases, rest): (HashMap<_, _>, HashMap<_, _>) = std::mem::take(&mut file)
+                .into_iter()
+                .partition(|(k, _)| k.ends_with(".bias"));
+            file = rest;
+            for (key, t) in biases {
                 self.load_bias(&key, name, t)?;
             }
         }

@@ -114,16 +114,19 @@ pub fn inject(
     let model_type = model.info().model_type.clone();
     let targets =
         common::resolve_targets(model, &mut config.target_modules, default_target_modules)?;
-    if config.feedforward_modules.is_none() {
-        let d = default_feedforward_modules(&model_type).ok_or_else(|| {
-            Error::Config(format!(
-                "no default feedforward_modules for model_type `{model_type}`; set feedforward_modules"
-            ))
-        })?;
-        config.feedforward_modules =
-            Some(ModuleSpec::List(d.iter().map(|s| s.to_string()).collect()));
-    }
-    let feedforward = match config.feedforward_modules.as_ref().expect("set above") {
+    let feedforward_spec = match &config.feedforward_modules {
+        Some(spec) => spec.clone(),
+        None => {
+            let d = default_feedforward_modules(&model_type).ok_or_else(|| {
+                Error::Config(format!(
+                    "no default feedforward_modules for model_type `{model_type}`; set feedforward_modules"
+                ))
+            })?;
+            ModuleSpec::List(d.iter().map(|s| s.to_string()).collect())
+        }
+    };
+    config.feedforward_modules = Some(feedforward_spec.clone());
+    let feedforward = match &feedforward_spec {
         ModuleSpec::Regex(s) => FeedForward::Regex(
             Regex::new(&format!("^(?:{s})$"))
                 .map_err(|e| config_err!("feedforward_modules: invalid regex `{s}`: {e}"))?,
