@@ -1,49 +1,15 @@
 //! The `peft` binary end to end on the fixture models (made by transformers + PEFT, see
 //! tools/fixtures/): forward with a PEFT adapter, merge into a model directory, inspect, train.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
+
+use common::{matrix, max_diff, peft, tensor};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft/tests/fixtures/bert")
-}
-
-fn peft(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args(args)
-        .output()
-        .expect("run peft");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn tensor(path: &Path, name: &str) -> Tensor {
-    let mut t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
-    t.remove(name)
-        .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
-}
-
-fn matrix(t: &Tensor) -> String {
-    serde_json::to_string(&t.to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap()).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    common::peft_fixtures().join("bert")
 }
 
 fn inputs() -> (String, String, String) {

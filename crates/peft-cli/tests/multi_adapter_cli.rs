@@ -1,50 +1,11 @@
 //! `peft forward` / `peft merge` with several adapters, against PEFT's outputs in
 //! crates/peft/tests/fixtures/multi (tools/fixtures/make_multi_adapter_fixtures.py).
 
-use candle_core::{DType, Device, Tensor};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft/tests/fixtures")
-}
+mod common;
 
-fn peft(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args(args)
-        .output()
-        .expect("run peft");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn tensor(path: &Path, name: &str) -> Tensor {
-    let mut t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
-    t.remove(name)
-        .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
-}
-
-fn matrix(t: &Tensor) -> String {
-    serde_json::to_string(&t.to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap()).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+use common::{matrix, max_diff, peft, peft_fixtures as fixtures, tensor};
 
 fn bert_inputs() -> Vec<String> {
     let f = fixtures().join("bert/inputs.safetensors");
