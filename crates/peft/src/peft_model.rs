@@ -131,6 +131,8 @@ impl PeftModel {
         if config.base_model_name_or_path().is_none() {
             config.set_base_model_name_or_path(Some(self.model.info().dir.display().to_string()));
         }
+        let existing: Vec<&PeftConfig> = self.adapters.iter().map(|a| &a.config).collect();
+        config.check_new_adapter(&existing)?;
         let seed = self.seed.wrapping_add(self.adapters.len() as u64);
         let first = self.adapters.is_empty();
         if matches!(config, PeftConfig::AdaLora(_)) && trainable && self.allocator.is_some() {

@@ -161,3 +161,44 @@ fn ia3_default_tables_follow_peft() {
     );
     assert!(default_feedforward_modules("unknown-arch").is_none());
 }
+
+#[test]
+fn a_second_adapter_must_agree_with_the_first_as_in_peft() {
+    let vera = |key: u64| {
+        PeftConfig::from_user_json(
+            &json!({"peft_type": "VERA", "r": 4, "projection_prng_key": key, "task_type": "SEQ_CLS"}),
+        )
+        .unwrap()
+    };
+    let mut pm = get_peft_model_with_seed(load_base("vera_bert"), vera(0), 0).unwrap();
+    let err = pm
+        .add_adapter("other", vera(7))
+        .expect_err("a VeRA adapter with another projection key was accepted")
+        .to_string();
+    assert!(
+        err.contains("projection_prng_key") && err.contains("is 7 here but 0"),
+        "{err}"
+    );
+    assert_eq!(
+        pm.adapter_names(),
+        ["default"],
+        "the refused adapter stayed"
+    );
+    pm.add_adapter("same_key", vera(0)).unwrap();
+
+    // Base biases belong to the first adapter only.
+    let lora = |bias: &str| {
+        PeftConfig::from_user_json(&json!({"peft_type": "LORA", "r": 4, "bias": bias})).unwrap()
+    };
+    let mut pm = get_peft_model_with_seed(load_base("vera_bert"), lora("all"), 0).unwrap();
+    pm.add_adapter("plain", lora("none")).unwrap();
+    let err = pm
+        .add_adapter("biased", lora("lora_only"))
+        .expect_err("a second adapter training biases was accepted")
+        .to_string();
+    assert!(
+        err.contains("bias = \"lora_only\"") && err.contains("none"),
+        "{err}"
+    );
+    assert_eq!(pm.adapter_names(), ["default", "plain"]);
+}

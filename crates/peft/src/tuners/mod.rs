@@ -187,6 +187,31 @@ impl PeftConfig {
         }
     }
 
+    /// PEFT's `_check_new_adapter_config`: what a new adapter must agree on with the adapters
+    /// already on the model. Biases are base weights, so only the first adapter may train them;
+    /// VeRA adapters share one pair of projections, so they must draw them from the same key.
+    pub fn check_new_adapter(&self, existing: &[&PeftConfig]) -> Result<()> {
+        if !existing.is_empty() && self.bias() != Bias::None {
+            return Err(config_err!(
+                "only the first adapter on a model may train base biases (bias = \"{}\" here, \
+                 and the model already has an adapter); set bias = \"none\" on this one, as \
+                 PEFT requires",
+                match self.bias() {
+                    Bias::All => "all",
+                    _ => "lora_only",
+                }
+            ));
+        }
+        if let PeftConfig::Vera(new) = self {
+            for old in existing {
+                if let PeftConfig::Vera(old) = old {
+                    vera::check_shared_projections(old, new)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Which base biases are trained and saved with the adapter (LoRA's and VeRA's `bias`).
     pub fn bias(&self) -> Bias {
         match self {

@@ -120,6 +120,21 @@ impl VeraConfig {
     }
 }
 
+/// VeRA adapters on one model share their projections, so a new one must be drawn from the key
+/// of those already there, as PEFT requires. (PEFT's other rule, that all or none save their
+/// projections, holds by construction: `inject` refuses `save_projection = false`.)
+pub(crate) fn check_shared_projections(old: &VeraConfig, new: &VeraConfig) -> Result<()> {
+    if old.projection_prng_key != new.projection_prng_key {
+        return Err(config_err!(
+            "VeRA adapters on one model share their projections: projection_prng_key is {} here \
+             but {} in the adapter already loaded; use the same key for every VeRA adapter",
+            new.projection_prng_key,
+            old.projection_prng_key
+        ));
+    }
+    Ok(())
+}
+
 /// PEFT's default VeRA targets (`TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING`: LoRA's, but
 /// q/v for phi).
 pub fn default_target_modules(model_type: &str) -> Option<&'static [&'static str]> {
