@@ -279,8 +279,11 @@ fn weighted_cases(setup: &str) {
             compared += 1;
         }
         if clamped {
-            // The rest: our own unclamped factors (checked against PEFT in the `svd` case),
-            // clamped at torch.quantile of their entries (checked in `svd_clamp_quantile`).
+            // The rest differ from PEFT's only by LAPACK's choice of signs, which moves the
+            // clamping quantile. Our unclamped factors (checked against PEFT in the `svd` case),
+            // given PEFT's signs and clamped at torch.quantile of their entries (our quantile is
+            // checked in `svd_clamp_quantile_is_torch_s`), must then be PEFT's clamped factors;
+            // and ours must be the same factors, with our signs, clamped the same way.
             let q = opts.svd_clamp.unwrap();
             let plain = WeightedOptions {
                 svd_clamp: None,
@@ -289,37 +292,43 @@ fn weighted_cases(setup: &str) {
             let ref_name = format!("{name}_unclamped");
             pm.add_weighted_adapter(&["default", "other"], &weights, &ref_name, &plain)
                 .unwrap();
-            let reference: HashMap<String, Tensor> = pm
+            let ours_signs: HashMap<String, Tensor> = pm
                 .adapter_state_dict(&ref_name)
                 .unwrap()
                 .into_iter()
                 .collect();
             pm.delete_adapter(&ref_name).unwrap();
-            for a_key in flipped.iter().step_by(2) {
-                let b_key = a_key.replace("_A", "_B");
-                let (ra, rb) = (&reference[a_key], &reference[&b_key]);
-                let all: Vec<f32> = [rb, ra]
+            let mut peft_signs = ours_signs.clone();
+            align_signs(&mut peft_signs, &want);
+            // `state` was turned to PEFT's signs above; this is ours as it is.
+            let ours: HashMap<String, Tensor> =
+                pm.adapter_state_dict(&name).unwrap().into_iter().collect();
+            let clamp_pair = |f: &HashMap<String, Tensor>, a_key: &str, b_key: &str| {
+                let all: Vec<f32> = [&f[b_key], &f[a_key]]
                     .iter()
                     .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
                     .collect();
                 let hi = peft::tuners::lora::weighted::quantile(&all, q) as f64;
-                for (k, r) in [(a_key, ra), (&b_key, rb)] {
-                    let want = r.clamp(-hi, hi).unwrap();
-                    let ours = pm
-                        .adapter_state_dict(&name)
-                        .unwrap()
-                        .into_iter()
-                        .find(|(x, _)| x == k)
-                        .unwrap()
-                        .1;
+                [a_key, b_key].map(|k| (k.to_string(), f[k].clamp(-hi, hi).unwrap()))
+            };
+            for a_key in flipped.iter().step_by(2) {
+                let b_key = a_key.replace("_A", "_B");
+                for (k, w) in clamp_pair(&peft_signs, a_key, &b_key) {
+                    let d = max_diff(&w, &want[&k]);
+                    assert!(
+                        d <= TOL,
+                        "{setup}/{case}: {k} with PEFT's signs differs from PEFT's by {d}"
+                    );
+                    compared += 1;
+                }
+                for (k, w) in clamp_pair(&ours_signs, a_key, &b_key) {
                     assert_close(
                         &format!("{setup}/{case}: {k} (clamped)"),
-                        &ours,
-                        &want,
+                        &ours[&k],
+                        &w,
                         1e-6,
                     );
                 }
-                compared += 2;
             }
         }
         assert_eq!(compared, want.len(), "{setup}/{case}: every tensor checked");
