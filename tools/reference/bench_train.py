@@ -4,7 +4,10 @@ Measures what one optimizer step of the default LoRA recipe costs, on fixed-shap
 the Rust `peft` trainer can be compared step for step:
 
   * model: BertForSequenceClassification from .assets/all-MiniLM-L6-v2, num_labels=2;
-  * LoRA: task_type=SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query","value"];
+  * LoRA: task_type=SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query","value"],
+    or with --peft-config FILE any PEFT method from a config JSON (tools/reference/methods/*.json;
+    `peft bench --peft-config FILE` reads the same files). AdaLoRA's update_and_allocate runs after
+    each optimizer step and its orthogonal regulariser is in the loss, as PEFT's docs prescribe;
   * input: batch B of real rotten_tomatoes training texts, tokenized and padded/truncated to exactly
     L tokens, with the attention mask set to all ones (every position counts as a real token, as if
     every review were L tokens long); labels from the CSV;
@@ -21,6 +24,7 @@ and other_load, the mean number of cores other processes kept busy while the ste
 /proc/stat; a measurement is only meaningful when it is near 0). Run from the repository root:
 
     python tools/reference/bench_train.py [--threads 2] [--steps 20] [--batch 8] [--seq-len 128]
+        [--peft-config tools/reference/methods/dora.json]
 """
 
 import argparse
@@ -33,7 +37,7 @@ import time
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_config, get_peft_model
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -72,6 +76,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the step then waits for the GPU)")
     p.add_argument("--model", default=os.path.join(ROOT, ".assets", "all-MiniLM-L6-v2"))
+    p.add_argument("--peft-config", help="a PEFT config JSON to train instead of LoRA r=8 q/v")
     p.add_argument("--data", default=os.path.join(ROOT, ".assets", "rotten_tomatoes", "train.csv"))
     args = p.parse_args()
 
@@ -96,12 +101,15 @@ def main():
     n_rows = len(rows)
 
     model = BertForSequenceClassification.from_pretrained(args.model, num_labels=2)
-    model = get_peft_model(
-        model,
-        LoraConfig(
+    if args.peft_config:
+        with open(args.peft_config, encoding="utf-8") as f:
+            config = get_peft_config(json.load(f))
+    else:
+        config = LoraConfig(
             task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]
-        ),
-    )
+        )
+    model = get_peft_model(model, config)
+    adalora = config.peft_type == "ADALORA"
     dev = torch.device(args.device)
     model.to(dev)
     input_ids, attention_mask, labels = input_ids.to(dev), attention_mask.to(dev), labels.to(dev)
@@ -114,6 +122,8 @@ def main():
         out = model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], labels=labels[sl])
         out.loss.backward()
         opt.step()
+        if adalora:
+            model.base_model.update_and_allocate(i)
         opt.zero_grad()
         return out.loss.item()  # .item() waits for the GPU, so each step is timed whole
 
@@ -131,6 +141,7 @@ def main():
         json.dumps(
             {
                 "impl": "pytorch+peft",
+                "method": "DORA" if getattr(config, "use_dora", False) else str(config.peft_type.value),
                 "seq_per_s": round(args.batch / step_s, 2),
                 "step_s": round(step_s, 4),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
@@ -138,6 +149,7 @@ def main():
                 "batch": args.batch,
                 "seq_len": args.seq_len,
                 "steps": args.steps,
+                "trainable": sum(p.numel() for p in params),
                 "other_load": other,
                 "torch": torch.__version__,
                 "device": args.device,

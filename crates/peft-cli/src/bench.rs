@@ -1,8 +1,9 @@
-//! `peft bench`: LoRA training-step throughput (r=8, fixed-length random batches, AdamW) for a
+//! `peft bench`: training-step throughput (fixed-length random batches, AdamW) for a
 //! classification or causal-LM model, or generation speed (greedy, a fixed number of new tokens),
-//! of any model `peft` loads (a Hugging Face directory or a GGUF file). Prints one JSON line, the
-//! same fields as the PyTorch references in tools/reference/ (bench_train.py,
-//! bench_train_causal.py, bench_generate.py), so the two can be put side by side.
+//! of any model `peft` loads (a Hugging Face directory or a GGUF file). The adapter is LoRA r=8
+//! unless a PEFT config file names another method. Prints one JSON line, the same fields as the
+//! PyTorch references in tools/reference/ (bench_train.py, bench_train_causal.py,
+//! bench_generate.py), so the two can be put side by side.
 
 use candle_core::{DType, Tensor};
 use peft::generation::{generate, GenerationConfig};
@@ -11,6 +12,7 @@ use peft::peft_model::get_peft_model_with_seed;
 use peft::train::optim::{AdamW, AdamWParams};
 use peft::tuners::lora::LoraConfig;
 use peft::tuners::targets::ModuleSpec;
+use peft::tuners::PeftConfig;
 use peft::{Error, Inputs, Result, TaskType};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
@@ -21,6 +23,8 @@ pub struct BenchArgs {
     pub task: TaskType,
     /// LoRA targets; `None`: PEFT's default for the model type.
     pub target_modules: Option<Vec<String>>,
+    /// A PEFT config (`adapter_config.json` form, any method) to train instead of LoRA r=8.
+    pub peft_config: Option<PathBuf>,
     pub batch: usize,
     pub seq_len: usize,
     pub steps: usize,
@@ -80,15 +84,26 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         return Ok(());
     }
 
-    let config = LoraConfig {
-        r: 8,
-        lora_alpha: 16.0,
-        lora_dropout: 0.1,
-        target_modules: a.target_modules.clone().map(ModuleSpec::List),
-        task_type: Some(a.task),
-        ..Default::default()
+    let config = match &a.peft_config {
+        Some(path) => {
+            let mut c = PeftConfig::from_user_json(&peft::io::read_json(path)?)?;
+            c.set_task_type(a.task);
+            c
+        }
+        None => PeftConfig::Lora(LoraConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.1,
+            target_modules: a.target_modules.clone().map(ModuleSpec::List),
+            task_type: Some(a.task),
+            ..Default::default()
+        }),
     };
-    let model = get_peft_model_with_seed(base, config, 0)?;
+    let method = match &config {
+        PeftConfig::Lora(c) if c.use_dora => "DORA",
+        c => c.peft_type(),
+    };
+    let mut model = get_peft_model_with_seed(base, config, 0)?;
     let (b, t) = (a.batch, a.seq_len);
     let ids = Tensor::from_vec(random_ids(b * t), (b, t), &device)?;
     let inputs = Inputs {
@@ -114,14 +129,19 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     for step in 0..a.warmup + a.steps {
         let start = Instant::now();
         let logits = model.forward(&inputs, true)?;
-        let loss = match a.task {
+        let mut loss = match a.task {
             TaskType::CausalLm => peft::train::causal_lm_loss(&logits, &labels)?,
             _ => peft::train::classification_loss(&logits, &labels)?,
         };
+        // The method's own loss term and per-step hook (AdaLoRA), as the trainer runs them.
+        if let Some(reg) = model.regularization_loss()? {
+            loss = (loss + reg)?;
+        }
         let t_f = start.elapsed().as_secs_f64();
         let grads = loss.backward()?;
         let t_b = start.elapsed().as_secs_f64();
         opt.step(&grads, 1e-4, 1.0)?;
+        model.update_and_allocate(step, &grads)?;
         if std::env::var("PEFT_BENCH_SPLIT").is_ok() {
             eprintln!(
                 "fwd {t_f:.3} bwd {:.3} opt {:.3}",
@@ -141,7 +161,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .map(|(_, v)| v.as_tensor().elem_count())
         .sum();
     println!(
-        "{{\"impl\":\"peft-rs\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable}}}",
+        "{{\"impl\":\"peft-rs\",\"method\":\"{method}\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable}}}",
         a.task.as_str(),
         b as f64 / step_s,
         peak_rss_mb()

@@ -163,8 +163,9 @@ enum Command {
         #[arg(long)]
         print_ids: bool,
     },
-    /// Time LoRA training steps (r=8, PEFT's default targets unless --target-modules) on
-    /// fixed-length random batches, or with --generate the speed of greedy generation.
+    /// Time training steps (LoRA r=8 on PEFT's default targets unless --target-modules, or the
+    /// method of --peft-config) on fixed-length random batches, or with --generate the speed of
+    /// greedy generation.
     Bench {
         /// A model directory or GGUF file.
         #[arg(long)]
@@ -175,6 +176,9 @@ enum Command {
         /// Comma-separated LoRA target modules (default: PEFT's for the model type).
         #[arg(long, value_delimiter = ',')]
         target_modules: Option<Vec<String>>,
+        /// A PEFT config JSON (any method, as in adapter_config.json) to train instead of LoRA.
+        #[arg(long, conflicts_with = "target_modules")]
+        peft_config: Option<PathBuf>,
         /// Time generating this many new tokens per row (prompts of --seq-len random ids).
         #[arg(long)]
         generate: Option<usize>,
@@ -300,6 +304,7 @@ fn main() -> ExitCode {
             model,
             task,
             target_modules,
+            peft_config,
             generate,
             batch,
             seq_len,
@@ -310,6 +315,7 @@ fn main() -> ExitCode {
                 model,
                 task,
                 target_modules,
+                peft_config,
                 batch,
                 seq_len,
                 steps,
