@@ -77,11 +77,12 @@ impl AdamW {
         self.step
     }
 
-    /// Each variable's gradient from `grads`, in the optimizer's order.
+    /// Each variable's gradient from `grads`, in the optimizer's order, detached (see
+    /// [`AdamW::step_with`]).
     pub fn gradients(&self, grads: &GradStore) -> Vec<Option<Tensor>> {
         self.slots
             .iter()
-            .map(|s| grads.get(s.var.as_tensor()).cloned())
+            .map(|s| grads.get(s.var.as_tensor()).map(Tensor::detach))
             .collect()
     }
 
@@ -108,7 +109,10 @@ impl AdamW {
             let Some(g) = g else {
                 continue;
             };
-            let g = g.to_dtype(DType::F32)?;
+            // candle leaves a variable's gradient attached to the graph that computed it when
+            // that graph reads another variable (LoHa's `W1a·W1b`, AdaLoRA's `A ⊙ E`); a moment
+            // built from it would keep every earlier step's graph alive.
+            let g = g.detach().to_dtype(DType::F32)?;
             let g = if grad_scale != 1.0 {
                 (g * grad_scale)?
             } else {
