@@ -14,9 +14,11 @@ use crate::Result;
 
 mod attention;
 mod fused;
+mod scale;
 
 pub use attention::attention_merged_heads;
 pub use fused::gelu_erf;
+pub use scale::scale_columns;
 
 /// Whether the fused CPU kernels (f32 on the CPU) serve these tensors.
 pub fn fused_applies(x: &Tensor, w: &Tensor) -> bool {

@@ -292,3 +292,28 @@ fn frozen_linear_matches_matmul_for_3d_inputs_in_both_layouts() {
         );
     }
 }
+
+#[test]
+fn scale_columns_matches_candle_forward_and_backward() {
+    // Rows not a multiple of the parallel task size, 3-d input, a column count that is not a
+    // multiple of the vector width.
+    for (shape, cols) in [(vec![3, 70, 37], 37), (vec![5000, 24], 24), (vec![1, 8], 8)] {
+        let x = Var::from_tensor(&data(&shape, 0.4, 2.0)).unwrap();
+        let s = Var::from_tensor(&data(&[cols], 1.9, 1.5)).unwrap();
+        let y = ops::scale_columns(x.as_tensor(), s.as_tensor()).unwrap();
+        let want = x.as_tensor().broadcast_mul(s.as_tensor()).unwrap();
+        assert_close("scale_columns forward", &y, &want, 1e-6);
+        let g = weighted_sum(&y).backward().unwrap();
+        let gw = weighted_sum(&want).backward().unwrap();
+        for (name, v) in [("x", &x), ("s", &s)] {
+            assert_close(
+                &format!("scale_columns ∂{name} {shape:?}"),
+                g.get(v.as_tensor()).unwrap(),
+                gw.get(v.as_tensor()).unwrap(),
+                1e-5,
+            );
+        }
+    }
+    let x = data(&[2, 3], 0.0, 1.0);
+    assert!(ops::scale_columns(&x, &data(&[2], 0.0, 1.0)).is_err());
+}

@@ -70,11 +70,11 @@ impl LinearAdapter for Ia3Linear {
     fn forward(&self, x: &Tensor, out: Tensor, base: &LinearBase, _train: bool) -> Result<Tensor> {
         let l = live(&self.l);
         if self.feedforward {
-            let xs = x.broadcast_mul(&(l - 1.0)?)?;
+            let xs = ops::scale_columns(x, &(l - 1.0)?)?;
             let h = ops::frozen_linear(&xs, &base.weight, base.transposed)?;
             Ok((out + h)?)
         } else {
-            Ok(out.broadcast_mul(&l.t()?)?)
+            ops::scale_columns(&out, &l)
         }
     }
 

@@ -56,7 +56,7 @@ impl LinearAdapter for DoraLinear {
         let w = base.weight_out_in()?;
         let delta = (self.lora.b.as_tensor().matmul(self.lora.a.as_tensor())? * lora.scaling)?;
         let norm = Self::weight_norm(lora, &w, &delta)?;
-        let scale = self.factor(&norm)?.unsqueeze(0)?; // [1, out]
+        let scale = self.factor(&norm)?; // [out]
         let dropping = lora.dropout > 0.0 && train;
         let (x, base_result) = if dropping {
             let xd = ops::dropout(x, lora.dropout, true)?;
@@ -71,8 +71,8 @@ impl LinearAdapter for DoraLinear {
         };
         let (a, b) = (live(&lora.a), live(&lora.b));
         let lora_result = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
-        let dora = ((scale.affine(1.0, -1.0)?.broadcast_mul(&base_result))?
-            + (scale.broadcast_mul(&lora_result)? * lora.scaling)?)?;
+        let dora = (ops::scale_columns(&base_result, &scale.affine(1.0, -1.0)?)?
+            + ops::scale_columns(&lora_result, &scale.affine(lora.scaling, 0.0)?)?)?;
         Ok((out + dora)?)
     }
 
