@@ -88,8 +88,10 @@ impl LinearAdapter for VeraLinear {
     fn forward(&self, x: &Tensor, out: Tensor, _base: &LinearBase, train: bool) -> Result<Tensor> {
         let (a, b) = self.projections()?;
         let x = ops::dropout(x, self.dropout, train)?;
-        let h = x.matmul(&a.t()?)?.broadcast_mul(&live(&self.lambda_d))?;
-        let h = h.matmul(&b.t()?)?.broadcast_mul(&live(&self.lambda_b))?;
+        // The projections are frozen: a plain matmul would also build their (discarded)
+        // gradients, two products as large as the forward's.
+        let h = ops::scale_columns(&ops::frozen_linear(&x, &a, false)?, &live(&self.lambda_d))?;
+        let h = ops::scale_columns(&ops::frozen_linear(&h, &b, false)?, &live(&self.lambda_b))?;
         Ok((out + h)?)
     }
 
