@@ -42,11 +42,12 @@ from transformers import (
     BertForSequenceClassification,
     DataCollatorWithPadding,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_config, get_peft_model
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -128,6 +129,12 @@ def main():
     p.add_argument("--model", default=os.path.join(ROOT, ".assets", "all-MiniLM-L6-v2"))
     p.add_argument("--data", default=os.path.join(ROOT, ".assets", "rotten_tomatoes"))
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (as max_steps)")
+    p.add_argument(
+        "--peft-config",
+        help="a PEFT config JSON (tools/reference/methods/*.json) instead of LoRA r=8 q/v; AdaLoRA's "
+        "update_and_allocate then runs after every optimizer step, as PEFT's docs prescribe",
+    )
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -144,14 +151,26 @@ def main():
     # follows --seed; the Trainer seeds again (same seed) for shuffling and dropout.
     set_seed(args.seed)
     model = BertForSequenceClassification.from_pretrained(args.model, num_labels=2)
-    lora = LoraConfig(
-        task_type="SEQ_CLS",
-        r=8,
-        lora_alpha=16,
-        lora_dropout=0.1,
-        target_modules=["query", "value"],
-    )
+    if args.peft_config:
+        with open(args.peft_config, encoding="utf-8") as f:
+            lora = get_peft_config(json.load(f))
+    else:
+        lora = LoraConfig(
+            task_type="SEQ_CLS",
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.1,
+            target_modules=["query", "value"],
+        )
     model = get_peft_model(model, lora)
+    callbacks = []
+    if lora.peft_type == "ADALORA":
+
+        class AdaLoraAllocate(TrainerCallback):
+            def on_optimizer_step(self, targs, state, control, **kwargs):
+                model.base_model.update_and_allocate(state.global_step)
+
+        callbacks.append(AdaLoraAllocate())
     model.print_trainable_parameters()
 
     def compute_metrics(pred):
@@ -163,6 +182,7 @@ def main():
             output_dir=out_dir,
             learning_rate=args.lr,
             num_train_epochs=args.epochs,
+            max_steps=args.max_steps,
             per_device_train_batch_size=16,
             per_device_eval_batch_size=64,
             warmup_steps=0.06,  # a float < 1 is a ratio of the total steps (transformers 5 dropped warmup_ratio)
@@ -184,6 +204,7 @@ def main():
             eval_dataset=test_ds,
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=compute_metrics,
+            callbacks=callbacks,
         )
         busy0, cpu0 = busy_jiffies(), time.process_time()
         t0 = time.perf_counter()
