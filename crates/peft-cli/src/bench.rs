@@ -75,7 +75,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             }
         }
         println!(
-            "{{\"impl\":\"peft-rs\",\"mode\":\"generate\",\"tokens_per_s\":{:.2},\"seconds\":{best:.3},\"batch\":{},\"prompt_len\":{},\"new_tokens\":{new_tokens},\"peak_rss_mb\":{:.0}}}",
+            "{{\"impl\":\"peft\",\"mode\":\"generate\",\"tokens_per_s\":{:.2},\"seconds\":{best:.3},\"batch\":{},\"prompt_len\":{},\"new_tokens\":{new_tokens},\"peak_rss_mb\":{:.0}}}",
             (a.batch * new_tokens) as f64 / best,
             a.batch,
             a.seq_len,
@@ -161,7 +161,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .map(|(_, v)| v.as_tensor().elem_count())
         .sum();
     println!(
-        "{{\"impl\":\"peft-rs\",\"method\":\"{method}\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable}}}",
+        "{{\"impl\":\"peft\",\"method\":\"{method}\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable}}}",
         a.task.as_str(),
         b as f64 / step_s,
         peak_rss_mb()
