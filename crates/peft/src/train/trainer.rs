@@ -426,7 +426,11 @@ impl Trainer<'_> {
         )?;
         let history = read_history(&dir.join("metrics.jsonl"));
         let panels = super::plot::curves_from_history(&history, &self.args.best_metric());
-        super::plot::write_curves(&dir.join("curves"), &panels)
+        let title = match dir.file_name() {
+            Some(name) => format!("Training curves: {}", name.to_string_lossy()),
+            None => "Training curves".to_string(),
+        };
+        super::plot::write_curves(&dir.join("curves"), &title, &panels)
     }
 }
 
