@@ -142,13 +142,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let t_b = start.elapsed().as_secs_f64();
         opt.step(&grads, 1e-4, 1.0)?;
         model.update_and_allocate(step, &grads)?;
-        if std::env::var("PEFT_BENCH_SPLIT").is_ok() {
-            eprintln!(
-                "fwd {t_f:.3} bwd {:.3} opt {:.3}",
-                t_b - t_f,
-                start.elapsed().as_secs_f64() - t_b
-            );
-        }
+        // `peft -v bench`: where each step's time goes.
+        tracing::debug!(
+            "step {step}: fwd {t_f:.3} bwd {:.3} opt {:.3}",
+            t_b - t_f,
+            start.elapsed().as_secs_f64() - t_b
+        );
         device.synchronize()?;
         if step >= a.warmup {
             timed += start.elapsed().as_secs_f64();

@@ -6,6 +6,8 @@ use peft::layers::ModuleRef;
 use peft::models::{self, LoadOptions};
 use peft::peft_model::{thousands, CONFIG_NAME, WEIGHTS_NAME};
 use peft::train::config::TrainConfig;
+use peft::train::run::{Evaluation, TrainJob};
+use peft::train::Outcome;
 use peft::{Error, Inputs, Result};
 use std::path::{Path, PathBuf};
 
@@ -20,20 +22,58 @@ pub(crate) fn device() -> Result<Device> {
 }
 
 /// `peft train`: the config file with `--set` overrides (and `--resume`), Ctrl-C saving a
-/// checkpoint.
+/// checkpoint. Prints the trainable-parameter line, then after training the metrics and where
+/// the adapter went; progress and logs go to stderr.
 pub fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Result<()> {
     let mut cfg = TrainConfig::from_toml_file_with(config_path, overrides)?;
     if resume.is_some() {
         cfg.training.resume_from_checkpoint = resume;
     }
+    let device = device()?;
     peft::train::install_interrupt_handler()?;
-    peft::train::run::train(&cfg, &device()?)
+    let mut job = TrainJob::prepare(&cfg, &device)?;
+    println!("{}", job.model.trainable_parameters_line());
+    let mut progress = crate::logging::TrainProgress::new(crate::logging::shows_info());
+    let out = job.run(Some(&mut progress))?;
+    drop(progress);
+    let r = &out.report;
+    println!(
+        "trained {} steps ({:.2} epochs) in {:.1} s, {:.1} examples/s, final loss {:.4}",
+        r.steps, r.epochs, r.seconds, r.examples_per_second, r.final_loss
+    );
+    if let Outcome::Interrupted(dir) = &r.outcome {
+        println!("checkpoint saved to {}", dir.display());
+        return Ok(());
+    }
+    if let Some(e) = &out.eval {
+        print_metrics(e);
+    }
+    println!(
+        "adapter saved to {} (metrics.jsonl, curves.png, curves.svg, README.md)",
+        out.output_dir.display()
+    );
+    Ok(())
+}
+
+/// The metrics block `peft train` and `peft eval` print (stdout).
+fn print_metrics(e: &Evaluation) {
+    let n = e.examples;
+    println!("eval metrics ({n} examples):");
+    for (k, v) in &e.metrics {
+        println!("  {k}: {v:.4}");
+    }
+    if let Some(acc) = e.metrics.get("accuracy") {
+        println!("test accuracy: {acc:.4} ({n} examples)");
+    }
 }
 
 /// `peft eval`: metrics of a trained adapter on the config's evaluation data.
 pub fn eval(config_path: &Path, overrides: &[String], adapter: Option<&Path>) -> Result<()> {
     let cfg = TrainConfig::from_toml_file_with(config_path, overrides)?;
-    peft::train::run::eval(&cfg, adapter, &device()?).map(|_| ())
+    let e = peft::train::run::eval(&cfg, adapter, &device()?)?;
+    tracing::info!("evaluated on {}", e.source);
+    print_metrics(&e);
+    Ok(())
 }
 
 pub struct ForwardArgs {
@@ -154,7 +194,7 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         &a.out,
         &[("logits".to_string(), logits.detach().to_dtype(DType::F32)?)],
     )?;
-    println!("wrote logits {:?} to {}", logits.dims(), a.out.display());
+    tracing::info!("wrote logits {:?} to {}", logits.dims(), a.out.display());
     Ok(())
 }
 
@@ -204,7 +244,7 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         let combined = "__weighted__";
         peft_model.add_weighted_adapter(&names, &weights, combined, &wopts)?;
         peft_model.set_adapter(combined)?;
-        println!(
+        tracing::info!(
             "combined {} with weights {weights:?} ({})",
             names.join(", "),
             a.combination_type
@@ -212,7 +252,7 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     }
     let merged = peft_model.merge_and_unload()?;
     models::save_pretrained(merged.as_ref(), &a.out)?;
-    println!("merged model written to {}", a.out.display());
+    tracing::info!("merged model written to {}", a.out.display());
     Ok(())
 }
 

@@ -1,5 +1,5 @@
-//! `peft generate`: tokenize, generate (streaming the first prompt's text as it comes), report
-//! throughput.
+//! `peft generate`: tokenize, generate (streaming the first prompt's text to stdout as it comes),
+//! report throughput (a log line on stderr).
 
 use peft::generation::{generate as run_generate, GenerationConfig, SamplingConfig};
 use peft::io::tokenizer::Tokenizer;
@@ -161,7 +161,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         );
     }
     let n: usize = out.tokens.iter().map(Vec::len).sum();
-    eprintln!(
+    tracing::info!(
         "generated {n} tokens for {} prompt(s) in {seconds:.2} s: {:.1} tokens/s (finish: {:?})",
         prompts.len(),
         n as f64 / seconds.max(1e-9),

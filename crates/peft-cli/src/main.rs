@@ -1,7 +1,8 @@
 //! `peft`: train, run, merge and inspect PEFT adapters from the command line. A thin layer over
-//! the `peft` library; every subcommand is a few library calls.
+//! the `peft` library; every subcommand is a few library calls. Logs go to stderr (`-q` / `-v`),
+//! results to stdout.
 
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,6 +10,7 @@ mod adapters;
 mod bench;
 mod commands;
 mod generate;
+mod logging;
 
 // Training allocates and frees large activation buffers every step; glibc returns those to the
 // kernel each time and pays page faults to get them back. mimalloc keeps them.
@@ -22,6 +24,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Parameter-efficient fine-tuning, compatible with Hugging Face PEFT"
 )]
 struct Cli {
+    /// Show only errors (no progress, no info or warnings).
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = "Logging"
+    )]
+    quiet: bool,
+    /// More detail in the logs: -v debug, -vv trace (default: warnings, and info from peft;
+    /// RUST_LOG=target=level,... sets it when neither -q nor -v is given).
+    #[arg(short, long, global = true, action = ArgAction::Count, help_heading = "Logging")]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -209,6 +224,7 @@ fn main() -> ExitCode {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
     }
     let cli = Cli::parse();
+    logging::init(cli.quiet, cli.verbose);
     let result = match cli.command {
         Command::Train {
             config,
