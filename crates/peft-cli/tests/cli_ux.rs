@@ -308,6 +308,17 @@ fn seq_cls_job(dir: &Path) -> PathBuf {
     cfg
 }
 
+/// The steps of the evaluations in `dir/metrics.jsonl`.
+fn eval_steps(dir: &Path) -> Vec<u64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e.get("eval_loss").is_some())
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect()
+}
+
 #[test]
 fn train_logs_on_stderr_results_on_stdout() {
     let tmp = tempfile::tempdir().unwrap();
@@ -346,11 +357,27 @@ fn train_logs_on_stderr_results_on_stdout() {
         "{card}"
     );
 
-    // -q: the same results, no logs; `peft eval -q` prints only the metrics.
-    let (code, quiet_out, quiet_err) = peft_split(&["-q", "train", "--config", c]);
+    // Evaluations at steps 2 and 4; the final one (also at step 4) is not logged twice.
+    assert_eq!(eval_steps(&tmp.path().join("run")), [2, 4]);
+    // -q: the same results, no logs; `peft eval -q` prints only the metrics. Without
+    // evaluations during training, the final one is logged and drawn.
+    let (code, quiet_out, quiet_err) = peft_split(&[
+        "-q",
+        "train",
+        "--config",
+        c,
+        "--set",
+        "training.eval_strategy=no",
+    ]);
     assert_eq!(code, 0, "{quiet_err}");
     assert_eq!(quiet_err, "", "-q shows errors only");
     assert!(quiet_out.contains("trainable params: ") && quiet_out.contains("adapter saved to"));
+    assert_eq!(eval_steps(&tmp.path().join("run")), [4]);
+    let svg = std::fs::read_to_string(tmp.path().join("run/curves.svg")).unwrap();
+    assert!(
+        svg.contains("eval accuracy") && svg.contains("eval loss"),
+        "{svg}"
+    );
     let (code, out, err) = peft_split(&["eval", "-q", "--config", c]);
     assert_eq!(code, 0, "{err}");
     assert!(

@@ -425,7 +425,10 @@ impl Trainer<'_> {
         })
     }
 
-    /// After training: the adapter in `output_dir`, a model card, and the curves.
+    /// After training: the adapter in `output_dir`, a model card, and the curves. `eval`, the
+    /// final evaluation, goes into the card and, unless the run already logged an evaluation
+    /// at its last step, into metrics.jsonl (as transformers' `Trainer.evaluate` logs it), so
+    /// the curves show it even when `eval_strategy` is `no`.
     pub fn save_final(&self, report: &TrainReport, eval: Option<&Metrics>) -> Result<()> {
         let dir = &self.args.output_dir;
         self.model.save_pretrained(dir)?;
@@ -437,7 +440,24 @@ impl Trainer<'_> {
             report.steps,
             eval,
         )?;
-        let history = read_history(&dir.join("metrics.jsonl"));
+        let metrics_path = dir.join("metrics.jsonl");
+        let mut history = read_history(&metrics_path);
+        if let Some(m) = eval {
+            let logged = history.iter().any(|h| {
+                h.get("step").and_then(|s| s.as_u64()) == Some(report.steps as u64)
+                    && h.as_object()
+                        .is_some_and(|o| o.keys().any(|k| k.starts_with("eval_")))
+            });
+            if !logged && !m.is_empty() {
+                let mut entry =
+                    serde_json::json!({"step": report.steps, "epoch": round4(report.epochs)});
+                for (k, v) in m {
+                    entry[format!("eval_{k}")] = serde_json::json!(v);
+                }
+                append_line(&metrics_path, &entry)?;
+                history.push(entry);
+            }
+        }
         let panels = super::plot::curves_from_history(&history, &self.args.best_metric());
         let title = match dir.file_name() {
             Some(name) => format!("Training curves: {}", name.to_string_lossy()),
@@ -453,14 +473,19 @@ fn round4(x: f64) -> f64 {
 
 /// Appends `entry` to `metrics.jsonl` and the state's log history.
 fn log(path: &Path, state: &mut TrainerState, entry: serde_json::Value) -> Result<()> {
+    append_line(path, &entry)?;
+    state.log_history.push(entry);
+    Ok(())
+}
+
+/// Appends one JSON line to `path`.
+fn append_line(path: &Path, entry: &serde_json::Value) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    writeln!(f, "{entry}").map_err(|e| Error::io(path, e))?;
-    state.log_history.push(entry);
-    Ok(())
+    writeln!(f, "{entry}").map_err(|e| Error::io(path, e))
 }
 
 /// The entries of a `metrics.jsonl`, skipping unreadable lines.
