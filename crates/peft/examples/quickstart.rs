@@ -6,6 +6,7 @@ use candle_core::Tensor;
 use peft::models::{self, LoadOptions};
 use peft::train::classification_loss;
 use peft::train::optim::{AdamW, AdamWParams};
+use peft::tuners::BaseFields;
 use peft::tuners::{lora::LoraConfig, targets::ModuleSpec};
 use peft::{get_peft_model, Inputs, PeftModel, TaskType};
 use std::path::PathBuf;
@@ -26,10 +27,13 @@ fn main() -> peft::Result<()> {
         lora_alpha: 16.0,
         lora_dropout: 0.1,
         target_modules: Some(ModuleSpec::List(vec!["query".into(), "value".into()])),
-        task_type: Some(TaskType::SeqCls),
+        base: BaseFields {
+            task_type: Some(TaskType::SeqCls),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let model = get_peft_model(models::load(&dir, &opts)?, config)?;
+    let model = get_peft_model(models::load(&dir, &opts)?, config, "default")?;
     model.print_trainable_parameters();
 
     // One training step on a toy batch.
@@ -46,7 +50,8 @@ fn main() -> peft::Result<()> {
     let out = std::env::temp_dir().join("peft-quickstart-adapter");
     model.save_pretrained(&out)?;
 
-    let mut model = PeftModel::from_pretrained(models::load(&dir, &opts)?, &out)?;
+    let mut model =
+        PeftModel::from_pretrained(models::load(&dir, &opts)?, &out, Default::default())?;
     let adapted = peft::no_grad(|| model.forward(&inputs, false))?;
     let base = {
         let base_only = model.disable_adapter()?; // the adapter is back when this scope ends

@@ -17,8 +17,19 @@ pub mod train;
 pub mod tuners;
 
 pub use error::{Error, Result};
+pub use generation::{generate, Generated, GenerationConfig, SamplingConfig};
 pub use grad::no_grad;
 pub use models::{Inputs, LoadOptions, Model, TaskType};
-pub use peft_model::{get_peft_model, load_auto, load_with_adapter, PeftModel};
-pub use tuners::lora::LoraConfig;
-pub use tuners::PeftConfig;
+pub use peft_model::{
+    get_peft_model, get_peft_model_with_seed, load_auto, load_with_adapter, FromPretrained,
+    PeftModel,
+};
+pub use tuners::adalora::AdaLoraConfig;
+pub use tuners::ia3::Ia3Config;
+pub use tuners::loha::LohaConfig;
+pub use tuners::lokr::LokrConfig;
+pub use tuners::lora::weighted::{CombinationType, WeightedOptions};
+pub use tuners::lora::{LoraConfig, LoraModelExt};
+pub use tuners::targets::ModuleSpec;
+pub use tuners::vera::VeraConfig;
+pub use tuners::{Bias, PeftConfig, TunerConfig};

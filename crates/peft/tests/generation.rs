@@ -151,7 +151,7 @@ fn generation_runs_through_an_active_adapter() {
         init_lora_weights: peft::tuners::lora::InitLoraWeights::Bool(false),
         ..Default::default()
     };
-    let mut peft_model = get_peft_model(load(), config).unwrap();
+    let mut peft_model = get_peft_model(load(), config, "default").unwrap();
     let mut streamed = Vec::new();
     let with = generate(
         &peft_model,

@@ -94,7 +94,7 @@ fn greedy_generation_with_a_lora_adapter_matches_transformers() {
     for case in CASES {
         let want = &fx["cases"][case];
         let adapter = fixtures().join("t5").join(case).join("adapter");
-        let model = PeftModel::from_pretrained(load(case), &adapter).unwrap();
+        let model = PeftModel::from_pretrained(load(case), &adapter, Default::default()).unwrap();
         check(&model, &format!("{case} lora_greedy"), &want["lora_greedy"]);
         check(
             &model,

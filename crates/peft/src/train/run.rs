@@ -177,8 +177,9 @@ pub fn train(cfg: &TrainConfig, device: &Device) -> Result<()> {
         // The [model] table already says the task; PEFT needs it to train and save the head.
         peft_config.set_task_type(task);
     }
-    let mut peft_model = get_peft_model_with_seed(model, peft_config, cfg.training.seed)?;
-    peft_model.print_trainable_parameters();
+    let mut peft_model =
+        get_peft_model_with_seed(model, peft_config, "default", cfg.training.seed)?;
+    println!("{}", peft_model.trainable_parameters_line());
     println!(
         "training on {} examples ({}){}",
         prepared.train.len(),
@@ -265,7 +266,7 @@ pub fn eval(cfg: &TrainConfig, adapter: Option<&Path>, device: &Device) -> Resul
             "no evaluation examples: set [data] eval_file or validation_split > 0".into(),
         ));
     }
-    let peft_model = PeftModel::from_pretrained(model, &dir)?;
+    let peft_model = PeftModel::from_pretrained(model, &dir, Default::default())?;
     let m = evaluate(
         &peft_model,
         &prepared.eval,
