@@ -35,7 +35,7 @@ impl PeftModel {
                     let wanted = p.name.ends_with(".bias")
                         && match bias {
                             Bias::All => true,
-                            Bias::LoraOnly => wrapped,
+                            Bias::AdaptedOnly => wrapped,
                             Bias::None => false,
                         };
                     if !wanted {

@@ -69,7 +69,7 @@ impl PeftModel {
             };
             if let Some(n) = names.iter().find(|n| refuses(n)) {
                 return Err(Error::Adapter(format!(
-                    "cannot pass adapter_names with adapter `{n}`: its method (e.g. DoRA) does not \
+                    "cannot pass adapter_names with adapter `{n}`: its method does not \
                      support mixed batches (layer `{}`)",
                     module.name()
                 )));

@@ -229,7 +229,7 @@ impl PeftModel {
                 let train_bias = match bias {
                     Bias::None => false,
                     Bias::All => is_bias,
-                    Bias::LoraOnly => is_bias && is_adapted,
+                    Bias::AdaptedOnly => is_bias && is_adapted,
                 };
                 if train_bias && trainable && !saved {
                     p.train_in_place()?;
@@ -255,13 +255,10 @@ impl PeftModel {
     fn check_new_adapter(&self, config: &PeftConfig) -> Result<()> {
         if !self.adapters.is_empty() && config.bias() != Bias::None {
             return Err(Error::Config(format!(
-                "only the first adapter on a model may train base biases (bias = \"{}\" here, \
-                 and the model already has an adapter); set bias = \"none\" on this one, as \
-                 PEFT requires",
-                match config.bias() {
-                    Bias::All => "all",
-                    _ => "lora_only",
-                }
+                "only the first adapter on a model may train base biases (bias = {} here, and \
+                 the model already has an adapter); set bias = \"none\" on this one, as PEFT \
+                 requires",
+                config.to_adapter_json()["bias"]
             )));
         }
         let input = config.kind() == MethodKind::Input;
@@ -476,7 +473,7 @@ impl PeftModel {
         out
     }
 
-    /// Base parameters trained in place (PEFT's `bias="all"` / `"lora_only"`), under their keys.
+    /// Base parameters trained in place (a method's `bias`), under their keys.
     fn in_place_trained(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for module in self.model.modules() {

@@ -26,16 +26,15 @@ pub struct BaseFields {
     pub auto_mapping: Option<Value>,
 }
 
-/// `bias`: which biases of the base model are trained and saved with the adapter (LoRA's and
-/// AdaLoRA's `bias`; VeRA names `lora_only` `vera_only`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+/// Which biases of the base model an adapter trains and saves with itself (each method spells
+/// its `bias` field its own way: LoRA's `"lora_only"` is VeRA's `"vera_only"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Bias {
     #[default]
     None,
     All,
     /// Only the biases of the layers the adapter wraps.
-    LoraOnly,
+    AdaptedOnly,
 }
 
 /// A method's config as a serde struct with PEFT's field names.

@@ -5,11 +5,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::error::config_err;
-use crate::tuners::config::{
-    adapter_json, check_fixed, check_prob, BaseFields, Bias, ConfigFields,
-};
+use crate::tuners::config::{adapter_json, check_fixed, check_prob, BaseFields, ConfigFields};
 use crate::tuners::lora::config::unimplemented_defaults;
-use crate::tuners::lora::InitLoraWeights;
+use crate::tuners::lora::{Bias, InitLoraWeights};
 use crate::tuners::targets::{ModuleSpec, OneOrMany};
 use crate::Result;
 

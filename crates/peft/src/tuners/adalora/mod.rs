@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::layers::{ModuleMut, ModuleRef, Modules};
 use crate::models::Model;
-use crate::tuners::config::{BaseFields, Bias};
+use crate::tuners::config::BaseFields;
 use crate::tuners::inject::{fix_fan_in_fan_out, inject_matching, resolve_targets, unsupported};
 use crate::tuners::targets::TargetMatcher;
 use crate::tuners::{
@@ -60,8 +60,8 @@ impl TunerConfig for AdaLoraConfig {
     fn to_adapter_json(&self) -> Value {
         AdaLoraConfig::to_adapter_json(self)
     }
-    fn bias(&self) -> Bias {
-        self.bias
+    fn bias(&self) -> crate::tuners::Bias {
+        self.bias.into()
     }
     /// PEFT's AdaLoraModel trains one adapter at a time.
     fn check_new_adapter(&self, trainable: bool, existing: &[Existing<'_>]) -> Result<()> {

@@ -4,12 +4,32 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::error::config_err;
-pub use crate::tuners::config::Bias;
 use crate::tuners::config::{
     adapter_json, check_fixed, check_patterns, check_prob, BaseFields, ConfigFields,
 };
 use crate::tuners::targets::{ModuleSpec, OneOrMany};
 use crate::Result;
+
+/// `bias`: which biases of the base model are trained and saved with the adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Bias {
+    #[default]
+    None,
+    All,
+    /// The biases of the layers LoRA wraps.
+    LoraOnly,
+}
+
+impl From<Bias> for crate::tuners::config::Bias {
+    fn from(b: Bias) -> Self {
+        match b {
+            Bias::None => Self::None,
+            Bias::All => Self::All,
+            Bias::LoraOnly => Self::AdaptedOnly,
+        }
+    }
+}
 
 /// `init_lora_weights`: `true`, `false`, or the name of an initialisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

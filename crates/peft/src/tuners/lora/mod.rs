@@ -63,8 +63,8 @@ impl TunerConfig for LoraConfig {
     fn to_adapter_json(&self) -> serde_json::Value {
         LoraConfig::to_adapter_json(self)
     }
-    fn bias(&self) -> Bias {
-        self.bias
+    fn bias(&self) -> crate::tuners::Bias {
+        self.bias.into()
     }
     fn inject(&mut self, model: &mut dyn Model, ctx: &InjectContext<'_>) -> Result<Injected> {
         crate::tuners::config::ConfigFields::validate(self)?;

@@ -51,7 +51,7 @@ impl From<VeraBias> for Bias {
         match b {
             VeraBias::None => Bias::None,
             VeraBias::All => Bias::All,
-            VeraBias::VeraOnly => Bias::LoraOnly,
+            VeraBias::VeraOnly => Bias::AdaptedOnly,
         }
     }
 }
