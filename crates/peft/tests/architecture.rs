@@ -69,13 +69,21 @@ fn strip(s: &str, keep_strings: bool) -> String {
 /// The top-level module a file belongs to (`tuners/lora/mod.rs` → `tuners`).
 fn top_module(path: &Path) -> String {
     let rel = path.strip_prefix(src()).unwrap();
-    let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
     first.trim_end_matches(".rs").to_string()
 }
 
 /// What the crate root re-exports: name → defining top-level module.
 fn root_reexports() -> BTreeMap<String, String> {
-    let lib = strip(&std::fs::read_to_string(src().join("lib.rs")).unwrap(), false);
+    let lib = strip(
+        &std::fs::read_to_string(src().join("lib.rs")).unwrap(),
+        false,
+    );
     let mut out = BTreeMap::new();
     for stmt in lib.split(';') {
         let stmt = stmt.trim();
@@ -171,10 +179,7 @@ fn no_import_cycle_between_top_level_modules() {
                 )
             };
             if to != from {
-                let at = format!(
-                    "{}:{line}",
-                    f.strip_prefix(src()).unwrap().display()
-                );
+                let at = format!("{}:{line}", f.strip_prefix(src()).unwrap().display());
                 edges.entry((from.clone(), to)).or_insert(at);
             }
         }
@@ -282,16 +287,26 @@ fn wrapper_and_trainer_name_no_method() {
             }
         }
     }
-    assert!(found.is_empty(), "method names outside tuners/:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "method names outside tuners/:\n{}",
+        found.join("\n")
+    );
 }
 
 #[test]
 fn the_checks_see_what_they_look_for() {
     // The scanners themselves: a cycle-making reference and a method name are found.
-    let code = strip("use crate::{io::Weights, tuners::lora::X}; // crate::train\n", false);
+    let code = strip(
+        "use crate::{io::Weights, tuners::lora::X}; // crate::train\n",
+        false,
+    );
     let refs: Vec<String> = crate_refs(&code).into_iter().map(|(s, _)| s).collect();
     assert_eq!(refs, ["io", "tuners"]);
-    let code = strip("let s = \"use_dora\"; // lora\nlet several = AdaLoRA;", true);
+    let code = strip(
+        "let s = \"use_dora\"; // lora\nlet several = AdaLoRA;",
+        true,
+    );
     assert_eq!(mentions(&code, "dora"), [1]);
     assert_eq!(mentions(&code, "adalora"), [2]);
     assert!(mentions(&code, "lora").is_empty());

@@ -45,7 +45,11 @@ fn bert_defaults_to_query_and_value() {
             "bert.encoder.layer.1.attention.self.value"
         ]
     );
-    match m.peft_config("default").unwrap().downcast_ref::<LoraConfig>() {
+    match m
+        .peft_config("default")
+        .unwrap()
+        .downcast_ref::<LoraConfig>()
+    {
         Some(c) => assert_eq!(
             c.target_modules,
             Some(ModuleSpec::List(vec!["query".into(), "value".into()]))
@@ -124,7 +128,11 @@ fn fan_in_fan_out_is_corrected_for_linear_layers() {
         ..Default::default()
     };
     let m = get_peft_model(load_model("list_qv"), config, "default").unwrap();
-    match m.peft_config("default").unwrap().downcast_ref::<LoraConfig>() {
+    match m
+        .peft_config("default")
+        .unwrap()
+        .downcast_ref::<LoraConfig>()
+    {
         Some(c) => assert!(!c.fan_in_fan_out),
         None => panic!("not a LoRA config"),
     }

@@ -441,7 +441,11 @@ fn pissa_niter_keeps_the_weight_and_the_rank() {
 }
 
 fn model_config_like(model: &PeftModel) -> LoraConfig {
-    match model.peft_config("default").unwrap().downcast_ref::<LoraConfig>() {
+    match model
+        .peft_config("default")
+        .unwrap()
+        .downcast_ref::<LoraConfig>()
+    {
         Some(c) => c.clone(),
         None => unreachable!(),
     }
@@ -508,9 +512,9 @@ fn adalora_rank_allocation_matches_peft_for_the_same_gradients() {
                 }
             }
             let Some(c) = model
-            .peft_config("default")
-            .and_then(|c| c.downcast_ref::<AdaLoraConfig>())
-        else {
+                .peft_config("default")
+                .and_then(|c| c.downcast_ref::<AdaLoraConfig>())
+            else {
                 panic!()
             };
             let want = &patterns[step];

@@ -39,6 +39,12 @@ pub trait Adapter: Debug + Send + Sync {
 
     fn as_any(&self) -> &dyn Any;
 
+    /// Parameters PEFT's layer holds beyond [`Adapter::tensors`], neither trained nor saved but
+    /// counted in its totals (AdaLoRA's `ranknum`).
+    fn untracked_params(&self) -> usize {
+        0
+    }
+
     /// Whether rows of a mixed batch may use this adapter (PEFT refuses DoRA there).
     fn supports_mixed_batch(&self) -> bool {
         true

@@ -465,7 +465,7 @@ impl PeftModel {
                     .tuner
                     .model_tensors()
                     .into_iter()
-                    .filter(|t| t.trainable)
+                    .filter(|t| t.is_parameter)
                     .map(|t| (t.key, t.var)),
             );
         }
@@ -520,8 +520,21 @@ impl PeftModel {
                 }
             }
         }
+        for module in self.model.modules() {
+            let Some(list) = module.site().map(|s| s.adapters()) else {
+                continue;
+            };
+            for n in list.names() {
+                all += list.adapter(&n).map_or(0, |a| a.untracked_params());
+            }
+        }
         for entry in &self.adapters {
-            let model_level = entry.tuner.model_tensors().into_iter().map(|t| t.var);
+            let model_level = entry
+                .tuner
+                .model_tensors()
+                .into_iter()
+                .filter(|t| t.is_parameter)
+                .map(|t| t.var);
             let vars = self
                 .adapter_vars(&entry.name)
                 .into_iter()

@@ -117,8 +117,9 @@ pub struct ModelTensor {
     /// The full key in the adapter file (`base_model.vera_A`, `prompt_embeddings`, ...).
     pub key: String,
     pub var: Var,
-    /// Trained with the adapter (soft prompts) or only saved and loaded (VeRA's projections).
-    pub trainable: bool,
+    /// A parameter, trained when its adapter is and counted in the totals (soft prompts), or a
+    /// buffer, only saved and loaded (VeRA's projections), as PEFT registers them.
+    pub is_parameter: bool,
 }
 
 /// An attached adapter's model-level side. Every hook has a default that does nothing, so a

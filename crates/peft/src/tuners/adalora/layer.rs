@@ -112,6 +112,11 @@ impl Adapter for AdaLoraLinear {
     fn type_name(&self) -> &'static str {
         "adalora.SVDLinear"
     }
+
+    /// PEFT keeps `ranknum` as a one-element frozen parameter.
+    fn untracked_params(&self) -> usize {
+        1
+    }
 }
 
 impl LinearAdapter for AdaLoraLinear {

@@ -185,7 +185,7 @@ impl Tuner for VeraTuner {
             .map(|(key, var)| ModelTensor {
                 key: key.clone(),
                 var: var.clone(),
-                trainable: false,
+                is_parameter: false,
             })
             .collect()
     }
