@@ -64,7 +64,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let mut best = f64::INFINITY;
         for run in 0..a.warmup + a.steps {
             let t = Instant::now();
-            let out = generate(base.as_ref(), &prompts, &cfg, None, &mut |_, _| {})?;
+            let out = generate(base.as_ref(), &prompts, &cfg, None)?;
             device.synchronize()?;
             let s = t.elapsed().as_secs_f64();
             if out.tokens.iter().any(|r| r.len() != new_tokens) {

@@ -1,7 +1,7 @@
 //! `peft generate`: tokenize, generate (streaming the first prompt's text as it comes), report
 //! throughput.
 
-use peft::generation::{generate as run_generate, GenerationConfig, SamplingConfig};
+use peft::generation::{generate_stream as run_generate, GenerationConfig, SamplingConfig};
 use peft::io::tokenizer::Tokenizer;
 use peft::models::{self, LoadOptions};
 use peft::peft_model::CONFIG_NAME;

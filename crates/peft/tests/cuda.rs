@@ -146,14 +146,7 @@ fn greedy_generation_on_cuda_matches_transformers() {
         ..Default::default()
     };
     for (p, want) in rows(&fx["prompt_ids"]).iter().zip(rows(&fx["single"])) {
-        let got = generate(
-            model.as_ref(),
-            std::slice::from_ref(p),
-            &cfg,
-            None,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let got = generate(model.as_ref(), std::slice::from_ref(p), &cfg, None).unwrap();
         assert_eq!(got.tokens[0], want, "prompt {p:?}");
     }
 }

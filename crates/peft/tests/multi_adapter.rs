@@ -441,7 +441,7 @@ fn mixed_batch_generation_matches_peft() {
         ..Default::default()
     };
     let mixed = pm.with_adapter_names(&names).unwrap();
-    let out = generate(&mixed, &prompts, &cfg, None, &mut |_, _| {}).unwrap();
+    let out = generate(&mixed, &prompts, &cfg, None).unwrap();
     let want: Vec<Vec<u32>> = exp["mixed_generated"]
         .to_dtype(DType::U32)
         .unwrap()

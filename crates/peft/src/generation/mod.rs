@@ -81,10 +81,19 @@ pub struct Generated {
     pub finish: Vec<FinishReason>,
 }
 
-/// Generates continuations of `prompts` (token ids, one row each, any lengths). `on_token` sees
-/// every new token as it is chosen (`row`, `id`), for streaming. `tokenizer` is needed only for
-/// stop strings.
+/// Generates continuations of `prompts` (token ids, one row each, any lengths). `tokenizer` is
+/// needed only for stop strings.
 pub fn generate(
+    model: &(impl Generate + ?Sized),
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Generated> {
+    generate_stream(model, prompts, cfg, tokenizer, &mut |_, _| {})
+}
+
+/// [`generate`], streaming: `on_token` sees every new token as it is chosen (`row`, `id`).
+pub fn generate_stream(
     model: &(impl Generate + ?Sized),
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,

@@ -57,6 +57,24 @@ pub trait TunerConfig: ConfigObject + Debug + Send + Sync {
         Ok(())
     }
 
+    /// The config with `task_type` set (PEFT's `task_type=...` keyword).
+    fn with_task_type(mut self, task: crate::models::TaskType) -> Self
+    where
+        Self: Sized,
+    {
+        self.base_mut().task_type = Some(task);
+        self
+    }
+
+    /// The config with `modules_to_save` set.
+    fn with_modules_to_save(mut self, modules: &[&str]) -> Self
+    where
+        Self: Sized,
+    {
+        self.base_mut().modules_to_save = Some(modules.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
     /// Attaches an adapter of this method to `model`. The config is completed in place the way
     /// PEFT completes it before saving (resolved `target_modules`, corrected `fan_in_fan_out`).
     fn inject(&mut self, model: &mut dyn Model, ctx: &InjectContext<'_>) -> Result<Injected>;
