@@ -94,7 +94,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let mut best = f64::INFINITY;
         for run in 0..a.warmup + a.steps {
             let t = Instant::now();
-            let out = generate(base.as_ref(), &prompts, &cfg, None, &mut |_, _| {})?;
+            let out = generate(base.as_ref(), &prompts, &cfg, None)?;
             device.synchronize()?;
             let s = t.elapsed().as_secs_f64();
             if out.tokens.iter().any(|r| r.len() != new_tokens) {
@@ -120,20 +120,23 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             c.set_task_type(task_type);
             c
         }
-        None => PeftConfig::Lora(LoraConfig {
-            r: 8,
-            lora_alpha: 16.0,
-            lora_dropout: 0.1,
-            target_modules: a.target_modules.clone().map(ModuleSpec::List),
-            task_type: Some(task_type),
-            ..Default::default()
-        }),
+        None => {
+            let mut c = LoraConfig {
+                r: 8,
+                lora_alpha: 16.0,
+                lora_dropout: 0.1,
+                target_modules: a.target_modules.clone().map(ModuleSpec::List),
+                ..Default::default()
+            };
+            c.base.task_type = Some(task_type);
+            PeftConfig::new(c)
+        }
     };
-    let method = match &config {
-        PeftConfig::Lora(c) if c.use_dora => "DORA",
-        c => c.peft_type(),
+    let method = match config.downcast_ref::<LoraConfig>() {
+        Some(c) if c.use_dora => "DORA",
+        _ => config.peft_type(),
     };
-    let mut model = get_peft_model_with_seed(base, config, 0)?;
+    let mut model = get_peft_model_with_seed(base, config, "default", 0)?;
     let (b, t) = (a.batch, a.seq_len);
     let ids = Tensor::from_vec(random_ids(b * t), (b, t), &device)?;
     let inputs = Inputs {

@@ -9,7 +9,7 @@ use peft::peft_model::{thousands, CONFIG_NAME, WEIGHTS_NAME};
 use peft::train::config::TrainConfig;
 use peft::train::run::{Evaluation, TrainJob};
 use peft::train::Outcome;
-use peft::{Error, Inputs, Result};
+use peft::{Error, Inputs, LoraModelExt, Result};
 use std::path::{Path, PathBuf};
 
 use crate::args::{
@@ -412,9 +412,16 @@ fn inspect_model(dir: &Path) -> Result<()> {
     };
     println!("checkpoint tensors: {}", weights.names().count());
     let mut params = 0;
+    let mut seen = std::collections::HashSet::new();
     let mut adaptable = Vec::new();
     for m in model.modules() {
-        params += m.params().iter().map(|p| p.elem_count()).sum::<usize>();
+        // A tensor shared by two layers (tied embeddings) counts once, as in PyTorch.
+        params += m
+            .params()
+            .iter()
+            .filter(|p| seen.insert(p.base().id()))
+            .map(|p| p.elem_count())
+            .sum::<usize>();
         match &m {
             ModuleRef::Linear(l) => adaptable.push(format!(
                 "  {} (Linear {} -> {})",
@@ -428,7 +435,7 @@ fn inspect_model(dir: &Path) -> Result<()> {
                 e.num_embeddings(),
                 e.dim()
             )),
-            ModuleRef::LayerNorm(_) | ModuleRef::RmsNorm(_) => {}
+            ModuleRef::LayerNorm(_) | ModuleRef::RmsNorm(_) | ModuleRef::Hook(_) => {}
         }
     }
     println!("parameters: {}", thousands(params));

@@ -2,7 +2,7 @@
 //! report throughput (a log line on stderr).
 
 use clap::Args;
-use peft::generation::{generate as run_generate, GenerationConfig, SamplingConfig};
+use peft::generation::{generate_stream as run_generate, GenerationConfig, SamplingConfig};
 use peft::io::tokenizer::Tokenizer;
 use peft::models::{self, LoadOptions};
 use peft::peft_model::CONFIG_NAME;

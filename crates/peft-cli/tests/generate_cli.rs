@@ -5,6 +5,7 @@
 use peft::models::{self, LoadOptions};
 use peft::tuners::lora::InitLoraWeights;
 use peft::tuners::targets::ModuleSpec;
+use peft::tuners::BaseFields;
 use peft::{get_peft_model, LoraConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -117,12 +118,15 @@ fn an_adapter_finds_its_base_model_in_the_hugging_face_cache() {
         lora_alpha: 32.0,
         target_modules: Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()])),
         init_lora_weights: InitLoraWeights::Bool(false),
-        base_model_name_or_path: Some("test-org/tiny-llama".into()),
-        task_type: Some(peft::TaskType::CausalLm),
+        base: BaseFields {
+            base_model_name_or_path: Some("test-org/tiny-llama".into()),
+            task_type: Some(peft::TaskType::CausalLm),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let adapter = tmp.path().join("adapter");
-    get_peft_model(base, config)
+    get_peft_model(base, config, "default")
         .unwrap()
         .save_pretrained(&adapter)
         .unwrap();

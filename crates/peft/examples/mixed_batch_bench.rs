@@ -44,7 +44,7 @@ fn main() -> peft::Result<()> {
         init_lora_weights: InitLoraWeights::Bool(false),
         ..Default::default()
     };
-    let mut model = get_peft_model(models::load(&dir, &opts)?, config(16.0))?;
+    let mut model = get_peft_model(models::load(&dir, &opts)?, config(16.0), "default")?;
     let mut names = vec!["default".to_string()];
     for i in 1..ADAPTERS {
         let name = format!("a{i}");

@@ -2,12 +2,11 @@
 //!
 //!     cargo run --release -p peft --example quickstart -- .assets/all-MiniLM-L6-v2
 
-use candle_core::Tensor;
-use peft::models::{self, LoadOptions};
-use peft::train::classification_loss;
-use peft::train::optim::{AdamW, AdamWParams};
-use peft::tuners::{lora::LoraConfig, targets::ModuleSpec};
-use peft::{get_peft_model, Inputs, PeftModel, TaskType};
+use peft::candle::Tensor;
+use peft::{
+    classification_loss, get_peft_model, load_model, AdamW, AdamWParams, FromPretrained, Inputs,
+    LoadOptions, LoraConfig, PeftModel, TaskType, TunerConfig,
+};
 use std::path::PathBuf;
 
 fn main() -> peft::Result<()> {
@@ -25,12 +24,12 @@ fn main() -> peft::Result<()> {
         r: 8,
         lora_alpha: 16.0,
         lora_dropout: 0.1,
-        target_modules: Some(ModuleSpec::List(vec!["query".into(), "value".into()])),
-        task_type: Some(TaskType::SeqCls),
+        target_modules: Some(["query", "value"].into()),
         ..Default::default()
-    };
-    let model = get_peft_model(models::load(&dir, &opts)?, config)?;
-    model.print_trainable_parameters();
+    }
+    .with_task_type(TaskType::SeqCls);
+    let model = get_peft_model(load_model(&dir, &opts)?, config, "default")?;
+    println!("{}", model.trainable_parameters_line());
 
     // One training step on a toy batch.
     let device = model.base_model().device().clone();
@@ -46,7 +45,8 @@ fn main() -> peft::Result<()> {
     let out = std::env::temp_dir().join("peft-quickstart-adapter");
     model.save_pretrained(&out)?;
 
-    let mut model = PeftModel::from_pretrained(models::load(&dir, &opts)?, &out)?;
+    let mut model =
+        PeftModel::from_pretrained(load_model(&dir, &opts)?, &out, FromPretrained::default())?;
     let adapted = peft::no_grad(|| model.forward(&inputs, false))?;
     let base = {
         let base_only = model.disable_adapter()?; // the adapter is back when this scope ends

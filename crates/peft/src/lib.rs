@@ -1,9 +1,11 @@
 //! Parameter-efficient fine-tuning of transformer models, compatible with Hugging Face PEFT.
 //!
-//! The vocabulary is PEFT's: build a [`tuners::lora::LoraConfig`], wrap a loaded model with
-//! [`get_peft_model`], train, [`PeftModel::save_pretrained`]; later
-//! [`PeftModel::from_pretrained`] or [`PeftModel::merge_and_unload`]. Adapters are written in PEFT's
-//! layout and load in Python PEFT unchanged, and the reverse.
+//! The vocabulary is PEFT's: build a config ([`LoraConfig`], [`Ia3Config`], ...), wrap a model
+//! from [`load_model`] with [`get_peft_model`], train, [`PeftModel::save_pretrained`]; later
+//! [`PeftModel::from_pretrained`] or [`PeftModel::merge_and_unload`]. Adapters are written in
+//! PEFT's layout and load in Python PEFT unchanged, and the reverse. Everything a user needs is
+//! re-exported here; the modules hold the rest (`tuners` for each method, `layers` for the
+//! adapter-aware building blocks, `models` for the architectures).
 
 pub mod error;
 pub mod generation;
@@ -16,9 +18,24 @@ pub mod peft_model;
 pub mod train;
 pub mod tuners;
 
+/// The tensor library, so that users need not match its version.
+pub use candle_core as candle;
 pub use error::{Error, Result};
+pub use generation::{generate, generate_stream, Generated, GenerationConfig, SamplingConfig};
 pub use grad::no_grad;
-pub use models::{Inputs, LoadOptions, Model, TaskType};
-pub use peft_model::{get_peft_model, load_auto, load_with_adapter, PeftModel};
-pub use tuners::lora::LoraConfig;
-pub use tuners::PeftConfig;
+pub use models::{load as load_model, Inputs, LoadOptions, Model, TaskType};
+pub use peft_model::{
+    get_peft_model, get_peft_model_with_seed, load_auto, load_with_adapter, FromPretrained,
+    PeftModel,
+};
+pub use train::optim::{AdamW, AdamWParams};
+pub use train::{causal_lm_loss, classification_loss};
+pub use tuners::adalora::AdaLoraConfig;
+pub use tuners::ia3::Ia3Config;
+pub use tuners::loha::LohaConfig;
+pub use tuners::lokr::LokrConfig;
+pub use tuners::lora::weighted::{CombinationType, WeightedOptions};
+pub use tuners::lora::{LoraConfig, LoraModelExt};
+pub use tuners::targets::ModuleSpec;
+pub use tuners::vera::VeraConfig;
+pub use tuners::{Bias, PeftConfig, TunerConfig};

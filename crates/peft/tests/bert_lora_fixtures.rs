@@ -30,7 +30,9 @@ fn peft_adapters_load_and_match_lora_and_merged_logits() {
     for case in all_cases() {
         let dir = case_dir(&case);
         let expected = load_st(&dir.join("expected.safetensors"));
-        let mut m = PeftModel::from_pretrained(load_model(&case), &dir.join("adapter")).unwrap();
+        let mut m =
+            PeftModel::from_pretrained(load_model(&case), &dir.join("adapter"), Default::default())
+                .unwrap();
         let lora = m.forward(&inputs(), false).unwrap();
         assert_close(
             &format!("{case}: lora"),
@@ -78,7 +80,9 @@ fn peft_adapters_load_and_match_lora_and_merged_logits() {
 fn merge_then_unmerge_restores_base_weights() {
     for case in all_cases() {
         let dir = case_dir(&case);
-        let mut m = PeftModel::from_pretrained(load_model(&case), &dir.join("adapter")).unwrap();
+        let mut m =
+            PeftModel::from_pretrained(load_model(&case), &dir.join("adapter"), Default::default())
+                .unwrap();
         let before: Vec<_> = weights_of(&m);
         m.merge_adapter().unwrap();
         let merged: Vec<_> = weights_of(&m);
@@ -120,7 +124,7 @@ fn print_trainable_parameters_matches_peft() {
             &peft::io::read_json(&case_dir(&case).join("adapter").join(CONFIG_NAME)).unwrap(),
         )
         .unwrap();
-        let m = get_peft_model(load_model(&case), config).unwrap();
+        let m = get_peft_model(load_model(&case), config, "default").unwrap();
         assert_eq!(
             m.trainable_parameters_line(),
             meta["print_trainable_parameters"].as_str().unwrap(),
@@ -133,7 +137,9 @@ fn print_trainable_parameters_matches_peft() {
 fn saved_adapter_has_peft_keys_config_fields_and_values() {
     for case in all_cases() {
         let dir = case_dir(&case);
-        let m = PeftModel::from_pretrained(load_model(&case), &dir.join("adapter")).unwrap();
+        let m =
+            PeftModel::from_pretrained(load_model(&case), &dir.join("adapter"), Default::default())
+                .unwrap();
         let out = tempfile::tempdir().unwrap();
         m.save_pretrained(out.path()).unwrap();
 
@@ -171,7 +177,8 @@ fn saved_adapter_has_peft_keys_config_fields_and_values() {
         }
 
         // And the reloaded copy gives the same logits.
-        let reloaded = PeftModel::from_pretrained(load_model(&case), out.path()).unwrap();
+        let reloaded =
+            PeftModel::from_pretrained(load_model(&case), out.path(), Default::default()).unwrap();
         let expected = load_st(&dir.join("expected.safetensors"));
         assert_close(
             &format!("{case}: reloaded"),

@@ -47,7 +47,7 @@ fn bert_on(dev: &Device, case: &str) -> PeftModel {
         ..Default::default()
     };
     let base = models::load(&dir, &opts).unwrap();
-    PeftModel::from_pretrained(base, &case_dir(case).join("adapter")).unwrap()
+    PeftModel::from_pretrained(base, &case_dir(case).join("adapter"), Default::default()).unwrap()
 }
 
 #[test]
@@ -106,7 +106,9 @@ fn t5_lora_and_merged_logits_on_cuda_match_peft() {
             ..Default::default()
         };
         let base = models::load(&dir.join(case).join("model"), &opts).unwrap();
-        let mut m = PeftModel::from_pretrained(base, &dir.join(case).join("adapter")).unwrap();
+        let mut m =
+            PeftModel::from_pretrained(base, &dir.join(case).join("adapter"), Default::default())
+                .unwrap();
         let got = peft::no_grad(|| m.forward(&to(&dev, &inputs), false)).unwrap();
         assert_close(case, &cpu(&got), &want["lora_logits"], 1e-4);
         m.merge_adapter().unwrap();
@@ -144,14 +146,7 @@ fn greedy_generation_on_cuda_matches_transformers() {
         ..Default::default()
     };
     for (p, want) in rows(&fx["prompt_ids"]).iter().zip(rows(&fx["single"])) {
-        let got = generate(
-            model.as_ref(),
-            std::slice::from_ref(p),
-            &cfg,
-            None,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let got = generate(model.as_ref(), std::slice::from_ref(p), &cfg, None).unwrap();
         assert_eq!(got.tokens[0], want, "prompt {p:?}");
     }
 }

@@ -5,6 +5,7 @@
 use candle_core::{Device, Tensor};
 use peft::models::{self, LoadOptions};
 use peft::tuners::lora::{InitLoraWeights, LoraConfig};
+use peft::tuners::BaseFields;
 use peft::{get_peft_model, Inputs, PeftModel, TaskType};
 use std::path::{Path, PathBuf};
 
@@ -39,11 +40,14 @@ fn adapter_round_trip(case: &str, export: Option<&Path>) {
     let config = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
-        task_type: Some(TaskType::CausalLm),
         init_lora_weights: InitLoraWeights::Bool(false),
+        base: BaseFields {
+            task_type: Some(TaskType::CausalLm),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let m = get_peft_model(models::load(&model_dir, &opts).unwrap(), config).unwrap();
+    let m = get_peft_model(models::load(&model_dir, &opts).unwrap(), config, "default").unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = export.unwrap_or(tmp.path());
     m.save_pretrained(dir).unwrap();
@@ -94,7 +98,7 @@ fn adapter_round_trip(case: &str, export: Option<&Path>) {
         max_diff(&want, &without) > 1e-3,
         "{case}: the adapter changes the logits"
     );
-    let loaded = PeftModel::from_pretrained(base, dir).unwrap();
+    let loaded = PeftModel::from_pretrained(base, dir, Default::default()).unwrap();
     assert_eq!(
         max_diff(&loaded.forward(&inputs, false).unwrap(), &want),
         0.0

@@ -49,7 +49,12 @@ fn load_base(case: &str) -> Box<dyn Model> {
 }
 
 fn load_lora(case: &str) -> PeftModel {
-    PeftModel::from_pretrained(load_base(case), &case_dir(case).join("adapter")).unwrap()
+    PeftModel::from_pretrained(
+        load_base(case),
+        &case_dir(case).join("adapter"),
+        Default::default(),
+    )
+    .unwrap()
 }
 
 fn expected(case: &str) -> HashMap<String, Tensor> {

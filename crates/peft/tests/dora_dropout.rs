@@ -16,7 +16,7 @@ mod common;
 
 use candle_core::{DType, Tensor, Var};
 use common::{assert_close, load_st, max_diff};
-use peft::layers::{Embedding, EmbeddingAdapter, Linear, LinearAdapter};
+use peft::layers::{Adapter, Embedding, Linear};
 use peft::ops;
 use peft::tuners::lora::{DoraEmbedding, DoraLinear, LoraEmbedding, LoraLinear};
 use serde_json::Value;

@@ -25,7 +25,7 @@ fn message(e: Error) -> String {
 #[test]
 fn missing_adapter_files_are_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let e = PeftModel::from_pretrained(load_model("list_qv"), tmp.path())
+    let e = PeftModel::from_pretrained(load_model("list_qv"), tmp.path(), Default::default())
         .err()
         .unwrap();
     assert!(message(e).contains(CONFIG_NAME));
@@ -34,7 +34,7 @@ fn missing_adapter_files_are_named() {
         tmp.path().join(CONFIG_NAME),
     )
     .unwrap();
-    let e = PeftModel::from_pretrained(load_model("list_qv"), tmp.path())
+    let e = PeftModel::from_pretrained(load_model("list_qv"), tmp.path(), Default::default())
         .err()
         .unwrap();
     assert!(message(e).contains(WEIGHTS_NAME));
@@ -48,7 +48,7 @@ fn truncated_safetensors_is_reported_as_corrupt() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let e = message(
-        PeftModel::from_pretrained(load_model("list_qv"), tmp.path())
+        PeftModel::from_pretrained(load_model("list_qv"), tmp.path(), Default::default())
             .err()
             .unwrap(),
     );
@@ -94,9 +94,13 @@ fn adapter_shape_mismatch_names_the_tensor_and_both_shapes() {
     // An adapter whose saved head disagrees with the model's.
     let model = models::load(&fixtures().join("models/base_noprefix"), &opts).unwrap();
     let e = message(
-        PeftModel::from_pretrained(model, &case_dir("list_qv").join("adapter"))
-            .err()
-            .unwrap(),
+        PeftModel::from_pretrained(
+            model,
+            &case_dir("list_qv").join("adapter"),
+            Default::default(),
+        )
+        .err()
+        .unwrap(),
     );
     assert!(
         e.contains("classifier.weight") && e.contains("[5, 32]") && e.contains("[3, 32]"),
@@ -113,7 +117,7 @@ fn unknown_peft_type_lists_supported() {
     cfg["peft_type"] = "SOMETHING_NEW".into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = message(
-        PeftModel::from_pretrained(load_model("list_qv"), tmp.path())
+        PeftModel::from_pretrained(load_model("list_qv"), tmp.path(), Default::default())
             .err()
             .unwrap(),
     );
@@ -128,7 +132,9 @@ fn unknown_adapter_config_fields_are_tolerated() {
     let mut cfg = peft::io::read_json(&cfg_path).unwrap();
     cfg["field_from_peft_0_99"] = serde_json::json!({"x": 1});
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    assert!(PeftModel::from_pretrained(load_model("list_qv"), tmp.path()).is_ok());
+    assert!(
+        PeftModel::from_pretrained(load_model("list_qv"), tmp.path(), Default::default()).is_ok()
+    );
 }
 
 #[test]
@@ -137,7 +143,11 @@ fn target_modules_matching_nothing_lists_available_layers() {
         target_modules: Some(ModuleSpec::List(vec!["q_proj".into()])),
         ..Default::default()
     };
-    let e = message(get_peft_model(load_model("list_qv"), config).err().unwrap());
+    let e = message(
+        get_peft_model(load_model("list_qv"), config, "default")
+            .err()
+            .unwrap(),
+    );
     assert!(
         e.contains("q_proj") && e.contains("bert.encoder.layer.0.attention.self.query"),
         "{e}"

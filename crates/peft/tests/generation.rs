@@ -4,7 +4,7 @@
 //! longer than the context window is an error.
 
 use candle_core::{Device, Tensor};
-use peft::generation::{generate, FinishReason, GenerationConfig, SamplingConfig};
+use peft::generation::{generate, generate_stream, FinishReason, GenerationConfig, SamplingConfig};
 use peft::models::{self, LoadOptions};
 use peft::tuners::targets::ModuleSpec;
 use peft::{get_peft_model, Inputs, LoraConfig, Model};
@@ -49,17 +49,10 @@ fn greedy_matches_transformers_alone_and_left_padded() {
     let model = load();
     let prompts = rows(&fx["prompt_ids"]);
     for (p, want) in prompts.iter().zip(rows(&fx["single"])) {
-        let got = generate(
-            model.as_ref(),
-            std::slice::from_ref(p),
-            &greedy(12),
-            None,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let got = generate(model.as_ref(), std::slice::from_ref(p), &greedy(12), None).unwrap();
         assert_eq!(got.tokens[0], want, "prompt {p:?}");
     }
-    let got = generate(model.as_ref(), &prompts, &greedy(12), None, &mut |_, _| {}).unwrap();
+    let got = generate(model.as_ref(), &prompts, &greedy(12), None).unwrap();
     assert_eq!(got.tokens, rows(&fx["batched"]));
     assert!(
         prompts.iter().any(|p| p.len() != prompts[0].len()),
@@ -94,14 +87,7 @@ fn cached_greedy_equals_uncached_greedy() {
     for p in rows(&expected()["prompt_ids"]) {
         let mut cfg = greedy(20);
         cfg.eos_token_ids = vec![u32::MAX]; // run the full 20 steps
-        let cached = generate(
-            model.as_ref(),
-            std::slice::from_ref(&p),
-            &cfg,
-            None,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let cached = generate(model.as_ref(), std::slice::from_ref(&p), &cfg, None).unwrap();
         assert_eq!(cached.tokens[0], uncached_greedy(model.as_ref(), &p, 20));
         assert_eq!(cached.finish[0], FinishReason::Length);
     }
@@ -125,7 +111,7 @@ fn seeded_sampling_repeats_and_seeds_differ() {
             seed,
             ..Default::default()
         };
-        generate(model.as_ref(), &prompts, &cfg, None, &mut |_, _| {})
+        generate(model.as_ref(), &prompts, &cfg, None)
             .unwrap()
             .tokens
     };
@@ -136,14 +122,7 @@ fn seeded_sampling_repeats_and_seeds_differ() {
 #[test]
 fn generation_runs_through_an_active_adapter() {
     let p = rows(&expected()["prompt_ids"])[0].clone();
-    let base = generate(
-        load().as_ref(),
-        std::slice::from_ref(&p),
-        &greedy(12),
-        None,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let base = generate(load().as_ref(), std::slice::from_ref(&p), &greedy(12), None).unwrap();
     let config = LoraConfig {
         r: 4,
         lora_alpha: 32.0,
@@ -151,9 +130,9 @@ fn generation_runs_through_an_active_adapter() {
         init_lora_weights: peft::tuners::lora::InitLoraWeights::Bool(false),
         ..Default::default()
     };
-    let mut peft_model = get_peft_model(load(), config).unwrap();
+    let mut peft_model = get_peft_model(load(), config, "default").unwrap();
     let mut streamed = Vec::new();
-    let with = generate(
+    let with = generate_stream(
         &peft_model,
         std::slice::from_ref(&p),
         &greedy(12),
@@ -170,14 +149,7 @@ fn generation_runs_through_an_active_adapter() {
         with.tokens[0]
     );
     let disabled = peft_model.disable_adapter().unwrap();
-    let off = generate(
-        &*disabled,
-        std::slice::from_ref(&p),
-        &greedy(12),
-        None,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let off = generate(&*disabled, std::slice::from_ref(&p), &greedy(12), None).unwrap();
     assert_eq!(off.tokens, base.tokens);
 }
 
@@ -186,13 +158,13 @@ fn a_prompt_longer_than_the_context_window_is_an_error() {
     let model = load();
     let max = model.dims().max_positions.unwrap();
     let long = vec![5u32; max + 3];
-    let err = generate(model.as_ref(), &[long], &greedy(4), None, &mut |_, _| {}).unwrap_err();
+    let err = generate(model.as_ref(), &[long], &greedy(4), None).unwrap_err();
     assert!(err.to_string().contains("context window"), "{err}");
     // A prompt that leaves room generates only up to the window.
     let near = vec![5u32; max - 2];
     let mut cfg = greedy(10);
     cfg.eos_token_ids = vec![u32::MAX];
-    let got = generate(model.as_ref(), &[near], &cfg, None, &mut |_, _| {}).unwrap();
+    let got = generate(model.as_ref(), &[near], &cfg, None).unwrap();
     assert_eq!(got.tokens[0].len(), 2);
     assert_eq!(got.finish[0], FinishReason::Length);
 }
@@ -211,7 +183,7 @@ fn a_stop_string_ends_the_row_once_its_text_appears() {
         stop_strings: vec![stop.clone()],
         ..Default::default()
     };
-    let got = generate(model.as_ref(), &[prompt], &cfg, Some(&tok), &mut |_, _| {}).unwrap();
+    let got = generate(model.as_ref(), &[prompt], &cfg, Some(&tok)).unwrap();
     assert_eq!(got.finish[0], FinishReason::StopString);
     assert!(got.tokens[0].len() <= 3 && full.starts_with(&got.tokens[0]));
     assert!(tok.decode(&got.tokens[0], false).unwrap().contains(&stop));

@@ -120,18 +120,11 @@ fn greedy_generation_from_the_dequantized_gguf_matches_transformers() {
     };
     let want_single = rows(&fx["single"]);
     for (p, want) in prompts.iter().zip(&want_single) {
-        let got = generate(
-            model.as_ref(),
-            std::slice::from_ref(p),
-            &cfg,
-            None,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let got = generate(model.as_ref(), std::slice::from_ref(p), &cfg, None).unwrap();
         assert_eq!(&got.tokens[0], want, "prompt {p:?}");
     }
     // All prompts at once, left-padded with the pad id (2) as transformers pads them.
-    let got = generate(model.as_ref(), &prompts, &cfg, None, &mut |_, _| {}).unwrap();
+    let got = generate(model.as_ref(), &prompts, &cfg, None).unwrap();
     assert_eq!(got.tokens, rows(&fx["batched"]));
 }
 
@@ -170,4 +163,27 @@ fn a_model_loaded_from_gguf_saves_as_a_complete_hugging_face_directory() {
         .to_scalar()
         .unwrap();
     assert_eq!(diff, 0.0);
+}
+
+/// SmolLM2 ties its LM head to the token embedding: PEFT counts that tensor once. With LoRA r=8
+/// on q_proj/v_proj, PEFT prints `all params: 134,975,808` (SmolLM2-135M's 134,515,008 plus
+/// 30 layers x (8 x (576 + 576) + 8 x (576 + 192)) = 460,800 adapter parameters).
+#[test]
+fn tied_embeddings_are_counted_once_as_peft_does() {
+    let opts = peft::LoadOptions {
+        task: Some(peft::TaskType::CausalLm),
+        ..Default::default()
+    };
+    let model = peft::load_model(&gguf_path(), &opts).unwrap();
+    let config = peft::LoraConfig {
+        r: 8,
+        target_modules: Some(["q_proj", "v_proj"].into()),
+        ..Default::default()
+    };
+    let m = peft::get_peft_model(model, config, "default").unwrap();
+    assert_eq!(m.get_nb_trainable_parameters(), (460_800, 134_975_808));
+    assert_eq!(
+        m.trainable_parameters_line(),
+        "trainable params: 460,800 || all params: 134,975,808 || trainable%: 0.3414"
+    );
 }

@@ -15,7 +15,9 @@ fn gradients_match_torch() {
     let case = "list_qv";
     let dir = case_dir(case);
     let want = load_st(&dir.join("grads.safetensors"));
-    let mut m = PeftModel::from_pretrained(load_model(case), &dir.join("adapter")).unwrap();
+    let mut m =
+        PeftModel::from_pretrained(load_model(case), &dir.join("adapter"), Default::default())
+            .unwrap();
     // Reload as trainable, as the fixture did (is_trainable=True).
     m.delete_adapter("default").unwrap();
     m.load_adapter(&dir.join("adapter"), "default", true)
@@ -61,7 +63,9 @@ fn gradients_match_torch() {
 fn every_trainable_parameter_gets_a_gradient_and_frozen_weights_stay_put() {
     for case in all_cases() {
         let dir = case_dir(&case);
-        let mut m = PeftModel::from_pretrained(load_model(&case), &dir.join("adapter")).unwrap();
+        let mut m =
+            PeftModel::from_pretrained(load_model(&case), &dir.join("adapter"), Default::default())
+                .unwrap();
         m.delete_adapter("default").unwrap();
         m.load_adapter(&dir.join("adapter"), "default", true)
             .unwrap();
@@ -144,7 +148,12 @@ fn load_with_adapter_picks_the_head_from_the_adapter() {
 #[test]
 fn no_grad_records_nothing_and_gives_the_same_logits() {
     let dir = case_dir("list_qv");
-    let mut m = PeftModel::from_pretrained(load_model("list_qv"), &dir.join("adapter")).unwrap();
+    let mut m = PeftModel::from_pretrained(
+        load_model("list_qv"),
+        &dir.join("adapter"),
+        Default::default(),
+    )
+    .unwrap();
     m.delete_adapter("default").unwrap();
     m.load_adapter(&dir.join("adapter"), "default", true)
         .unwrap();

@@ -7,6 +7,7 @@ use common::*;
 use peft::layers::ModuleRef;
 use peft::tuners::lora::{InitLoraWeights, LoraConfig, LoraLinear};
 use peft::tuners::targets::ModuleSpec;
+use peft::tuners::BaseFields;
 use peft::{get_peft_model, TaskType};
 
 fn loras(m: &peft::PeftModel) -> Vec<(String, &LoraLinear)> {
@@ -27,10 +28,13 @@ fn loras(m: &peft::PeftModel) -> Vec<(String, &LoraLinear)> {
 #[test]
 fn bert_defaults_to_query_and_value() {
     let config = LoraConfig {
-        task_type: Some(TaskType::SeqCls),
+        base: BaseFields {
+            task_type: Some(TaskType::SeqCls),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let m = get_peft_model(load_model("list_qv"), config).unwrap();
+    let m = get_peft_model(load_model("list_qv"), config, "default").unwrap();
     let names: Vec<String> = loras(&m).into_iter().map(|(n, _)| n).collect();
     assert_eq!(
         names,
@@ -41,12 +45,16 @@ fn bert_defaults_to_query_and_value() {
             "bert.encoder.layer.1.attention.self.value"
         ]
     );
-    match m.peft_config("default").unwrap() {
-        peft::PeftConfig::Lora(c) => assert_eq!(
+    match m
+        .peft_config("default")
+        .unwrap()
+        .downcast_ref::<LoraConfig>()
+    {
+        Some(c) => assert_eq!(
             c.target_modules,
             Some(ModuleSpec::List(vec!["query".into(), "value".into()]))
         ),
-        other => panic!("not a LoRA config: {other:?}"),
+        None => panic!("not a LoRA config"),
     }
 }
 
@@ -66,7 +74,7 @@ fn initialisations_follow_peft() {
             target_modules: Some(ModuleSpec::List(vec!["intermediate.dense".into()])),
             ..Default::default()
         };
-        get_peft_model(load_model("list_qv"), config).unwrap()
+        get_peft_model(load_model("list_qv"), config, "default").unwrap()
     };
     // true: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a = sqrt(5)), B = 0.
     let m = make(InitLoraWeights::Bool(true), 8);
@@ -106,7 +114,7 @@ fn scaling_is_alpha_over_r_or_sqrt_r() {
             use_rslora: rslora,
             ..Default::default()
         };
-        let m = get_peft_model(load_model("list_qv"), config).unwrap();
+        let m = get_peft_model(load_model("list_qv"), config, "default").unwrap();
         for (_, l) in loras(&m) {
             assert_eq!(l.scaling, want);
         }
@@ -119,18 +127,26 @@ fn fan_in_fan_out_is_corrected_for_linear_layers() {
         fan_in_fan_out: true,
         ..Default::default()
     };
-    let m = get_peft_model(load_model("list_qv"), config).unwrap();
-    match m.peft_config("default").unwrap() {
-        peft::PeftConfig::Lora(c) => assert!(!c.fan_in_fan_out),
-        other => panic!("not a LoRA config: {other:?}"),
+    let m = get_peft_model(load_model("list_qv"), config, "default").unwrap();
+    match m
+        .peft_config("default")
+        .unwrap()
+        .downcast_ref::<LoraConfig>()
+    {
+        Some(c) => assert!(!c.fan_in_fan_out),
+        None => panic!("not a LoRA config"),
     }
 }
 
 #[test]
 fn disabled_scope_restores_the_adapter() {
     let dir = case_dir("list_qv");
-    let mut m =
-        peft::PeftModel::from_pretrained(load_model("list_qv"), &dir.join("adapter")).unwrap();
+    let mut m = peft::PeftModel::from_pretrained(
+        load_model("list_qv"),
+        &dir.join("adapter"),
+        Default::default(),
+    )
+    .unwrap();
     let expected = load_st(&dir.join("expected.safetensors"));
     m.merge_adapter().unwrap();
     {

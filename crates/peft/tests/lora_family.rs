@@ -13,8 +13,7 @@ use common::{assert_close, load_st, max_diff};
 use peft::models::{self, LoadOptions};
 use peft::tuners::adalora::AdaLoraConfig;
 use peft::tuners::lora::{InitLoraWeights, LoraConfig};
-use peft::tuners::PeftConfig;
-use peft::{get_peft_model, Inputs, Model, PeftModel, TaskType};
+use peft::{get_peft_model, Inputs, LoraModelExt, Model, PeftModel, TaskType};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -135,8 +134,12 @@ fn peft_adapters_load_with_peft_logits_and_merge_like_peft() {
     for case in cases() {
         let m = model_key(&case);
         let want = expected(&case);
-        let model = PeftModel::from_pretrained(load_model(&m), &case_dir(&case).join("adapter"))
-            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let model = PeftModel::from_pretrained(
+            load_model(&m),
+            &case_dir(&case).join("adapter"),
+            Default::default(),
+        )
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
         check(
             &format!("{case}: adapter"),
             &m,
@@ -169,8 +172,12 @@ fn peft_adapters_load_with_peft_logits_and_merge_like_peft() {
         // Methods that leave the base alone give it back on unload; PiSSA / OLoRA leave the
         // residual weights behind, as in PEFT.
         let mutates = case.contains("pissa") || case.contains("olora");
-        let model =
-            PeftModel::from_pretrained(load_model(&m), &case_dir(&case).join("adapter")).unwrap();
+        let model = PeftModel::from_pretrained(
+            load_model(&m),
+            &case_dir(&case).join("adapter"),
+            Default::default(),
+        )
+        .unwrap();
         let base = model.unload().unwrap();
         let got = peft::no_grad(|| base.forward(&inputs(&m), false)).unwrap();
         let d = max_diff(&comparable(&m, &got), &comparable(&m, &want["base_logits"]));
@@ -186,8 +193,12 @@ fn peft_adapters_load_with_peft_logits_and_merge_like_peft() {
 fn saved_adapters_have_peft_keys_and_shapes() {
     for case in cases() {
         let m = model_key(&case);
-        let model =
-            PeftModel::from_pretrained(load_model(&m), &case_dir(&case).join("adapter")).unwrap();
+        let model = PeftModel::from_pretrained(
+            load_model(&m),
+            &case_dir(&case).join("adapter"),
+            Default::default(),
+        )
+        .unwrap();
         let ours: HashMap<String, Vec<usize>> = model
             .adapter_state_dict("default")
             .unwrap()
@@ -229,7 +240,8 @@ fn saved_adapters_have_peft_keys_and_shapes() {
         ] {
             assert_eq!(mine[f], peft_cfg[f], "{case}: {f}");
         }
-        let reloaded = PeftModel::from_pretrained(load_model(&m), dir.path()).unwrap();
+        let reloaded =
+            PeftModel::from_pretrained(load_model(&m), dir.path(), Default::default()).unwrap();
         check(
             &format!("{case}: re-saved"),
             &m,
@@ -243,7 +255,7 @@ fn lora_config(case: &str) -> LoraConfig {
     let c = &meta(case)["config"];
     let mut v = c.clone();
     v["task_type"] = Value::String(meta(case)["task_type"].as_str().unwrap().into());
-    LoraConfig::from_json_strict(&v).unwrap()
+    LoraConfig::from_json(&v, true).unwrap()
 }
 
 /// (module, [out, in]) weights of the `init.safetensors` residuals, in the layer's own layout.
@@ -255,7 +267,7 @@ fn pissa_and_olora_move_the_same_part_of_the_weight_as_peft() {
     {
         let m = model_key(&case);
         let residual = load_st(&case_dir(&case).join("init.safetensors"));
-        let model = get_peft_model(load_model(&m), lora_config(&case)).unwrap();
+        let model = get_peft_model(load_model(&m), lora_config(&case), "default").unwrap();
         let mut seen = 0;
         for module in model.base_model().modules() {
             for p in module.params() {
@@ -310,8 +322,12 @@ fn pissa_and_olora_convert_to_plain_lora_like_peft() {
         for f in ["adapter_config.json", "adapter_model.safetensors"] {
             std::fs::copy(case_dir(&case).join("initial").join(f), initial.join(f)).unwrap();
         }
-        let model =
-            PeftModel::from_pretrained(load_model(&m), &case_dir(&case).join("adapter")).unwrap();
+        let model = PeftModel::from_pretrained(
+            load_model(&m),
+            &case_dir(&case).join("adapter"),
+            Default::default(),
+        )
+        .unwrap();
         let out = dir.path().join("converted");
         model.save_pretrained_converted(&out, &initial).unwrap();
         let ours = load_st(&out.join("adapter_model.safetensors"));
@@ -326,7 +342,7 @@ fn pissa_and_olora_convert_to_plain_lora_like_peft() {
             assert_eq!(cfg[f], peft_cfg[f], "{case}: converted {f}");
         }
         // On the untouched base model the converted adapter is the trained one.
-        let conv = PeftModel::from_pretrained(load_model(&m), &out).unwrap();
+        let conv = PeftModel::from_pretrained(load_model(&m), &out, Default::default()).unwrap();
         let want = expected(&case);
         check(
             &format!("{case}: converted"),
@@ -361,7 +377,7 @@ fn pissa_niter_keeps_the_weight_and_the_rank() {
         }
     }
     let w = base_w.unwrap();
-    let model = get_peft_model(load_model("bert"), config).unwrap();
+    let model = get_peft_model(load_model("bert"), config, "default").unwrap();
     let sd: HashMap<String, Tensor> = model
         .adapter_state_dict("default")
         .unwrap()
@@ -408,6 +424,7 @@ fn pissa_niter_keeps_the_weight_and_the_rank() {
             init_lora_weights: InitLoraWeights::Method("pissa".into()),
             ..model_config_like(&model)
         },
+        "default",
     )
     .unwrap();
     let fsd: HashMap<String, Tensor> = full
@@ -424,9 +441,13 @@ fn pissa_niter_keeps_the_weight_and_the_rank() {
 }
 
 fn model_config_like(model: &PeftModel) -> LoraConfig {
-    match model.peft_config("default").unwrap() {
-        PeftConfig::Lora(c) => c.clone(),
-        _ => unreachable!(),
+    match model
+        .peft_config("default")
+        .unwrap()
+        .downcast_ref::<LoraConfig>()
+    {
+        Some(c) => c.clone(),
+        None => unreachable!(),
     }
 }
 
@@ -437,7 +458,7 @@ fn olora_refuses_conv1d_weights() {
         init_lora_weights: InitLoraWeights::Method("olora".into()),
         ..Default::default()
     };
-    let err = get_peft_model(load_model("gpt2"), config)
+    let err = get_peft_model(load_model("gpt2"), config, "default")
         .err()
         .expect("refused")
         .to_string();
@@ -447,7 +468,7 @@ fn olora_refuses_conv1d_weights() {
 fn adalora_config(case: &str) -> AdaLoraConfig {
     let mut v = meta(case)["config"].clone();
     v["task_type"] = Value::String(meta(case)["task_type"].as_str().unwrap().into());
-    AdaLoraConfig::from_json_strict(&v).unwrap()
+    AdaLoraConfig::from_json(&v, true).unwrap()
 }
 
 /// Feeds PEFT's recorded parameters and gradients to our allocator step by step and compares the
@@ -459,7 +480,7 @@ fn adalora_rank_allocation_matches_peft_for_the_same_gradients() {
         let steps = load_st(&case_dir(case).join("steps.safetensors"));
         let config = adalora_config(case);
         let total = config.total_step.unwrap();
-        let mut model = get_peft_model(load_model(&m), config).unwrap();
+        let mut model = get_peft_model(load_model(&m), config, "default").unwrap();
         let vars: Vec<(String, Var)> = model.trainable_parameters();
         let patterns = meta(case)["rank_patterns"].as_array().unwrap().clone();
         for step in 0..total {
@@ -490,7 +511,10 @@ fn adalora_rank_allocation_matches_peft_for_the_same_gradients() {
                     );
                 }
             }
-            let Some(PeftConfig::AdaLora(c)) = model.peft_config("default") else {
+            let Some(c) = model
+                .peft_config("default")
+                .and_then(|c| c.downcast_ref::<AdaLoraConfig>())
+            else {
                 panic!()
             };
             let want = &patterns[step];
@@ -508,7 +532,10 @@ fn adalora_rank_allocation_matches_peft_for_the_same_gradients() {
         }
         let saved =
             peft::io::read_json(&case_dir(case).join("adapter/adapter_config.json")).unwrap();
-        let Some(PeftConfig::AdaLora(c)) = model.peft_config("default") else {
+        let Some(c) = model
+            .peft_config("default")
+            .and_then(|c| c.downcast_ref::<AdaLoraConfig>())
+        else {
             panic!()
         };
         assert_eq!(
@@ -527,7 +554,7 @@ fn adalora_trained_here_prunes_saves_and_reloads() {
         let case = format!("{m}_adalora");
         let config = adalora_config(&case);
         let total = config.total_step.unwrap();
-        let mut model = get_peft_model(load_model(m), config).unwrap();
+        let mut model = get_peft_model(load_model(m), config, "default").unwrap();
         let mut opt = peft::train::optim::AdamW::new(
             model.trainable_parameters(),
             peft::train::optim::AdamWParams {
@@ -545,7 +572,10 @@ fn adalora_trained_here_prunes_saves_and_reloads() {
             opt.step(&grads, 1e-2, 1.0).unwrap();
             model.update_and_allocate(step, &grads).unwrap();
         }
-        let Some(PeftConfig::AdaLora(c)) = model.peft_config("default") else {
+        let Some(c) = model
+            .peft_config("default")
+            .and_then(|c| c.downcast_ref::<AdaLoraConfig>())
+        else {
             panic!()
         };
         let rp = c.rank_pattern.clone().expect("rank pattern recorded");
@@ -563,7 +593,8 @@ fn adalora_trained_here_prunes_saves_and_reloads() {
         let dir = export_dir(&format!("{m}_adalora"));
         model.save_pretrained(dir.path()).unwrap();
         let before = run(&model, m);
-        let back = PeftModel::from_pretrained(load_model(m), dir.path()).unwrap();
+        let back =
+            PeftModel::from_pretrained(load_model(m), dir.path(), Default::default()).unwrap();
         check(&format!("{m}: reloaded"), m, &run(&back, m), &before);
         write_export(&dir, &back, m);
     }
@@ -661,7 +692,7 @@ fn write_export(dir: &Out, model: &PeftModel, m: &str) {
 fn dora_pissa_olora_trained_here_reload() {
     for case in cases().into_iter().filter(|c| !c.contains("adalora")) {
         let m = model_key(&case);
-        let mut model = get_peft_model(load_model(&m), lora_config(&case)).unwrap();
+        let mut model = get_peft_model(load_model(&m), lora_config(&case), "default").unwrap();
         let mut opt = peft::train::optim::AdamW::new(
             model.trainable_parameters(),
             peft::train::optim::AdamWParams {
@@ -679,7 +710,8 @@ fn dora_pissa_olora_trained_here_reload() {
         let before = run(&model, &m);
         let dir = export_dir(&case);
         model.save_pretrained(dir.path()).unwrap();
-        let back = PeftModel::from_pretrained(load_model(&m), dir.path()).unwrap();
+        let back =
+            PeftModel::from_pretrained(load_model(&m), dir.path(), Default::default()).unwrap();
         check(
             &format!("{case}: trained here, reloaded"),
             &m,
@@ -707,7 +739,7 @@ fn every_trainable_parameter_gets_a_gradient() {
         assert_all_gradients(&case, &model, &m);
         if case.contains("adalora") {
             // From a fresh init too: E = 0, so A and B get their gradient from the regulariser.
-            let fresh = get_peft_model(load_model(&m), adalora_config(&case)).unwrap();
+            let fresh = get_peft_model(load_model(&m), adalora_config(&case), "default").unwrap();
             assert_all_gradients(&format!("{case} (fresh)"), &fresh, &m);
         }
     }
@@ -743,7 +775,7 @@ fn assert_all_gradients(case: &str, model: &PeftModel, m: &str) {
 
 fn load_trainable(case: &str, m: &str) -> PeftModel {
     let dir = case_dir(case).join("adapter");
-    let mut pm = PeftModel::from_pretrained(load_model(m), &dir).unwrap();
+    let mut pm = PeftModel::from_pretrained(load_model(m), &dir, Default::default()).unwrap();
     // The same adapter again, trainable, and the forward routed to it.
     pm.load_adapter(&dir, "train", true).unwrap();
     pm.set_adapter("train").unwrap();

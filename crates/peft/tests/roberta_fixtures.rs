@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 use common::{assert_close, load_st};
 use peft::models::{self, Cache, KeyValue, LoadOptions};
 use peft::train::classification_loss;
+use peft::tuners::BaseFields;
 use peft::{Inputs, Model, PeftModel, TaskType};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -139,8 +140,12 @@ fn prefixes_through_the_cache() {
 fn peft_lora_adapters_load_and_merge() {
     for case in CASES {
         let want = expected(case);
-        let mut m =
-            PeftModel::from_pretrained(load(case), &dir().join(case).join("adapter")).unwrap();
+        let mut m = PeftModel::from_pretrained(
+            load(case),
+            &dir().join(case).join("adapter"),
+            Default::default(),
+        )
+        .unwrap();
         let got = m.forward(&inputs(), false).unwrap();
         assert_close(&format!("{case}: lora"), &got, &want["lora_logits"], TOL);
         m.merge_adapter().unwrap();
@@ -179,10 +184,13 @@ fn load_with_adapter_builds_the_roberta_head() {
 fn default_lora_targets_for_roberta_and_xlm_roberta() {
     for case in ["seq_cls", "xlm_seq_cls"] {
         let config = peft::LoraConfig {
-            task_type: Some(TaskType::SeqCls),
+            base: BaseFields {
+                task_type: Some(TaskType::SeqCls),
+                ..Default::default()
+            },
             ..Default::default()
         };
-        let p = peft::get_peft_model(load(case), config).unwrap();
+        let p = peft::get_peft_model(load(case), config, "default").unwrap();
         let mut got: Vec<String> = p
             .base_model()
             .modules()
@@ -225,7 +233,7 @@ fn dims_and_position_limit() {
 fn every_trainable_parameter_gets_a_gradient() {
     for case in CASES {
         let adapter = dir().join(case).join("adapter");
-        let mut m = PeftModel::from_pretrained(load(case), &adapter).unwrap();
+        let mut m = PeftModel::from_pretrained(load(case), &adapter, Default::default()).unwrap();
         m.delete_adapter("default").unwrap();
         m.load_adapter(&adapter, "default", true).unwrap();
         let logits = m.forward(&inputs(), true).unwrap();

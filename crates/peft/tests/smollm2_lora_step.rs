@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use peft::models::{self, LoadOptions};
 use peft::train::causal_lm_loss;
 use peft::tuners::targets::ModuleSpec;
+use peft::tuners::BaseFields;
 use peft::{get_peft_model, Inputs, LoraConfig, TaskType};
 use std::path::{Path, PathBuf};
 
@@ -63,10 +64,13 @@ fn lora_step_on_smollm2_matches_transformers() {
         lora_alpha: fx["lora_alpha"].as_f64().unwrap(),
         lora_dropout: 0.0,
         target_modules: Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()])),
-        task_type: Some(TaskType::CausalLm),
+        base: BaseFields {
+            task_type: Some(TaskType::CausalLm),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let model = get_peft_model(base, config).unwrap();
+    let model = get_peft_model(base, config, "default").unwrap();
     let params = model.trainable_parameters();
     assert_eq!(params.len(), 30 * 4, "30 layers x q/v x A/B");
     for (key, var) in &params {

@@ -10,6 +10,7 @@ use common::{assert_close, load_st, max_diff};
 use peft::models::{self, t5::shift_right, LoadOptions};
 use peft::models::{Cache, KeyValue};
 use peft::train::classification_loss;
+use peft::tuners::BaseFields;
 use peft::{Inputs, Model, PeftModel, TaskType};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -160,6 +161,7 @@ fn incremental_decoding_equals_the_full_forward() {
         let lora = PeftModel::from_pretrained(
             load(case, TaskType::Seq2SeqLm),
             &dir().join(case).join("adapter"),
+            Default::default(),
         )
         .unwrap();
         let got = stepwise(|i, c| base.forward_with_cache(i, Some(c), false));
@@ -217,6 +219,7 @@ fn peft_lora_adapters_load_and_merge() {
         let mut m = PeftModel::from_pretrained(
             load(case, TaskType::Seq2SeqLm),
             &dir().join(case).join("adapter"),
+            Default::default(),
         )
         .unwrap();
         let got = m.forward(&inputs(), false).unwrap();
@@ -244,10 +247,13 @@ fn peft_lora_adapters_load_and_merge() {
 fn default_lora_targets_are_q_and_v() {
     let m = load("mt5", TaskType::Seq2SeqLm);
     let config = peft::tuners::lora::LoraConfig {
-        task_type: Some(TaskType::Seq2SeqLm),
+        base: BaseFields {
+            task_type: Some(TaskType::Seq2SeqLm),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let p = peft::get_peft_model(m, config).unwrap();
+    let p = peft::get_peft_model(m, config, "default").unwrap();
     let meta: serde_json::Value =
         peft::io::read_json(&dir().join("mt5").join("meta.json")).unwrap();
     let mut want: Vec<String> = meta["lora_modules"]
@@ -299,7 +305,12 @@ fn every_trainable_parameter_gets_a_gradient() {
     let labels = raw_inputs()["labels"].clone();
     for case in CASES {
         let adapter = dir().join(case).join("adapter");
-        let mut m = PeftModel::from_pretrained(load(case, TaskType::Seq2SeqLm), &adapter).unwrap();
+        let mut m = PeftModel::from_pretrained(
+            load(case, TaskType::Seq2SeqLm),
+            &adapter,
+            Default::default(),
+        )
+        .unwrap();
         m.delete_adapter("default").unwrap();
         m.load_adapter(&adapter, "default", true).unwrap();
         let logits = m.forward(&inputs(), true).unwrap();

@@ -3,7 +3,9 @@
 //! vary) equal transformers' `generate`, one prompt at a time and as a padded batch, for the base
 //! model and with the PEFT LoRA adapter of each (tools/fixtures/make_zoo_fixtures.py).
 
-use peft::generation::{generate, FinishReason, Generate, GenerationConfig, SamplingConfig};
+use peft::generation::{
+    generate, generate_stream, FinishReason, Generate, GenerationConfig, SamplingConfig,
+};
 use peft::models::{self, LoadOptions};
 use peft::{Model, PeftModel};
 use std::path::{Path, PathBuf};
@@ -49,7 +51,7 @@ fn check<G: Generate + ?Sized>(model: &G, what: &str, want: &serde_json::Value) 
     let penalty = if what.ends_with("penalty") { 1.5 } else { 1.0 };
     let cfg = config(n, penalty);
     for (p, want) in prompts.iter().zip(rows(&want["single"])) {
-        let got = generate(model, std::slice::from_ref(p), &cfg, None, &mut |_, _| {}).unwrap();
+        let got = generate(model, std::slice::from_ref(p), &cfg, None).unwrap();
         assert_eq!(got.tokens[0], want, "{what}: prompt {p:?}");
         let reason = if want.last() == Some(&1) {
             FinishReason::Eos
@@ -60,7 +62,7 @@ fn check<G: Generate + ?Sized>(model: &G, what: &str, want: &serde_json::Value) 
     }
     assert!(prompts.iter().any(|p| p.len() != prompts[0].len()));
     let mut streamed = vec![Vec::new(); prompts.len()];
-    let got = generate(model, &prompts, &cfg, None, &mut |row, t| {
+    let got = generate_stream(model, &prompts, &cfg, None, &mut |row, t| {
         streamed[row].push(t)
     })
     .unwrap();
@@ -94,7 +96,7 @@ fn greedy_generation_with_a_lora_adapter_matches_transformers() {
     for case in CASES {
         let want = &fx["cases"][case];
         let adapter = fixtures().join("t5").join(case).join("adapter");
-        let model = PeftModel::from_pretrained(load(case), &adapter).unwrap();
+        let model = PeftModel::from_pretrained(load(case), &adapter, Default::default()).unwrap();
         check(&model, &format!("{case} lora_greedy"), &want["lora_greedy"]);
         check(
             &model,
@@ -109,13 +111,6 @@ fn greedy_generation_with_a_lora_adapter_matches_transformers() {
 fn a_long_prompt_keeps_the_decoder_budget() {
     let model = load("t5_v1_1");
     let long: Vec<u32> = (0..40).map(|i| 2 + i % 40).collect();
-    let got = generate(
-        model.as_ref(),
-        &[long],
-        &config(3, 1.0),
-        None,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let got = generate(model.as_ref(), &[long], &config(3, 1.0), None).unwrap();
     assert!(!got.tokens[0].is_empty() && got.tokens[0].len() <= 3);
 }

@@ -11,6 +11,7 @@ use peft::train::data::{CollateOptions, Example, PaddingSide, Target};
 use peft::train::{request_stop, Outcome, Trainer};
 use peft::tuners::lora::LoraConfig;
 use peft::tuners::targets::ModuleSpec;
+use peft::tuners::BaseFields;
 use peft::TaskType;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -46,10 +47,13 @@ fn model(dir: &Path, task: TaskType, lora_dropout: f64) -> PeftModel {
         lora_alpha: 8.0,
         lora_dropout,
         target_modules: Some(ModuleSpec::List(vec!["query".into(), "value".into()])),
-        task_type: Some(task),
+        base: BaseFields {
+            task_type: Some(task),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    get_peft_model_with_seed(models::load(dir, &opts).unwrap(), config, 3).unwrap()
+    get_peft_model_with_seed(models::load(dir, &opts).unwrap(), config, "default", 3).unwrap()
 }
 
 /// Random examples of 4..12 tokens (ids < 1000, the fixtures' vocabulary).
@@ -486,11 +490,15 @@ fn every_task_trains_through_the_loop() {
             target_modules: Some(ModuleSpec::List(
                 targets.iter().map(|s| s.to_string()).collect(),
             )),
-            task_type: Some(task),
+            base: BaseFields {
+                task_type: Some(task),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let mut m =
-            get_peft_model_with_seed(models::load(&dir, &opts).unwrap(), config, 0).unwrap();
+            get_peft_model_with_seed(models::load(&dir, &opts).unwrap(), config, "default", 0)
+                .unwrap();
         let mut a = args(&tmp.path().join(task.as_str()));
         a.learning_rate = 2e-2;
         a.per_device_train_batch_size = 4;

@@ -78,7 +78,8 @@ fn adapters_trained_here_round_trip_in_peft_layout() {
     peft::ops::seed_dropout(1);
     for (method, case) in combos() {
         let what = format!("{method} on {case}'s model");
-        let m = get_peft_model_with_seed(load_base(&case), config(method, &case), 3).unwrap();
+        let m = get_peft_model_with_seed(load_base(&case), config(method, &case), "default", 3)
+            .unwrap();
         let before = logits_of(&m, &case);
         train(&m, &case, 3);
         let after = logits_of(&m, &case);
@@ -91,7 +92,8 @@ fn adapters_trained_here_round_trip_in_peft_layout() {
             None => out.path().to_path_buf(),
         };
         m.save_pretrained(&dir).unwrap();
-        let reloaded = PeftModel::from_pretrained(load_base(&case), &dir).unwrap();
+        let reloaded =
+            PeftModel::from_pretrained(load_base(&case), &dir, Default::default()).unwrap();
         let again = logits_of(&reloaded, &case);
         let d = max_diff(&real(&case, &after), &real(&case, &again));
         assert!(d <= 1e-5, "{what}: reloaded logits differ by {d}");
@@ -163,7 +165,7 @@ fn typed_configs_work() {
     };
     vera.base.task_type = task;
     for c in [PeftConfig::from(loha), lokr.into(), ia3.into(), vera.into()] {
-        let m = get_peft_model_with_seed(load_base(case), c.clone(), 0).unwrap();
+        let m = get_peft_model_with_seed(load_base(case), c.clone(), "default", 0).unwrap();
         // Every method starts as the identity with its default initialisation.
         let base = load_base(case).forward(&inputs(case), false).unwrap();
         let d = max_diff(&base, &m.forward(&inputs(case), false).unwrap());

@@ -84,7 +84,7 @@ fn lycoris_methods_refuse_conv1d_like_peft() {
         let c =
             PeftConfig::from_user_json(&json!({"peft_type": peft_type, "task_type": "CAUSAL_LM"}))
                 .unwrap();
-        let err = get_peft_model_with_seed(load_base(case), c, 0)
+        let err = get_peft_model_with_seed(load_base(case), c, "default", 0)
             .err()
             .unwrap_or_else(|| panic!("{method} on GPT-2 was accepted"))
             .to_string();
@@ -97,6 +97,7 @@ fn vera_without_saved_projections_is_refused_with_a_way_out() {
     let err = PeftModel::from_pretrained(
         load_base("vera_bert"),
         &case_dir("vera_noproj").join("adapter"),
+        Default::default(),
     )
     .err()
     .expect("a VeRA adapter without projections was accepted")
@@ -107,7 +108,7 @@ fn vera_without_saved_projections_is_refused_with_a_way_out() {
     let c =
         PeftConfig::from_user_json(&json!({"peft_type": "VERA", "r": 4, "save_projection": false}))
             .unwrap();
-    assert!(get_peft_model_with_seed(load_base("vera_bert"), c, 0).is_err());
+    assert!(get_peft_model_with_seed(load_base("vera_bert"), c, "default", 0).is_err());
 }
 
 #[test]
@@ -121,7 +122,7 @@ fn targets_that_are_not_linear_layers_are_refused() {
             PeftConfig::from_user_json(&v).unwrap()
         };
         let c = with(json!(["word_embeddings"]));
-        let err = get_peft_model_with_seed(load_base("loha_bert"), c, 0)
+        let err = get_peft_model_with_seed(load_base("loha_bert"), c, "default", 0)
             .err()
             .unwrap_or_else(|| panic!("{t} on an embedding was accepted"))
             .to_string();
@@ -130,7 +131,7 @@ fn targets_that_are_not_linear_layers_are_refused() {
             "{t}: {err}"
         );
         let c = with(json!(["nothing_here"]));
-        let err = get_peft_model_with_seed(load_base("loha_bert"), c, 0)
+        let err = get_peft_model_with_seed(load_base("loha_bert"), c, "default", 0)
             .err()
             .unwrap()
             .to_string();
@@ -170,7 +171,7 @@ fn a_second_adapter_must_agree_with_the_first_as_in_peft() {
         )
         .unwrap()
     };
-    let mut pm = get_peft_model_with_seed(load_base("vera_bert"), vera(0), 0).unwrap();
+    let mut pm = get_peft_model_with_seed(load_base("vera_bert"), vera(0), "default", 0).unwrap();
     let err = pm
         .add_adapter("other", vera(7))
         .expect_err("a VeRA adapter with another projection key was accepted")
@@ -190,7 +191,8 @@ fn a_second_adapter_must_agree_with_the_first_as_in_peft() {
     let lora = |bias: &str| {
         PeftConfig::from_user_json(&json!({"peft_type": "LORA", "r": 4, "bias": bias})).unwrap()
     };
-    let mut pm = get_peft_model_with_seed(load_base("vera_bert"), lora("all"), 0).unwrap();
+    let mut pm =
+        get_peft_model_with_seed(load_base("vera_bert"), lora("all"), "default", 0).unwrap();
     pm.add_adapter("plain", lora("none")).unwrap();
     let err = pm
         .add_adapter("biased", lora("lora_only"))

@@ -12,8 +12,12 @@ use tuners_common::*;
 const TOL: f32 = 1e-4;
 
 fn load(case: &str) -> PeftModel {
-    PeftModel::from_pretrained(load_base(case), &case_dir(case).join("adapter"))
-        .unwrap_or_else(|e| panic!("{case}: {e}"))
+    PeftModel::from_pretrained(
+        load_base(case),
+        &case_dir(case).join("adapter"),
+        Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{case}: {e}"))
 }
 
 #[test]
@@ -125,8 +129,12 @@ fn save_writes_peft_layout_back() {
 fn gradients_match_torch() {
     for case in cases() {
         let want = load_st(&case_dir(&case).join("grads.safetensors"));
-        let mut m =
-            PeftModel::from_pretrained(load_base(&case), &case_dir(&case).join("adapter")).unwrap();
+        let mut m = PeftModel::from_pretrained(
+            load_base(&case),
+            &case_dir(&case).join("adapter"),
+            Default::default(),
+        )
+        .unwrap();
         m.delete_adapter("default").unwrap();
         m.load_adapter(&case_dir(&case).join("adapter"), "default", true)
             .unwrap();
@@ -160,8 +168,12 @@ fn gradients_match_torch() {
 fn train_mode_gives_every_trainable_tensor_a_gradient() {
     peft::ops::seed_dropout(7);
     for case in cases() {
-        let mut m =
-            PeftModel::from_pretrained(load_base(&case), &case_dir(&case).join("adapter")).unwrap();
+        let mut m = PeftModel::from_pretrained(
+            load_base(&case),
+            &case_dir(&case).join("adapter"),
+            Default::default(),
+        )
+        .unwrap();
         m.delete_adapter("default").unwrap();
         m.load_adapter(&case_dir(&case).join("adapter"), "default", true)
             .unwrap();
@@ -183,8 +195,12 @@ fn train_mode_gives_every_trainable_tensor_a_gradient() {
 #[test]
 fn trainable_parameter_counts_match_peft() {
     for case in cases() {
-        let mut m =
-            PeftModel::from_pretrained(load_base(&case), &case_dir(&case).join("adapter")).unwrap();
+        let mut m = PeftModel::from_pretrained(
+            load_base(&case),
+            &case_dir(&case).join("adapter"),
+            Default::default(),
+        )
+        .unwrap();
         m.delete_adapter("default").unwrap();
         m.load_adapter(&case_dir(&case).join("adapter"), "default", true)
             .unwrap();

@@ -75,7 +75,7 @@ fn check(case: &str, set: &str, task: TaskType, architecture: &str) {
     assert_close(&format!("{case}: base"), &got, &want["base_logits"], TOL);
 
     let adapter = fixtures().join("zoo").join(case).join("adapter");
-    let lora = PeftModel::from_pretrained(load(&dir, &meta), &adapter).unwrap();
+    let lora = PeftModel::from_pretrained(load(&dir, &meta), &adapter, Default::default()).unwrap();
     let got = lora.forward(&inputs(set), false).unwrap();
     assert_close(&format!("{case}: lora"), &got, &want["lora_logits"], TOL);
     // The adapter written here has PEFT's keys.
@@ -249,7 +249,8 @@ fn every_trainable_parameter_gets_a_gradient() {
         let tmp = tempfile::tempdir().unwrap();
         let (dir, meta) = model_with_head(case, tmp.path());
         let adapter = fixtures().join("zoo").join(case).join("adapter");
-        let mut m = PeftModel::from_pretrained(load(&dir, &meta), &adapter).unwrap();
+        let mut m =
+            PeftModel::from_pretrained(load(&dir, &meta), &adapter, Default::default()).unwrap();
         m.delete_adapter("default").unwrap();
         m.load_adapter(&adapter, "default", true).unwrap();
         let inputs = inputs(set);

@@ -2,7 +2,7 @@
 //! (temperature, top-k, top-p, repetition penalty), a key/value cache so each step runs only the
 //! new token, batches of prompts padded on the left, EOS and stop strings, and encoder-decoder
 //! models (the encoder runs once; its output rides in the [`Cache`]). Works on anything with a
-//! cached forward pass: a plain model or a [`PeftModel`] with its adapters active.
+//! cached forward pass: a plain model or a `PeftModel` with its adapters active.
 
 pub mod logits;
 
@@ -11,7 +11,6 @@ use rand::SeedableRng;
 
 use crate::io::tokenizer::Tokenizer;
 use crate::models::{Cache, Inputs, Model, ModelDims};
-use crate::peft_model::PeftModel;
 use crate::{Error, Result};
 
 pub use logits::SamplingConfig;
@@ -33,18 +32,6 @@ impl<T: Model + ?Sized> Generate for T {
     }
     fn forward_with_cache(&self, inputs: &Inputs, cache: Option<&mut Cache>) -> Result<Tensor> {
         Model::forward_with_cache(self, inputs, cache, false)
-    }
-}
-
-impl Generate for PeftModel {
-    fn dims(&self) -> ModelDims {
-        self.base_model().dims()
-    }
-    fn device(&self) -> &Device {
-        self.base_model().device()
-    }
-    fn forward_with_cache(&self, inputs: &Inputs, cache: Option<&mut Cache>) -> Result<Tensor> {
-        PeftModel::forward_with_cache(self, inputs, cache, false)
     }
 }
 
@@ -94,10 +81,19 @@ pub struct Generated {
     pub finish: Vec<FinishReason>,
 }
 
-/// Generates continuations of `prompts` (token ids, one row each, any lengths). `on_token` sees
-/// every new token as it is chosen (`row`, `id`), for streaming. `tokenizer` is needed only for
-/// stop strings.
+/// Generates continuations of `prompts` (token ids, one row each, any lengths). `tokenizer` is
+/// needed only for stop strings.
 pub fn generate(
+    model: &(impl Generate + ?Sized),
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Generated> {
+    generate_stream(model, prompts, cfg, tokenizer, &mut |_, _| {})
+}
+
+/// [`generate`], streaming: `on_token` sees every new token as it is chosen (`row`, `id`).
+pub fn generate_stream(
     model: &(impl Generate + ?Sized),
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,

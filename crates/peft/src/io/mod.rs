@@ -13,7 +13,14 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
-pub use weights::{Loader, Weights};
+pub use weights::Weights;
+
+/// Prefix of every key in a PEFT adapter file: PEFT's wrapper path to the base model's modules.
+pub const KEY_PREFIX: &str = "base_model.model.";
+/// A PEFT adapter directory's config file.
+pub const ADAPTER_CONFIG_NAME: &str = "adapter_config.json";
+/// A PEFT adapter directory's weights file.
+pub const ADAPTER_WEIGHTS_NAME: &str = "adapter_model.safetensors";
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one, never a
 /// half-written file: write a sibling temporary file, flush it to disk, rename it over `path`.

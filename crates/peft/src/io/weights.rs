@@ -1,16 +1,12 @@
-//! Base-model weights from a Hugging Face directory, found by module path through a builder in
-//! the manner of candle's `VarBuilder`, but producing adapter-aware layers.
+//! Base-model weights from a Hugging Face directory or a GGUF file, by tensor name. The layers
+//! built from them come from [`crate::layers::Loader`].
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand_distr::{Distribution, Normal};
+use candle_core::{Device, Tensor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use super::gguf::{find_gguf, GgufFile, Source as GgufSource};
-use crate::layers::{Embedding, LayerNorm, Linear, RmsNorm};
 use crate::{Error, Result};
 
 /// A model's stored tensors under their Hugging Face names: the safetensors files of a model
@@ -18,7 +14,8 @@ use crate::{Error, Result};
 pub struct Weights {
     source: Source,
     names: BTreeSet<String>,
-    location: String,
+    /// Where the tensors come from, for error messages.
+    pub(crate) location: String,
 }
 
 enum Source {
@@ -119,7 +116,7 @@ impl Weights {
         self.names.iter().map(|s| s.as_str())
     }
 
-    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+    pub(crate) fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         match &self.source {
             Source::Safetensors(st) => Ok(st.load(name, device)?),
             Source::Gguf { file, map } => {
@@ -132,204 +129,4 @@ impl Weights {
             }
         }
     }
-}
-
-/// Hands out layers by Hugging Face path. `pp` descends one level, as in candle's `VarBuilder`.
-///
-/// Checkpoints disagree about the base-model prefix (`bert.` is absent from MiniLM, present in a
-/// saved `BertForSequenceClassification`), so a name is looked up as given, without the prefix,
-/// and with it.
-#[derive(Clone)]
-pub struct Loader<'a> {
-    weights: &'a Weights,
-    path: String,
-    base_prefix: Option<&'a str>,
-    pub device: Device,
-    pub dtype: DType,
-    init: &'a HeadInit,
-}
-
-/// Random initialisation of task heads the checkpoint lacks (a classifier on a base model),
-/// as transformers does it: normal(0, initializer_range) weights and zero biases.
-pub struct HeadInit {
-    pub std: f64,
-    pub seed: u64,
-    /// Names of the tensors that were initialised rather than loaded.
-    pub initialized: Mutex<Vec<String>>,
-}
-
-impl HeadInit {
-    pub fn new(std: f64, seed: u64) -> Self {
-        Self {
-            std,
-            seed,
-            initialized: Mutex::new(Vec::new()),
-        }
-    }
-}
-
-impl<'a> Loader<'a> {
-    pub fn new(
-        weights: &'a Weights,
-        base_prefix: Option<&'a str>,
-        device: Device,
-        init: &'a HeadInit,
-    ) -> Self {
-        Self {
-            weights,
-            path: String::new(),
-            base_prefix,
-            device,
-            dtype: DType::F32,
-            init,
-        }
-    }
-
-    /// Descends into the child module `name`.
-    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
-        let mut next = self.clone();
-        next.path = if self.path.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{name}", self.path)
-        };
-        next
-    }
-
-    /// The module path this loader points at.
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
-    fn full(&self, name: &str) -> String {
-        if self.path.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{name}", self.path)
-        }
-    }
-
-    fn resolve(&self, full: &str) -> Option<String> {
-        if self.weights.contains(full) {
-            return Some(full.to_string());
-        }
-        let prefix = self.base_prefix?;
-        if let Some(stripped) = full.strip_prefix(prefix).and_then(|s| s.strip_prefix('.')) {
-            if self.weights.contains(stripped) {
-                return Some(stripped.to_string());
-            }
-        }
-        let added = format!("{prefix}.{full}");
-        self.weights.contains(&added).then_some(added)
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.resolve(&self.full(name)).is_some()
-    }
-
-    /// Loads tensor `name` under the current path and checks its shape.
-    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let full = self.full(name);
-        let key = self.resolve(&full).ok_or_else(|| {
-            let near: Vec<&str> = self
-                .weights
-                .names()
-                .filter(|n| {
-                    n.ends_with(name) || n.contains(self.path.rsplit('.').next().unwrap_or(""))
-                })
-                .take(5)
-                .collect();
-            Error::MissingTensor {
-                name: full.clone(),
-                location: self.weights.location.clone(),
-                hint: if near.is_empty() {
-                    String::new()
-                } else {
-                    format!("; similar names there: {}", near.join(", "))
-                },
-            }
-        })?;
-        let t = self.weights.load(&key, &self.device)?;
-        if t.dims() != shape {
-            return Err(Error::ShapeMismatch {
-                name: key,
-                expected: shape.to_vec(),
-                found: t.dims().to_vec(),
-            });
-        }
-        Ok(t.to_dtype(self.dtype)?)
-    }
-
-    /// A `Linear` with weight `[out, in]`.
-    pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-        let w = self.tensor("weight", &[out_dim, in_dim])?;
-        let b = if bias {
-            Some(self.tensor("bias", &[out_dim])?)
-        } else {
-            None
-        };
-        Ok(Linear::new(self.path.clone(), w, b, false))
-    }
-
-    /// A `Linear` stored `[in, out]`, as transformers' `Conv1D` (GPT-2) stores it.
-    pub fn conv1d(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
-        let w = self.tensor("weight", &[in_dim, out_dim])?;
-        let b = self.tensor("bias", &[out_dim])?;
-        Ok(Linear::new(self.path.clone(), w, Some(b), true))
-    }
-
-    /// A task head: loaded when the checkpoint has it, else freshly initialised.
-    pub fn linear_or_init(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-        if self.contains("weight") {
-            return self.linear(in_dim, out_dim, bias);
-        }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.init.seed ^ fxhash(&self.path));
-        let normal =
-            Normal::new(0.0f32, self.init.std as f32).map_err(|e| Error::Config(e.to_string()))?;
-        let w: Vec<f32> = (0..in_dim * out_dim)
-            .map(|_| normal.sample(&mut rng))
-            .collect();
-        let w = Tensor::from_vec(w, (out_dim, in_dim), &self.device)?.to_dtype(self.dtype)?;
-        let b = if bias {
-            Some(Tensor::zeros(out_dim, self.dtype, &self.device)?)
-        } else {
-            None
-        };
-        if let Ok(mut v) = self.init.initialized.lock() {
-            v.push(self.path.clone());
-        }
-        Ok(Linear::new(self.path.clone(), w, b, false))
-    }
-
-    pub fn embedding(&self, num: usize, dim: usize) -> Result<Embedding> {
-        Ok(Embedding::new(
-            self.path.clone(),
-            self.tensor("weight", &[num, dim])?,
-        ))
-    }
-
-    pub fn layer_norm(&self, dim: usize, eps: f64) -> Result<LayerNorm> {
-        // Old BERT checkpoints name LayerNorm parameters gamma/beta.
-        let (w, b) = if !self.contains("weight") && self.contains("gamma") {
-            (self.tensor("gamma", &[dim])?, self.tensor("beta", &[dim])?)
-        } else {
-            (self.tensor("weight", &[dim])?, self.tensor("bias", &[dim])?)
-        };
-        Ok(LayerNorm::new(self.path.clone(), w, Some(b), eps))
-    }
-
-    pub fn rms_norm(&self, dim: usize, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm::new(
-            self.path.clone(),
-            self.tensor("weight", &[dim])?,
-            eps,
-        ))
-    }
-}
-
-/// A small stable string hash so each initialised head gets its own stream from one seed.
-fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
 }

@@ -27,8 +27,32 @@ impl LinearBase {
     }
 }
 
+/// What every adapter on a layer has, whatever the layer: its tensors, the name PEFT reports for
+/// it, and whether it can serve one row group of a mixed batch.
+pub trait Adapter: Debug + Send + Sync {
+    /// The adapter's tensors by their key suffix (`lora_A.weight`, ...), trainable or not.
+    fn tensors(&self) -> Vec<(String, Var)>;
+
+    /// The module type PEFT's `get_layer_status` reports for the wrapped layer (`lora.Linear`,
+    /// `adalora.SVDLinear`, IA3's bare `Linear`, ...).
+    fn type_name(&self) -> &'static str;
+
+    fn as_any(&self) -> &dyn Any;
+
+    /// Parameters PEFT's layer holds beyond [`Adapter::tensors`], neither trained nor saved but
+    /// counted in its totals (AdaLoRA's `ranknum`).
+    fn untracked_params(&self) -> usize {
+        0
+    }
+
+    /// Whether rows of a mixed batch may use this adapter (PEFT refuses DoRA there).
+    fn supports_mixed_batch(&self) -> bool {
+        true
+    }
+}
+
 /// An adapter on a linear layer (LoRA, DoRA, IA3, ...).
-pub trait LinearAdapter: Debug + Send + Sync {
+pub trait LinearAdapter: Adapter {
     /// Given the layer input `x` (`[rows, in]`) and the output so far (`[rows, out]`), returns the
     /// output with this adapter applied.
     fn forward(&self, x: &Tensor, out: Tensor, base: &LinearBase, train: bool) -> Result<Tensor>;
@@ -39,20 +63,10 @@ pub trait LinearAdapter: Debug + Send + Sync {
 
     /// Undoes [`LinearAdapter::merge`].
     fn unmerge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)>;
-
-    /// The adapter's tensors by their PEFT key suffix (`lora_A.weight`, ...), trainable or not.
-    fn tensors(&self) -> Vec<(String, Var)>;
-
-    fn as_any(&self) -> &dyn Any;
-
-    /// Whether rows of a mixed batch may use this adapter (PEFT refuses DoRA there).
-    fn supports_mixed_batch(&self) -> bool {
-        true
-    }
 }
 
 /// An adapter on an embedding layer.
-pub trait EmbeddingAdapter: Debug + Send + Sync {
+pub trait EmbeddingAdapter: Adapter {
     /// `ids`: `[n]` (u32); `out`: `[n, dim]` base rows. Returns the adapted rows.
     fn forward(&self, ids: &Tensor, out: Tensor, train: bool) -> Result<Tensor>;
     /// The change to the `[num_embeddings, dim]` table.
@@ -64,13 +78,6 @@ pub trait EmbeddingAdapter: Debug + Send + Sync {
     /// Undoes [`EmbeddingAdapter::merge`].
     fn unmerge(&self, weight: &Tensor) -> Result<Tensor> {
         Ok((weight - self.delta_weight()?)?)
-    }
-    fn tensors(&self) -> Vec<(String, Var)>;
-    fn as_any(&self) -> &dyn Any;
-
-    /// Whether rows of a mixed batch may use this adapter (PEFT refuses DoRA there).
-    fn supports_mixed_batch(&self) -> bool {
-        true
     }
 }
 
@@ -175,5 +182,85 @@ impl<A: ?Sized> Adapters<A> {
 
     pub fn clear(&mut self) {
         *self = Self::default();
+    }
+}
+
+/// An [`Adapters`] list seen without its adapter type: what the PEFT wrapper manages on every
+/// kind of site alike.
+pub trait AdapterList {
+    fn names(&self) -> Vec<String>;
+    fn adapter(&self, name: &str) -> Option<&dyn Adapter>;
+    fn active(&self) -> &[String];
+    fn merged(&self) -> &[String];
+    fn is_disabled(&self) -> bool;
+    fn is_empty(&self) -> bool;
+    fn set_active(&mut self, names: &[String]);
+    fn set_disabled(&mut self, disabled: bool);
+    /// Drops the adapter from the list (a merged adapter must be unmerged first; see
+    /// [`AdapterSite::remove_adapter`]).
+    fn remove(&mut self, name: &str) -> bool;
+    fn clear(&mut self);
+}
+
+macro_rules! impl_adapter_list {
+    ($a:ty) => {
+        impl AdapterList for Adapters<$a> {
+            fn names(&self) -> Vec<String> {
+                Adapters::names(self).map(String::from).collect()
+            }
+            fn adapter(&self, name: &str) -> Option<&dyn Adapter> {
+                self.get(name).map(|a| a as &dyn Adapter)
+            }
+            fn active(&self) -> &[String] {
+                Adapters::active(self)
+            }
+            fn merged(&self) -> &[String] {
+                Adapters::merged(self)
+            }
+            fn is_disabled(&self) -> bool {
+                Adapters::is_disabled(self)
+            }
+            fn is_empty(&self) -> bool {
+                Adapters::is_empty(self)
+            }
+            fn set_active(&mut self, names: &[String]) {
+                Adapters::set_active(self, names)
+            }
+            fn set_disabled(&mut self, disabled: bool) {
+                Adapters::set_disabled(self, disabled)
+            }
+            fn remove(&mut self, name: &str) -> bool {
+                Adapters::remove(self, name).is_some()
+            }
+            fn clear(&mut self) {
+                Adapters::clear(self)
+            }
+        }
+    };
+}
+impl_adapter_list!(dyn LinearAdapter);
+impl_adapter_list!(dyn EmbeddingAdapter);
+impl_adapter_list!(dyn super::hook::HookAdapter);
+
+/// A place in a model that carries adapters: a linear or embedding layer, or a hook point. The
+/// PEFT wrapper activates, merges, disables and removes adapters through this, whatever the kind
+/// of site and method.
+pub trait AdapterSite {
+    /// The site's Hugging Face module path.
+    fn site_name(&self) -> &str;
+    fn adapters(&self) -> &dyn AdapterList;
+    fn adapters_mut(&mut self) -> &mut dyn AdapterList;
+    /// Folds the named adapters into the base weights (PEFT's `merge`).
+    fn merge(&mut self, names: &[String]) -> Result<()>;
+    /// Takes every merged adapter back out, last merged first.
+    fn unmerge(&mut self) -> Result<()>;
+
+    /// Removes adapter `name`, unmerging first if it is merged.
+    fn remove_adapter(&mut self, name: &str) -> Result<()> {
+        if self.adapters().merged().iter().any(|n| n == name) {
+            self.unmerge()?;
+        }
+        self.adapters_mut().remove(name);
+        Ok(())
     }
 }

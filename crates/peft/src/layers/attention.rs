@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::models::KeyValue;
+use super::cache::KeyValue;
 use crate::{ops, Result};
 
 /// Appends this step's keys and values (`[batch, kv_heads, new, head_dim]`) to `slot` and returns

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::adapter::{Adapters, EmbeddingAdapter};
+use super::adapter::{AdapterList, AdapterSite, Adapters, EmbeddingAdapter};
 use super::mixed;
 use super::param::Param;
 use crate::Result;
@@ -110,5 +110,23 @@ impl Embedding {
             self.adapters.mark_merged(&name, false);
         }
         Ok(())
+    }
+}
+
+impl AdapterSite for Embedding {
+    fn site_name(&self) -> &str {
+        &self.name
+    }
+    fn adapters(&self) -> &dyn AdapterList {
+        &self.adapters
+    }
+    fn adapters_mut(&mut self) -> &mut dyn AdapterList {
+        &mut self.adapters
+    }
+    fn merge(&mut self, names: &[String]) -> Result<()> {
+        Embedding::merge(self, names)
+    }
+    fn unmerge(&mut self) -> Result<()> {
+        Embedding::unmerge(self)
     }
 }

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::adapter::{Adapters, LinearAdapter, LinearBase};
+use super::adapter::{AdapterList, AdapterSite, Adapters, LinearAdapter, LinearBase};
 use super::mixed;
 use super::param::Param;
 use crate::{ops, Error, Result};
@@ -234,6 +234,24 @@ impl Linear {
             p.set_base(b)?;
         }
         Ok(())
+    }
+}
+
+impl AdapterSite for Linear {
+    fn site_name(&self) -> &str {
+        &self.name
+    }
+    fn adapters(&self) -> &dyn AdapterList {
+        &self.adapters
+    }
+    fn adapters_mut(&mut self) -> &mut dyn AdapterList {
+        &mut self.adapters
+    }
+    fn merge(&mut self, names: &[String]) -> Result<()> {
+        Linear::merge(self, names)
+    }
+    fn unmerge(&mut self) -> Result<()> {
+        Linear::unmerge(self)
     }
 }
 

@@ -4,16 +4,24 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod cache;
 pub mod embedding;
+pub mod hook;
 pub mod linear;
+pub mod loader;
 pub mod mixed;
 pub mod norm;
 pub mod param;
 pub mod rotary;
 
-pub use adapter::{Adapters, EmbeddingAdapter, LinearAdapter, LinearBase};
+pub use adapter::{
+    Adapter, AdapterList, AdapterSite, Adapters, EmbeddingAdapter, LinearAdapter, LinearBase,
+};
+pub use cache::{Cache, KeyValue};
 pub use embedding::Embedding;
+pub use hook::{HookAdapter, HookInput, HookLocation, HookPoint};
 pub use linear::Linear;
+pub use loader::{HeadInit, Loader};
 pub use norm::{LayerNorm, RmsNorm};
 pub use param::Param;
 
@@ -23,6 +31,8 @@ pub enum ModuleRef<'a> {
     Embedding(&'a Embedding),
     LayerNorm(&'a LayerNorm),
     RmsNorm(&'a RmsNorm),
+    /// A hook point: no parameters of its own, a site for hook methods.
+    Hook(&'a HookPoint),
 }
 
 /// A mutably borrowed parameterised layer.
@@ -31,15 +41,17 @@ pub enum ModuleMut<'a> {
     Embedding(&'a mut Embedding),
     LayerNorm(&'a mut LayerNorm),
     RmsNorm(&'a mut RmsNorm),
+    Hook(&'a mut HookPoint),
 }
 
-impl ModuleRef<'_> {
+impl<'a> ModuleRef<'a> {
     pub fn name(&self) -> &str {
         match self {
             ModuleRef::Linear(l) => &l.name,
             ModuleRef::Embedding(e) => &e.name,
             ModuleRef::LayerNorm(n) => &n.name,
             ModuleRef::RmsNorm(n) => &n.name,
+            ModuleRef::Hook(h) => &h.name,
         }
     }
 
@@ -49,7 +61,23 @@ impl ModuleRef<'_> {
             ModuleRef::Embedding(e) => vec![&e.weight],
             ModuleRef::LayerNorm(n) => std::iter::once(&n.weight).chain(n.bias.as_ref()).collect(),
             ModuleRef::RmsNorm(n) => vec![&n.weight],
+            ModuleRef::Hook(_) => Vec::new(),
         }
+    }
+
+    /// The module as a place that carries adapters, if it is one.
+    pub fn site(&self) -> Option<&'a dyn AdapterSite> {
+        match *self {
+            ModuleRef::Linear(l) => Some(l),
+            ModuleRef::Embedding(e) => Some(e),
+            ModuleRef::Hook(h) => Some(h),
+            ModuleRef::LayerNorm(_) | ModuleRef::RmsNorm(_) => None,
+        }
+    }
+
+    /// True for a site that carries at least one adapter.
+    pub fn has_adapters(&self) -> bool {
+        self.site().is_some_and(|s| !s.adapters().is_empty())
     }
 }
 
@@ -60,6 +88,17 @@ impl<'a> ModuleMut<'a> {
             ModuleMut::Embedding(e) => &e.name,
             ModuleMut::LayerNorm(n) => &n.name,
             ModuleMut::RmsNorm(n) => &n.name,
+            ModuleMut::Hook(h) => &h.name,
+        }
+    }
+
+    /// The module as a place that carries adapters, if it is one.
+    pub fn site_mut(self) -> Option<&'a mut dyn AdapterSite> {
+        match self {
+            ModuleMut::Linear(l) => Some(l),
+            ModuleMut::Embedding(e) => Some(e),
+            ModuleMut::Hook(h) => Some(h),
+            ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => None,
         }
     }
 
@@ -73,6 +112,7 @@ impl<'a> ModuleMut<'a> {
                 .chain(n.bias.as_mut())
                 .collect(),
             ModuleMut::RmsNorm(n) => vec![&mut n.weight],
+            ModuleMut::Hook(_) => Vec::new(),
         }
     }
 }
@@ -97,12 +137,15 @@ pub trait Modules {
 
 macro_rules! leaf_module {
     ($ty:ident) => {
+        leaf_module!($ty, $ty);
+    };
+    ($ty:ident, $variant:ident) => {
         impl Modules for $ty {
             fn visit<'a>(&'a self, out: &mut Vec<ModuleRef<'a>>) {
-                out.push(ModuleRef::$ty(self));
+                out.push(ModuleRef::$variant(self));
             }
             fn visit_mut<'a>(&'a mut self, out: &mut Vec<ModuleMut<'a>>) {
-                out.push(ModuleMut::$ty(self));
+                out.push(ModuleMut::$variant(self));
             }
         }
     };
@@ -111,6 +154,7 @@ leaf_module!(Linear);
 leaf_module!(Embedding);
 leaf_module!(LayerNorm);
 leaf_module!(RmsNorm);
+leaf_module!(HookPoint, Hook);
 
 impl<T: Modules> Modules for Vec<T> {
     fn visit<'a>(&'a self, out: &mut Vec<ModuleRef<'a>>) {

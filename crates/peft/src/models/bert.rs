@@ -12,9 +12,9 @@ use super::{
     num_labels, task_from_architectures, Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims,
     ModelInfo, TaskType,
 };
-use crate::io::weights::HeadInit;
-use crate::io::{Loader, Weights};
-use crate::layers::{Embedding, LayerNorm, Linear};
+use crate::io::Weights;
+use crate::layers::{Embedding, HookLocation, HookPoint, LayerNorm, Linear};
+use crate::layers::{HeadInit, Loader};
 use crate::{impl_modules, ops, Error, Result};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,9 +114,13 @@ struct Layer {
     value: Linear,
     attn_out: Linear,
     attn_norm: LayerNorm,
+    /// `attention.output`: after attention, before its residual add and LayerNorm.
+    attn_hook: HookPoint,
     intermediate: Linear,
     output: Linear,
     out_norm: LayerNorm,
+    /// `output`: after the feed-forward block, before its residual add and LayerNorm.
+    out_hook: HookPoint,
 }
 impl_modules!(Layer {
     query,
@@ -124,9 +128,11 @@ impl_modules!(Layer {
     value,
     attn_out,
     attn_norm,
+    attn_hook,
     intermediate,
     output,
-    out_norm
+    out_norm,
+    out_hook
 });
 
 pub struct Bert {
@@ -257,7 +263,7 @@ impl Bert {
             norm: emb.pp("LayerNorm").layer_norm(h, cfg.layer_norm_eps)?,
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| load_layer(&base.pp("encoder.layer").pp(i), &cfg))
+            .map(|i| load_layer(&base.pp("encoder.layer").pp(i), &cfg, i))
             .collect::<Result<Vec<_>>>()?;
         // A bare RobertaModel may have been saved without its pooler; it is unused here anyway.
         let pooler_present = !roberta || base.pp("pooler.dense").contains("weight");
@@ -419,10 +425,10 @@ impl Bert {
         )?;
         let p = self.cfg.hidden_dropout_prob;
         let a = ops::dropout(&l.attn_out.forward_t(&ctx, train)?, p, train)?;
-        let a = l.attn_norm.forward(&(a + x)?)?;
+        let a = l.attn_hook.forward(&a, x, Some(&l.attn_norm), train)?;
         let i = self.act.apply(&l.intermediate.forward_t(&a, train)?)?;
         let o = ops::dropout(&l.output.forward_t(&i, train)?, p, train)?;
-        l.out_norm.forward(&(o + a)?)
+        l.out_hook.forward(&o, &a, Some(&l.out_norm), train)
     }
 }
 
@@ -446,7 +452,7 @@ fn roberta_positions(ids: &Tensor, padding_idx: u32, past: usize) -> Result<Tens
     Ok(Tensor::from_vec(out, (b, t), ids.device())?)
 }
 
-fn load_layer(vb: &Loader, cfg: &BertConfig) -> Result<Layer> {
+fn load_layer(vb: &Loader, cfg: &BertConfig, index: usize) -> Result<Layer> {
     let h = cfg.hidden_size;
     let att = vb.pp("attention");
     Ok(Layer {
@@ -457,6 +463,7 @@ fn load_layer(vb: &Loader, cfg: &BertConfig) -> Result<Layer> {
         attn_norm: att
             .pp("output.LayerNorm")
             .layer_norm(h, cfg.layer_norm_eps)?,
+        attn_hook: att.pp("output").hook(HookLocation::Attention, index),
         intermediate: vb
             .pp("intermediate.dense")
             .linear(h, cfg.intermediate_size, true)?,
@@ -466,6 +473,7 @@ fn load_layer(vb: &Loader, cfg: &BertConfig) -> Result<Layer> {
         out_norm: vb
             .pp("output.LayerNorm")
             .layer_norm(h, cfg.layer_norm_eps)?,
+        out_hook: vb.pp("output").hook(HookLocation::FeedForward, index),
     })
 }
 

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use serde_json::Value;
 
 use super::{num_labels, Cache, Inputs, LoadOptions, TaskType};
-use crate::io::Loader;
+use crate::layers::Loader;
 use crate::layers::{Linear, ModuleMut, Modules};
 use crate::{ops, Error, Result};
 
@@ -223,6 +223,7 @@ pub fn rename_prefix(model: &mut impl Modules, from: &str, to: &str) {
             ModuleMut::Embedding(e) => swap(&mut e.name),
             ModuleMut::LayerNorm(n) => swap(&mut n.name),
             ModuleMut::RmsNorm(n) => swap(&mut n.name),
+            ModuleMut::Hook(h) => swap(&mut h.name),
         }
     }
     for m in model.modules_mut() {

@@ -9,10 +9,10 @@ use std::path::Path;
 
 use super::decoder::{self, Activation, Head};
 use super::{Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims, ModelInfo, TaskType};
-use crate::io::weights::HeadInit;
-use crate::io::{Loader, Weights};
+use crate::io::Weights;
 use crate::layers::attention::{attention, causal_mask, extend_cache};
-use crate::layers::{Embedding, LayerNorm, Linear};
+use crate::layers::{Embedding, HookLocation, HookPoint, LayerNorm, Linear};
+use crate::layers::{HeadInit, Loader};
 use crate::{impl_modules, ops, Error, Result};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -62,14 +62,20 @@ struct Block {
     ln_2: LayerNorm,
     c_fc: Linear,
     mlp_proj: Linear,
+    /// `attention_adapters`: the attention's output meets the residual.
+    attn_hook: HookPoint,
+    /// `output_adapters`: the feed-forward output meets the residual.
+    out_hook: HookPoint,
 }
 impl_modules!(Block {
     ln_1,
     c_attn,
     attn_proj,
+    attn_hook,
     ln_2,
     c_fc,
-    mlp_proj
+    mlp_proj,
+    out_hook
 });
 
 pub struct Gpt2 {
@@ -145,6 +151,8 @@ impl Gpt2 {
                     ln_2: b.pp("ln_2").layer_norm(h, eps)?,
                     c_fc: b.pp("mlp.c_fc").conv1d(h, inner)?,
                     mlp_proj: b.pp("mlp.c_proj").conv1d(inner, h)?,
+                    attn_hook: b.pp("attention_adapters").hook(HookLocation::Attention, i),
+                    out_hook: b.pp("output_adapters").hook(HookLocation::FeedForward, i),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -237,11 +245,13 @@ impl Gpt2 {
         .transpose(1, 2)?
         .reshape((b, t, h))?;
         let p = self.cfg.resid_pdrop;
-        let x = (x + ops::dropout(&blk.attn_proj.forward_t(&ctx, train)?, p, train)?)?;
+        let a = ops::dropout(&blk.attn_proj.forward_t(&ctx, train)?, p, train)?;
+        let x = blk.attn_hook.forward(&a, x, None, train)?;
         let m = self
             .act
             .apply(&blk.c_fc.forward_t(&blk.ln_2.forward(&x)?, train)?)?;
-        Ok((&x + ops::dropout(&blk.mlp_proj.forward_t(&m, train)?, p, train)?)?)
+        let o = ops::dropout(&blk.mlp_proj.forward_t(&m, train)?, p, train)?;
+        blk.out_hook.forward(&o, &x, None, train)
     }
 
     fn decode(

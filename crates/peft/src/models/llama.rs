@@ -11,11 +11,11 @@ use std::path::Path;
 
 use super::decoder::{self, Activation, Head};
 use super::{Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims, ModelInfo, TaskType};
-use crate::io::weights::HeadInit;
-use crate::io::{Loader, Weights};
+use crate::io::Weights;
 use crate::layers::attention::{attention, causal_mask, extend_cache};
 use crate::layers::rotary::{apply_rotary, Rotary};
-use crate::layers::{Embedding, Linear, RmsNorm};
+use crate::layers::{Embedding, HookLocation, HookPoint, Linear, RmsNorm};
+use crate::layers::{HeadInit, Loader};
 use crate::{impl_modules, Error, Result};
 
 /// The config.json fields the Llama family shares (unknown fields are ignored).
@@ -79,6 +79,10 @@ struct Layer {
     down_proj: Linear,
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
+    /// `attention_adapters`: the attention's output meets the residual.
+    attn_hook: HookPoint,
+    /// `output_adapters`: the MLP's output meets the residual.
+    out_hook: HookPoint,
     sliding_window: Option<usize>,
 }
 impl_modules!(Layer {
@@ -86,9 +90,11 @@ impl_modules!(Layer {
     k_proj,
     v_proj,
     o_proj,
+    attn_hook,
     gate_proj,
     up_proj,
     down_proj,
+    out_hook,
     input_layernorm,
     post_attention_layernorm
 });
@@ -205,6 +211,7 @@ impl Llama {
                     &model_type,
                     (heads, kv_heads, head_dim),
                     sliding[i],
+                    i,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -301,11 +308,14 @@ impl Llama {
             train,
         )?;
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, self.heads * d))?;
-        let x = (x + l.o_proj.forward_t(&ctx, train)?)?;
+        let x = l
+            .attn_hook
+            .forward(&l.o_proj.forward_t(&ctx, train)?, x, None, train)?;
         let hn = l.post_attention_layernorm.forward(&x)?;
         let gate = self.act.apply(&l.gate_proj.forward_t(&hn, train)?)?;
         let up = l.up_proj.forward_t(&hn, train)?;
-        Ok((&x + l.down_proj.forward_t(&(gate * up)?, train)?)?)
+        let o = l.down_proj.forward_t(&(gate * up)?, train)?;
+        l.out_hook.forward(&o, &x, None, train)
     }
 
     /// The final hidden states `[batch, seq, hidden]` (after the last norm).
@@ -376,6 +386,7 @@ fn load_layer(
     model_type: &str,
     (heads, kv_heads, d): (usize, usize, usize),
     sliding_window: Option<usize>,
+    index: usize,
 ) -> Result<Layer> {
     let h = cfg.hidden_size;
     let att = vb.pp("self_attn");
@@ -398,6 +409,12 @@ fn load_layer(
         post_attention_layernorm: vb
             .pp("post_attention_layernorm")
             .rms_norm(h, cfg.rms_norm_eps)?,
+        attn_hook: vb
+            .pp("attention_adapters")
+            .hook(HookLocation::Attention, index),
+        out_hook: vb
+            .pp("output_adapters")
+            .hook(HookLocation::FeedForward, index),
         sliding_window,
     })
 }

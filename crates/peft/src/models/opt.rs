@@ -10,10 +10,10 @@ use std::path::Path;
 
 use super::decoder::{self, Activation, Head};
 use super::{Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims, ModelInfo, TaskType};
-use crate::io::weights::HeadInit;
-use crate::io::{Loader, Weights};
+use crate::io::Weights;
 use crate::layers::attention::{attention, causal_mask, extend_cache};
-use crate::layers::{Embedding, LayerNorm, Linear};
+use crate::layers::{Embedding, HookLocation, HookPoint, LayerNorm, Linear};
+use crate::layers::{HeadInit, Loader};
 use crate::{impl_modules, ops, Error, Result};
 
 /// transformers' `OPTLearnedPositionalEmbedding` offset: position `p` reads row `p + 2`.
@@ -64,15 +64,22 @@ struct Layer {
     fc1: Linear,
     fc2: Linear,
     final_layer_norm: LayerNorm,
+    /// `attention_adapters`: the attention's output meets the residual (and, in post-norm
+    /// models, `self_attn_layer_norm`).
+    attn_hook: HookPoint,
+    /// `output_adapters`: the feed-forward output meets the residual.
+    out_hook: HookPoint,
 }
 impl_modules!(Layer {
     q_proj,
     k_proj,
     v_proj,
     out_proj,
+    attn_hook,
     self_attn_layer_norm,
     fc1,
     fc2,
+    out_hook,
     final_layer_norm
 });
 
@@ -175,6 +182,8 @@ impl Opt {
                     fc1: l.pp("fc1").linear(h, cfg.ffn_dim, bias)?,
                     fc2: l.pp("fc2").linear(cfg.ffn_dim, h, bias)?,
                     final_layer_norm: layer_norm(&l.pp("final_layer_norm"), h, affine)?,
+                    attn_hook: l.pp("attention_adapters").hook(HookLocation::Attention, i),
+                    out_hook: l.pp("output_adapters").hook(HookLocation::FeedForward, i),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -297,21 +306,20 @@ impl Opt {
         )?
         .transpose(1, 2)?
         .reshape((b, t, h))?;
-        let mut x = (x + ops::dropout(&l.out_proj.forward_t(&ctx, train)?, p, train)?)?;
-        if !pre {
-            x = l.self_attn_layer_norm.forward(&x)?;
-        }
+        let a = ops::dropout(&l.out_proj.forward_t(&ctx, train)?, p, train)?;
+        let post_norm = |n| if pre { None } else { Some(n) };
+        let x = l
+            .attn_hook
+            .forward(&a, x, post_norm(&l.self_attn_layer_norm), train)?;
         let f = if pre {
             l.final_layer_norm.forward(&x)?
         } else {
             x.clone()
         };
         let f = self.act.apply(&l.fc1.forward_t(&f, train)?)?;
-        let mut x = (&x + ops::dropout(&l.fc2.forward_t(&f, train)?, p, train)?)?;
-        if !pre {
-            x = l.final_layer_norm.forward(&x)?;
-        }
-        Ok(x)
+        let o = ops::dropout(&l.fc2.forward_t(&f, train)?, p, train)?;
+        l.out_hook
+            .forward(&o, &x, post_norm(&l.final_layer_norm), train)
     }
 
     fn decode(

@@ -16,10 +16,10 @@ use super::bert::Activation;
 use super::t5_heads::{class_of, needs_decoder, T5Heads};
 use super::{task_from_architectures, Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims};
 use super::{ModelInfo, TaskType};
-use crate::io::weights::HeadInit;
-use crate::io::{Loader, Weights};
+use crate::io::Weights;
 use crate::layers::attention::{attention, causal_mask, extend_cache};
-use crate::layers::{Embedding, Linear, RmsNorm};
+use crate::layers::{Embedding, HookLocation, HookPoint, Linear, RmsNorm};
+use crate::layers::{HeadInit, Loader};
 use crate::{impl_modules, ops, Error, Result};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -171,18 +171,27 @@ impl_modules!(FeedForward { wi, wi_0, wi_1, wo });
 struct Block {
     self_attn: Attention,
     self_norm: RmsNorm,
+    /// `layer.0`: the self-attention's output meets the residual.
+    self_hook: HookPoint,
     cross_attn: Option<Attention>,
     cross_norm: Option<RmsNorm>,
+    /// `layer.1` of a decoder block: the cross-attention's output meets the residual.
+    cross_hook: Option<HookPoint>,
     ff: FeedForward,
     ff_norm: RmsNorm,
+    /// `layer.1` (encoder) or `layer.2` (decoder): the feed-forward output meets the residual.
+    ff_hook: HookPoint,
 }
 impl_modules!(Block {
     self_attn,
     self_norm,
+    self_hook,
     cross_attn,
     cross_norm,
+    cross_hook,
     ff,
-    ff_norm
+    ff_norm,
+    ff_hook
 });
 
 struct Stack {
@@ -355,7 +364,8 @@ impl T5 {
             _ => return Err(Error::Config("T5 feed-forward has no wi".into())),
         };
         let out = f.wo.forward_t(&ops::dropout(&inner, p, train)?, train)?;
-        Ok((x + ops::dropout(&out, p, train)?)?)
+        blk.ff_hook
+            .forward(&ops::dropout(&out, p, train)?, x, None, train)
     }
 
     /// The encoder's last hidden state. `prefixes` (per layer, never appended to) come before
@@ -395,7 +405,9 @@ impl T5 {
                 v = Tensor::cat(&[&pre.value, &v], 2)?;
             }
             let out = self.attend(a, &q, &k, &v, mask.as_ref(), Some(&bias), train)?;
-            x = (x + ops::dropout(&out, p, train)?)?;
+            x = blk
+                .self_hook
+                .forward(&ops::dropout(&out, p, train)?, &x, None, train)?;
             x = self.feed_forward(blk, &x, train)?;
         }
         let x = self.encoder.final_norm.forward(&x)?;
@@ -456,10 +468,12 @@ impl T5 {
             let slot = cache.as_deref_mut().map(|c| &mut c.self_attn[i]);
             let (k, v) = extend_cache(slot, k, v)?;
             let out = self.attend(a, &q, &k, &v, Some(&mask), Some(&bias), train)?;
-            x = (x + ops::dropout(&out, p, train)?)?;
+            x = blk
+                .self_hook
+                .forward(&ops::dropout(&out, p, train)?, &x, None, train)?;
 
-            let (ca, cn) = match (&blk.cross_attn, &blk.cross_norm) {
-                (Some(a), Some(n)) => (a, n),
+            let (ca, cn, ch) = match (&blk.cross_attn, &blk.cross_norm, &blk.cross_hook) {
+                (Some(a), Some(n), Some(hook)) => (a, n, hook),
                 _ => {
                     return Err(Error::Config(
                         "T5 decoder block without cross-attention".into(),
@@ -491,7 +505,7 @@ impl T5 {
                 None => None,
             };
             let out = self.attend(ca, &q, &k, &v, cross_mask.as_ref(), None, train)?;
-            x = (x + ops::dropout(&out, p, train)?)?;
+            x = ch.forward(&ops::dropout(&out, p, train)?, &x, None, train)?;
             x = self.feed_forward(blk, &x, train)?;
         }
         let x = dec.final_norm.forward(&x)?;
@@ -523,15 +537,17 @@ fn load_stack(vb: &Loader, cfg: &T5Config, n: usize, gated: bool, decoder: bool)
         .map(|i| {
             let blk = vb.pp("block").pp(i);
             let l0 = blk.pp("layer.0");
-            let (cross_attn, cross_norm, ff_idx) = if decoder {
+            let at = |hook: HookPoint| if decoder { hook.in_decoder() } else { hook };
+            let (cross_attn, cross_norm, cross_hook, ff_idx) = if decoder {
                 let l1 = blk.pp("layer.1");
                 (
                     Some(load_attention(&l1.pp("EncDecAttention"), cfg, false)?),
                     Some(l1.pp("layer_norm").rms_norm(d, eps)?),
+                    Some(at(l1.hook(HookLocation::CrossAttention, i))),
                     2,
                 )
             } else {
-                (None, None, 1)
+                (None, None, None, 1)
             };
             let lf = blk.pp("layer").pp(ff_idx);
             let dense = lf.pp("DenseReluDense");
@@ -553,10 +569,13 @@ fn load_stack(vb: &Loader, cfg: &T5Config, n: usize, gated: bool, decoder: bool)
             Ok(Block {
                 self_attn: load_attention(&l0.pp("SelfAttention"), cfg, i == 0)?,
                 self_norm: l0.pp("layer_norm").rms_norm(d, eps)?,
+                self_hook: at(l0.hook(HookLocation::Attention, i)),
                 cross_attn,
                 cross_norm,
+                cross_hook,
                 ff,
                 ff_norm: lf.pp("layer_norm").rms_norm(d, eps)?,
+                ff_hook: at(lf.hook(HookLocation::FeedForward, i)),
             })
         })
         .collect::<Result<Vec<_>>>()?;

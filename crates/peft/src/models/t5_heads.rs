@@ -8,8 +8,8 @@
 use candle_core::{DType, Tensor};
 
 use super::{num_labels, LoadOptions, TaskType};
-use crate::io::Loader;
 use crate::layers::Linear;
+use crate::layers::Loader;
 use crate::{impl_modules, ops, Error, Result};
 
 /// Whichever head the task needs; the others stay `None`.

@@ -104,7 +104,7 @@ pub fn evaluate(model: &PeftModel, examples: &[Example], opts: &EvalOptions) -> 
     for chunk in order.chunks(opts.batch_size.max(1)) {
         let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
         let b = collate(&batch, &opts.collate, &device)?;
-        let logits = crate::no_grad(|| model.forward(&b.inputs, false))?;
+        let logits = crate::no_grad(|| model.forward_aligned(&b.inputs, false))?;
         if b.num_targets > 0 {
             let loss = task_loss(task, &logits, &b.targets)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * b.num_targets as f64;

@@ -212,7 +212,8 @@ impl TrainJob {
             // The [model] table already says the task; PEFT needs it to train and save the head.
             peft_config.set_task_type(task);
         }
-        let peft_model = get_peft_model_with_seed(model, peft_config, cfg.training.seed)?;
+        let peft_model =
+            get_peft_model_with_seed(model, peft_config, "default", cfg.training.seed)?;
         tracing::info!(
             "training on {} examples ({}){}",
             prepared.train.len(),
@@ -311,7 +312,7 @@ pub fn eval(cfg: &TrainConfig, adapter: Option<&Path>, device: &Device) -> Resul
             "no evaluation examples: set [data] eval_file or validation_split > 0".into(),
         ));
     }
-    let peft_model = PeftModel::from_pretrained(model, &dir)?;
+    let peft_model = PeftModel::from_pretrained(model, &dir, Default::default())?;
     let m = evaluate(
         &peft_model,
         &prepared.eval,

@@ -239,7 +239,7 @@ impl Trainer<'_> {
                     if b.num_targets == 0 {
                         continue;
                     }
-                    let logits = self.model.forward(&b.inputs, true)?;
+                    let logits = self.model.forward_aligned(&b.inputs, true)?;
                     let mut loss = task_loss(self.collate.task, &logits, &b.targets)?;
                     // Method-specific terms (AdaLoRA's orthogonal regularisation), as PEFT adds
                     // them to the task loss.

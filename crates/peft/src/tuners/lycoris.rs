@@ -6,9 +6,10 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::layers::{Linear, LinearAdapter};
+use crate::layers::{Linear, LinearAdapter, ModuleMut};
 use crate::models::Model;
-use crate::tuners::common::{self, check_patterns, check_prob, BaseFields};
+use crate::tuners::config::{check_patterns, check_prob, BaseFields};
+use crate::tuners::inject::{inject_matching, resolve_targets, unsupported};
 use crate::tuners::targets::{pattern_value, ModuleSpec, OneOrMany, TargetMatcher};
 use crate::{Error, Result};
 
@@ -95,14 +96,14 @@ pub(crate) fn forward_delta(
     train: bool,
     delta: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Tensor> {
-    if train && drop.module_dropout > 0.0 && common::uniform() <= drop.module_dropout {
+    if train && drop.module_dropout > 0.0 && uniform() <= drop.module_dropout {
         return Ok(out);
     }
     let mut delta = delta()?;
     if train && drop.rank_dropout > 0.0 {
         let rows = delta.dim(0)?;
         let mut keep: Vec<f32> = (0..rows)
-            .map(|_| f32::from(common::uniform() > drop.rank_dropout))
+            .map(|_| f32::from(uniform() > drop.rank_dropout))
             .collect();
         if drop.rank_dropout_scale {
             let mean = keep.iter().sum::<f32>() / rows as f32;
@@ -139,7 +140,7 @@ pub(crate) fn inject(
     defaults: impl Fn(&str) -> Option<&'static [&'static str]>,
     mut make: impl FnMut(&str, &Linear, usize, f64) -> Result<Box<dyn LinearAdapter>>,
 ) -> Result<Vec<String>> {
-    let targets = common::resolve_targets(model, &mut fields.target_modules, defaults)?;
+    let targets = resolve_targets(model, &mut fields.target_modules, defaults)?;
     let matcher = TargetMatcher::new(
         &targets,
         fields.exclude_modules.as_ref(),
@@ -153,7 +154,11 @@ pub(crate) fn inject(
         fields.r,
         fields.alpha,
     );
-    common::inject_linear(model, name, &targets, &matcher, method, |key, l| {
+    inject_matching(model, &targets, &matcher, |key, module| {
+        let l = match module {
+            ModuleMut::Linear(l) => l,
+            other => return Err(unsupported(method, key, &other, "linear layers")),
+        };
         if l.transposed {
             return Err(Error::Config(format!(
                 "target module `{key}` is a transformers Conv1D layer (weight stored [in, out], as in \
@@ -167,6 +172,14 @@ pub(crate) fn inject(
         if r == 0 {
             return Err(Error::Config(format!("rank for `{key}` must be positive")));
         }
-        make(key, l, r, alpha)
+        let adapter = make(key, l, r, alpha)?;
+        l.adapters.insert(name, adapter);
+        Ok(())
     })
+}
+
+/// A draw in `[0, 1)` from the thread's dropout generator (seeded by [`crate::ops::seed_dropout`]),
+/// for rank and module dropout.
+fn uniform() -> f64 {
+    (crate::ops::random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }

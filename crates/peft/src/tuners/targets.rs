@@ -30,6 +30,32 @@ impl ModuleSpec {
     }
 }
 
+/// A string is a regex that must match a whole module name, as in PEFT (`"all-linear"` included).
+impl From<&str> for ModuleSpec {
+    fn from(s: &str) -> Self {
+        ModuleSpec::Regex(s.to_string())
+    }
+}
+
+/// A list matches module names exactly or by their `.`-separated ending, as in PEFT.
+impl From<&[&str]> for ModuleSpec {
+    fn from(v: &[&str]) -> Self {
+        ModuleSpec::List(v.iter().map(|s| s.to_string()).collect())
+    }
+}
+
+impl<const N: usize> From<[&str; N]> for ModuleSpec {
+    fn from(v: [&str; N]) -> Self {
+        ModuleSpec::from(&v[..])
+    }
+}
+
+impl From<Vec<String>> for ModuleSpec {
+    fn from(v: Vec<String>) -> Self {
+        ModuleSpec::List(v)
+    }
+}
+
 /// An integer or a list of integers (`layers_to_transform`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::error::config_err;
-use crate::models::TaskType;
-use crate::tuners::lora::config::{unimplemented_defaults, PEFT_VERSION};
+use crate::tuners::config::{adapter_json, check_fixed, check_prob, BaseFields, ConfigFields};
+use crate::tuners::lora::config::unimplemented_defaults;
 use crate::tuners::lora::{Bias, InitLoraWeights};
 use crate::tuners::targets::{ModuleSpec, OneOrMany};
 use crate::Result;
@@ -44,15 +44,12 @@ pub struct AdaLoraConfig {
     pub fan_in_fan_out: bool,
     pub bias: Bias,
     pub use_rslora: bool,
-    pub modules_to_save: Option<Vec<String>>,
     pub init_lora_weights: InitLoraWeights,
     pub layers_to_transform: Option<OneOrMany<usize>>,
     pub layers_pattern: Option<OneOrMany<String>>,
     pub alpha_pattern: Map<String, Value>,
-    pub task_type: Option<TaskType>,
-    pub base_model_name_or_path: Option<String>,
-    pub revision: Option<String>,
-    pub inference_mode: bool,
+    #[serde(flatten)]
+    pub base: BaseFields,
     /// LoraConfig fields AdaLoRA does not act on; they must keep PEFT's default.
     #[serde(flatten)]
     pub other: Map<String, Value>,
@@ -79,75 +76,30 @@ impl Default for AdaLoraConfig {
             fan_in_fan_out: false,
             bias: Bias::None,
             use_rslora: false,
-            modules_to_save: None,
             init_lora_weights: InitLoraWeights::Bool(true),
             layers_to_transform: None,
             layers_pattern: None,
             alpha_pattern: Map::new(),
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: false,
+            base: BaseFields::default(),
             other: Map::new(),
         }
     }
 }
 
-fn fixed_defaults() -> Map<String, Value> {
-    let mut m = unimplemented_defaults();
-    m.insert("use_dora".into(), json!(false));
-    m
-}
+impl ConfigFields for AdaLoraConfig {
+    const PEFT_TYPE: &'static str = "ADALORA";
+    const NAME: &'static str = "AdaLoraConfig";
+    const INT_FIELDS: &'static [&'static str] = &["lora_alpha"];
 
-fn known_fields() -> Vec<String> {
-    let mut v: Vec<String> = match serde_json::to_value(AdaLoraConfig::default()) {
-        Ok(Value::Object(m)) => m.keys().cloned().collect(),
-        _ => Vec::new(),
-    };
-    v.extend(fixed_defaults().keys().cloned());
-    v
-}
-
-impl AdaLoraConfig {
-    fn parse(v: &Value, strict: bool) -> Result<Self> {
-        let obj = v
-            .as_object()
-            .ok_or_else(|| config_err!("the AdaLoRA config must be a table"))?;
-        let known = known_fields();
-        let mut kept = Map::new();
-        for (k, val) in obj {
-            if k == "peft_type" || k == "peft_version" || k == "runtime_config" {
-                continue;
-            }
-            if known.contains(k) {
-                kept.insert(k.clone(), val.clone());
-            } else if strict {
-                let near = crate::tuners::nearest(k, &known);
-                return Err(config_err!("unknown AdaLoraConfig field `{k}`{near}"));
-            } else {
-                eprintln!(
-                    "warning: ignoring unknown AdaLoraConfig field `{k}` in adapter_config.json"
-                );
-            }
-        }
-        let c: AdaLoraConfig = serde_json::from_value(Value::Object(kept))
-            .map_err(|e| config_err!("AdaLoraConfig: {e}"))?;
-        c.validate()?;
-        Ok(c)
-    }
-
-    /// A hand-written config: every key must be known.
-    pub fn from_json_strict(v: &Value) -> Result<Self> {
-        Self::parse(v, true)
-    }
-
-    /// `adapter_config.json`: unknown keys are dropped with a warning, as PEFT does.
-    pub fn from_adapter_json(v: &Value) -> Result<Self> {
-        Self::parse(v, false)
+    /// LoRA's unimplemented fields, and `use_dora`, which AdaLoRA refuses.
+    fn fixed_fields() -> Map<String, Value> {
+        let mut m = unimplemented_defaults();
+        m.insert("use_dora".into(), json!(false));
+        m
     }
 
     /// PEFT's checks in `AdaLoraConfig.__post_init__` and `RankAllocator.__init__`.
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         let total = match self.total_step {
             Some(t) if t > 0 => t,
             _ => {
@@ -178,12 +130,7 @@ impl AdaLoraConfig {
         if self.delta_t == 0 {
             return Err(config_err!("`deltaT` must be a positive integer"));
         }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(config_err!(
-                "`lora_dropout` must be in [0, 1), got {}",
-                self.lora_dropout
-            ));
-        }
+        check_prob("lora_dropout", self.lora_dropout)?;
         if let InitLoraWeights::Method(m) = &self.init_lora_weights {
             return Err(config_err!(
                 "AdaLoRA's init_lora_weights must be true or false, got \"{m}\""
@@ -192,18 +139,7 @@ impl AdaLoraConfig {
         if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
             return Err(config_err!("`layers_pattern` needs `layers_to_transform`"));
         }
-        let defaults = fixed_defaults();
-        for (k, v) in &self.other {
-            if let Some(d) = defaults.get(k) {
-                let is_default =
-                    v == d || (v.is_null() && (d.is_object() || d == &Value::Bool(false)));
-                if !is_default {
-                    return Err(config_err!(
-                        "AdaLoraConfig field `{k}` = {v} is not supported (only {d})"
-                    ));
-                }
-            }
-        }
+        check_fixed::<Self>(&self.other)?;
         if let Some(rp) = &self.rank_pattern {
             for (k, v) in rp {
                 let ok = v
@@ -218,26 +154,22 @@ impl AdaLoraConfig {
         }
         Ok(())
     }
+}
+
+impl AdaLoraConfig {
+    /// Parses a config; `strict`: every key must be known (a hand-written table), otherwise
+    /// unknown keys are dropped with a warning, as PEFT does.
+    pub fn from_json(v: &Value, strict: bool) -> Result<Self> {
+        crate::tuners::config::parse_config(v, strict)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ConfigFields::validate(self)
+    }
 
     /// `adapter_config.json` as PEFT writes it: every field, sorted, `inference_mode` true.
     pub fn to_adapter_json(&self) -> Value {
-        let mut out = fixed_defaults();
-        if let Ok(Value::Object(mine)) = serde_json::to_value(self) {
-            out.extend(mine);
-        }
-        out.insert("peft_type".into(), Value::String("ADALORA".into()));
-        out.insert("peft_version".into(), Value::String(PEFT_VERSION.into()));
-        out.insert("inference_mode".into(), Value::Bool(true));
-        if let Some(a) = out.get_mut("lora_alpha") {
-            if let Some(f) = a.as_f64() {
-                if f.fract() == 0.0 {
-                    *a = Value::from(f as i64);
-                }
-            }
-        }
-        let mut sorted: Vec<(String, Value)> = out.into_iter().collect();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        Value::Object(sorted.into_iter().collect())
+        adapter_json(self)
     }
 
     /// The kept triplets of `module` from `rank_pattern`, if the allocator has run.

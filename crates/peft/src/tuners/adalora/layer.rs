@@ -8,7 +8,7 @@ use rand_distr::{Distribution, Normal, StandardNormal};
 use std::any::Any;
 
 use crate::grad::live;
-use crate::layers::{LinearAdapter, LinearBase};
+use crate::layers::{Adapter, LinearAdapter, LinearBase};
 use crate::{ops, Error, Result};
 
 #[derive(Debug)]
@@ -96,6 +96,29 @@ impl AdaLoraLinear {
     }
 }
 
+impl Adapter for AdaLoraLinear {
+    fn tensors(&self) -> Vec<(String, Var)> {
+        vec![
+            ("lora_A".into(), self.a.clone()),
+            ("lora_B".into(), self.b.clone()),
+            ("lora_E".into(), self.e.clone()),
+        ]
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn type_name(&self) -> &'static str {
+        "adalora.SVDLinear"
+    }
+
+    /// PEFT keeps `ranknum` as a one-element frozen parameter.
+    fn untracked_params(&self) -> usize {
+        1
+    }
+}
+
 impl LinearAdapter for AdaLoraLinear {
     fn forward(&self, x: &Tensor, out: Tensor, _base: &LinearBase, train: bool) -> Result<Tensor> {
         if self.rank() == 0 {
@@ -113,18 +136,6 @@ impl LinearAdapter for AdaLoraLinear {
 
     fn unmerge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)> {
         Ok(((base.weight_out_in()? - self.delta_weight()?)?, None))
-    }
-
-    fn tensors(&self) -> Vec<(String, Var)> {
-        vec![
-            ("lora_A".into(), self.a.clone()),
-            ("lora_B".into(), self.b.clone()),
-            ("lora_E".into(), self.e.clone()),
-        ]
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

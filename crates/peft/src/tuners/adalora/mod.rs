@@ -1,8 +1,9 @@
 //! AdaLoRA (Zhang et al., 2023) as PEFT 0.21 implements it: LoRA in SVD form whose ranks are
 //! reallocated during training by importance, under a shrinking total budget.
 //!
-//! The training loop adds [`orth_reg_loss`] to its loss and calls [`update_and_allocate`] after
-//! each optimizer step (through [`crate::PeftModel::update_and_allocate`]).
+//! The adapter's model-level side ([`AdaLoraTuner`]) holds the rank allocator of a trained
+//! adapter: the training loop adds its [`orth_reg_loss`] to the loss and lets it run
+//! [`update_and_allocate`] after each optimizer step, through the generic [`Tuner`] hooks.
 
 pub mod allocator;
 pub mod config;
@@ -18,7 +19,12 @@ use serde_json::Value;
 
 use crate::layers::{ModuleMut, ModuleRef, Modules};
 use crate::models::Model;
+use crate::tuners::config::BaseFields;
+use crate::tuners::inject::{fix_fan_in_fan_out, inject_matching, resolve_targets, unsupported};
 use crate::tuners::targets::TargetMatcher;
+use crate::tuners::{
+    Existing, InjectContext, Injected, MethodKind, PeftConfig, Tuner, TunerConfig,
+};
 use crate::{Error, Result};
 
 /// PEFT's `TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING` (wider than LoRA's).
@@ -35,6 +41,108 @@ pub fn default_target_modules(model_type: &str) -> Option<&'static [&'static str
     })
 }
 
+impl TunerConfig for AdaLoraConfig {
+    fn peft_type(&self) -> &'static str {
+        "ADALORA"
+    }
+    fn tuner_name(&self) -> &'static str {
+        "AdaLoraModel"
+    }
+    fn kind(&self) -> MethodKind {
+        MethodKind::Layer
+    }
+    fn base(&self) -> &BaseFields {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut BaseFields {
+        &mut self.base
+    }
+    fn to_adapter_json(&self) -> Value {
+        AdaLoraConfig::to_adapter_json(self)
+    }
+    fn bias(&self) -> crate::tuners::Bias {
+        self.bias.into()
+    }
+    /// PEFT's AdaLoraModel trains one adapter at a time.
+    fn check_new_adapter(&self, trainable: bool, existing: &[Existing<'_>]) -> Result<()> {
+        let other_trained = existing
+            .iter()
+            .any(|e| e.trainable && (e.config as &dyn std::any::Any).is::<AdaLoraConfig>());
+        if trainable && other_trained {
+            return Err(Error::Adapter(
+                "AdaLoRA trains one adapter at a time; load other AdaLoRA adapters for inference \
+                 only"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+    fn inject(&mut self, model: &mut dyn Model, ctx: &InjectContext<'_>) -> Result<Injected> {
+        crate::tuners::config::ConfigFields::validate(self)?;
+        let name = ctx.adapter_name;
+        let modules = inject(model, name, self, ctx.modules_to_save, ctx.seed)?;
+        let allocator = if ctx.trainable {
+            Some(RankAllocator::new(self, name, &layers(&*model, name))?)
+        } else {
+            None
+        };
+        Ok(Injected {
+            modules,
+            tuner: Box::new(AdaLoraTuner { allocator }),
+        })
+    }
+}
+
+/// An AdaLoRA adapter's model-level side: the rank allocator while it is trained.
+pub struct AdaLoraTuner {
+    allocator: Option<RankAllocator>,
+}
+
+impl Tuner for AdaLoraTuner {
+    fn regularization_loss(
+        &self,
+        model: &dyn Model,
+        adapter: &str,
+        config: &PeftConfig,
+    ) -> Result<Option<Tensor>> {
+        let Some(c) = config.downcast_ref::<AdaLoraConfig>() else {
+            return Ok(None);
+        };
+        if self.allocator.is_none() || c.orth_reg_weight == 0.0 {
+            return Ok(None);
+        }
+        orth_reg_loss(&layers(model, adapter), c.orth_reg_weight)
+    }
+
+    fn after_optimizer_step(
+        &mut self,
+        model: &dyn Model,
+        adapter: &str,
+        config: &mut PeftConfig,
+        step: usize,
+        grads: &dyn Fn(&Tensor) -> Option<Tensor>,
+    ) -> Result<()> {
+        let (Some(alloc), Some(c)) = (
+            self.allocator.as_mut(),
+            config.downcast_mut::<AdaLoraConfig>(),
+        ) else {
+            return Ok(());
+        };
+        update_and_allocate(alloc, c, &layers(model, adapter), step, grads)
+    }
+
+    fn state_dict_to_save(
+        &self,
+        config: &PeftConfig,
+        state: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        match config.downcast_ref::<AdaLoraConfig>() {
+            Some(c) => resize_state_dict(c, crate::io::KEY_PREFIX, state),
+            None => Ok(state),
+        }
+    }
+}
+
 /// Attaches AdaLoRA adapter `name` to every matching linear layer (rank `init_r`, or what the
 /// config's `rank_pattern` kept when a saved adapter is loaded). Returns the adapted modules.
 pub fn inject(
@@ -44,11 +152,7 @@ pub fn inject(
     modules_to_save: &[String],
     seed: u64,
 ) -> Result<Vec<String>> {
-    let targets = crate::tuners::common::resolve_targets(
-        model,
-        &mut config.target_modules,
-        default_target_modules,
-    )?;
+    let targets = resolve_targets(model, &mut config.target_modules, default_target_modules)?;
     let matcher = TargetMatcher::new(
         &targets,
         config.exclude_modules.as_ref(),
@@ -62,28 +166,13 @@ pub fn inject(
         config.init_lora_weights,
         crate::tuners::lora::InitLoraWeights::Bool(false)
     );
-    let (mut adapted, mut available) = (Vec::new(), Vec::new());
-    for module in model.modules_mut() {
-        let key = module.name().to_string();
-        if !matches!(module, ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_)) {
-            available.push(key.clone());
-        }
-        if !matcher.matches(&key) {
-            continue;
-        }
-        let ModuleMut::Linear(l) = module else {
-            return Err(Error::Config(format!(
-                "target module `{key}` is not a linear layer; AdaLoRA adapts linear layers only"
-            )));
+    inject_matching(model, &targets, &matcher, |key, module| {
+        let l = match module {
+            ModuleMut::Linear(l) => l,
+            other => return Err(unsupported("AdaLoRA", key, &other, "linear layers")),
         };
-        if config.fan_in_fan_out != l.transposed {
-            eprintln!(
-                "warning: fan_in_fan_out = {} does not fit `{key}`; setting fan_in_fan_out = {}",
-                config.fan_in_fan_out, l.transposed
-            );
-            config.fan_in_fan_out = l.transposed;
-        }
-        let r = match config.kept(&key) {
+        fix_fan_in_fan_out(&mut config.fan_in_fan_out, key, l.transposed);
+        let r = match config.kept(key) {
             Some(keep) => keep.iter().filter(|k| **k).count(),
             None => config.init_r,
         };
@@ -101,15 +190,8 @@ pub fn inject(
             )?
         };
         l.adapters.insert(name, Box::new(layer));
-        adapted.push(key);
-    }
-    if adapted.is_empty() {
-        return Err(Error::NoTargetMatched {
-            targets: targets.describe(),
-            available: available.join(", "),
-        });
-    }
-    Ok(adapted)
+        Ok(())
+    })
 }
 
 /// The AdaLoRA layers of adapter `name`, in module order.

@@ -5,7 +5,7 @@ use rand::rngs::StdRng;
 use std::any::Any;
 
 use crate::grad::live;
-use crate::layers::{LinearAdapter, LinearBase};
+use crate::layers::{Adapter, LinearAdapter, LinearBase};
 use crate::tuners::lora::layer::normal;
 use crate::{ops, Result};
 
@@ -64,6 +64,20 @@ impl Ia3Linear {
     }
 }
 
+impl Adapter for Ia3Linear {
+    fn tensors(&self) -> Vec<(String, Var)> {
+        vec![("ia3_l".into(), self.l.clone())]
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn type_name(&self) -> &'static str {
+        "Linear"
+    }
+}
+
 impl LinearAdapter for Ia3Linear {
     /// Output scaling: `y · l`. Input scaling: `W (x ⊙ l) + b`, computed from the output already
     /// there as `y + W (x ⊙ (l − 1))`, which is the same function.
@@ -85,13 +99,5 @@ impl LinearAdapter for Ia3Linear {
     /// Divides by `l + 1e-8`, as PEFT does (inexact, as PEFT warns).
     fn unmerge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)> {
         self.scaled(base, true)
-    }
-
-    fn tensors(&self) -> Vec<(String, Var)> {
-        vec![("ia3_l".into(), self.l.clone())]
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

@@ -12,9 +12,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::config_err;
+use crate::layers::ModuleMut;
 use crate::models::Model;
-use crate::tuners::common::{self, adapter_json, parse_config, BaseFields};
+use crate::tuners::config::{adapter_json, parse_config, BaseFields, ConfigFields};
+use crate::tuners::inject::{fix_fan_in_fan_out, inject_matching, resolve_targets, unsupported};
 use crate::tuners::targets::{ModuleSpec, TargetMatcher};
+use crate::tuners::{InjectContext, Injected, MethodKind, TunerConfig};
 use crate::{Error, Result};
 
 /// `IA3Config`, PEFT's field names and defaults.
@@ -46,15 +49,12 @@ impl Default for Ia3Config {
     }
 }
 
-impl Ia3Config {
-    pub fn from_json(v: &Value, strict: bool) -> Result<Self> {
-        let c: Self = parse_config(v, strict, "IA3Config")?;
-        c.validate()?;
-        Ok(c)
-    }
+impl ConfigFields for Ia3Config {
+    const PEFT_TYPE: &'static str = "IA3";
+    const NAME: &'static str = "IA3Config";
 
     /// PEFT's check: listed `feedforward_modules` must all be listed `target_modules`.
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         if let (Some(ModuleSpec::List(ff)), Some(ModuleSpec::List(t))) =
             (&self.feedforward_modules, &self.target_modules)
         {
@@ -66,9 +66,44 @@ impl Ia3Config {
         }
         Ok(())
     }
+}
+
+impl Ia3Config {
+    pub fn from_json(v: &Value, strict: bool) -> Result<Self> {
+        parse_config(v, strict)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ConfigFields::validate(self)
+    }
 
     pub fn to_adapter_json(&self) -> Value {
-        adapter_json(self, "IA3", &[])
+        adapter_json(self)
+    }
+}
+
+impl TunerConfig for Ia3Config {
+    fn peft_type(&self) -> &'static str {
+        Self::PEFT_TYPE
+    }
+    fn tuner_name(&self) -> &'static str {
+        "IA3Model"
+    }
+    fn kind(&self) -> MethodKind {
+        MethodKind::Layer
+    }
+    fn base(&self) -> &BaseFields {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut BaseFields {
+        &mut self.base
+    }
+    fn to_adapter_json(&self) -> Value {
+        adapter_json(self)
+    }
+    fn inject(&mut self, model: &mut dyn Model, ctx: &InjectContext<'_>) -> Result<Injected> {
+        let modules = inject(model, ctx.adapter_name, self, ctx.modules_to_save, ctx.seed)?;
+        Ok(Injected::layers(modules))
     }
 }
 
@@ -112,8 +147,7 @@ pub fn inject(
     // (a default feed-forward module need not be targeted).
     config.validate()?;
     let model_type = model.info().model_type.clone();
-    let targets =
-        common::resolve_targets(model, &mut config.target_modules, default_target_modules)?;
+    let targets = resolve_targets(model, &mut config.target_modules, default_target_modules)?;
     let feedforward_spec = match &config.feedforward_modules {
         Some(spec) => spec.clone(),
         None => {
@@ -144,8 +178,12 @@ pub fn inject(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let init = config.init_ia3_weights;
     let fan_in_fan_out = &mut config.fan_in_fan_out;
-    common::inject_linear(model, name, &targets, &matcher, "IA3", |key, l| {
-        common::fix_fan_in_fan_out(fan_in_fan_out, key, l.transposed);
+    inject_matching(model, &targets, &matcher, |key, module| {
+        let l = match module {
+            ModuleMut::Linear(l) => l,
+            other => return Err(unsupported("IA3", key, &other, "linear layers")),
+        };
+        fix_fan_in_fan_out(fan_in_fan_out, key, l.transposed);
         let layer = Ia3Linear::new(
             l.in_features(),
             l.out_features(),
@@ -154,7 +192,8 @@ pub fn inject(
             &mut rng,
             &device,
         )?;
-        Ok(Box::new(layer))
+        l.adapters.insert(name, Box::new(layer));
+        Ok(())
     })
 }
 

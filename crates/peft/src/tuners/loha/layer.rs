@@ -5,7 +5,7 @@ use rand::rngs::StdRng;
 use std::any::Any;
 
 use crate::grad::live;
-use crate::layers::{LinearAdapter, LinearBase};
+use crate::layers::{Adapter, LinearAdapter, LinearBase};
 use crate::tuners::lora::layer::{kaiming_uniform, zeros};
 use crate::tuners::lycoris::{forward_delta, LycorisDropout};
 use crate::Result;
@@ -63,6 +63,25 @@ impl LohaLinear {
     }
 }
 
+impl Adapter for LohaLinear {
+    fn tensors(&self) -> Vec<(String, Var)> {
+        vec![
+            ("hada_w1_a".into(), self.w1a.clone()),
+            ("hada_w1_b".into(), self.w1b.clone()),
+            ("hada_w2_a".into(), self.w2a.clone()),
+            ("hada_w2_b".into(), self.w2b.clone()),
+        ]
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn type_name(&self) -> &'static str {
+        "loha.Linear"
+    }
+}
+
 impl LinearAdapter for LohaLinear {
     fn forward(&self, x: &Tensor, out: Tensor, _base: &LinearBase, train: bool) -> Result<Tensor> {
         forward_delta(x, out, self.dropout, train, || self.delta_weight())
@@ -76,18 +95,5 @@ impl LinearAdapter for LohaLinear {
     fn unmerge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)> {
         let delta = self.delta_weight()?.detach();
         Ok(((base.weight_out_in()? - delta)?, None))
-    }
-
-    fn tensors(&self) -> Vec<(String, Var)> {
-        vec![
-            ("hada_w1_a".into(), self.w1a.clone()),
-            ("hada_w1_b".into(), self.w1b.clone()),
-            ("hada_w2_a".into(), self.w2a.clone()),
-            ("hada_w2_b".into(), self.w2b.clone()),
-        ]
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::models::Model;
-use crate::tuners::common::{adapter_json, parse_config};
+use crate::tuners::config::{adapter_json, parse_config, BaseFields, ConfigFields};
 use crate::tuners::lycoris::{self, LycorisFields};
+use crate::tuners::{InjectContext, Injected, MethodKind, TunerConfig};
 use crate::Result;
 
 /// `LoHaConfig`, PEFT's field names and defaults (`r` 8, `alpha` 8).
@@ -35,15 +36,49 @@ impl Default for LohaConfig {
     }
 }
 
+impl ConfigFields for LohaConfig {
+    const PEFT_TYPE: &'static str = "LOHA";
+    const NAME: &'static str = "LoHaConfig";
+    const INT_FIELDS: &'static [&'static str] = &["alpha"];
+
+    fn validate(&self) -> Result<()> {
+        self.common.validate()
+    }
+}
+
 impl LohaConfig {
     pub fn from_json(v: &Value, strict: bool) -> Result<Self> {
-        let c: Self = parse_config(v, strict, "LoHaConfig")?;
-        c.common.validate()?;
-        Ok(c)
+        parse_config(v, strict)
     }
 
     pub fn to_adapter_json(&self) -> Value {
-        adapter_json(self, "LOHA", &["alpha"])
+        adapter_json(self)
+    }
+}
+
+impl TunerConfig for LohaConfig {
+    fn peft_type(&self) -> &'static str {
+        Self::PEFT_TYPE
+    }
+    fn tuner_name(&self) -> &'static str {
+        "LoHaModel"
+    }
+    fn kind(&self) -> MethodKind {
+        MethodKind::Layer
+    }
+    fn base(&self) -> &BaseFields {
+        &self.common.base
+    }
+    fn base_mut(&mut self) -> &mut BaseFields {
+        &mut self.common.base
+    }
+    fn to_adapter_json(&self) -> Value {
+        adapter_json(self)
+    }
+    fn inject(&mut self, model: &mut dyn Model, ctx: &InjectContext<'_>) -> Result<Injected> {
+        ConfigFields::validate(self)?;
+        let modules = inject(model, ctx.adapter_name, self, ctx.modules_to_save, ctx.seed)?;
+        Ok(Injected::layers(modules))
     }
 }
 

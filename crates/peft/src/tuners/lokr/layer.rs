@@ -6,7 +6,7 @@ use std::any::Any;
 
 use super::{LokrConfig, LokrInit};
 use crate::grad::live;
-use crate::layers::{LinearAdapter, LinearBase};
+use crate::layers::{Adapter, LinearAdapter, LinearBase};
 use crate::tuners::lora::layer::{kaiming_uniform, zeros};
 use crate::tuners::lycoris::{forward_delta, kron, LycorisDropout};
 use crate::Result;
@@ -151,6 +151,22 @@ impl LokrLinear {
     }
 }
 
+impl Adapter for LokrLinear {
+    fn tensors(&self) -> Vec<(String, Var)> {
+        let mut v = self.w1.tensors("lokr_w1");
+        v.extend(self.w2.tensors("lokr_w2"));
+        v
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn type_name(&self) -> &'static str {
+        "lokr.Linear"
+    }
+}
+
 impl LinearAdapter for LokrLinear {
     fn forward(&self, x: &Tensor, out: Tensor, _base: &LinearBase, train: bool) -> Result<Tensor> {
         forward_delta(x, out, self.dropout, train, || self.delta_weight())
@@ -164,16 +180,6 @@ impl LinearAdapter for LokrLinear {
     fn unmerge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)> {
         let delta = self.delta_weight()?.detach();
         Ok(((base.weight_out_in()? - delta)?, None))
-    }
-
-    fn tensors(&self) -> Vec<(String, Var)> {
-        let mut v = self.w1.tensors("lokr_w1");
-        v.extend(self.w2.tensors("lokr_w2"));
-        v
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

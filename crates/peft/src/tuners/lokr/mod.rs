@@ -13,8 +13,9 @@ use serde_json::Value;
 
 use crate::error::config_err;
 use crate::models::Model;
-use crate::tuners::common::{adapter_json, parse_config};
+use crate::tuners::config::{adapter_json, parse_config, BaseFields, ConfigFields};
 use crate::tuners::lycoris::{self, LycorisFields};
+use crate::tuners::{InjectContext, Injected, MethodKind, TunerConfig};
 use crate::Result;
 
 /// `init_weights`: `true` (W1 zero: the adapter starts as the identity), `false` (all random) or
@@ -54,9 +55,13 @@ impl Default for LokrConfig {
     }
 }
 
-impl LokrConfig {
-    pub fn from_json(v: &Value, strict: bool) -> Result<Self> {
-        let c: Self = parse_config(v, strict, "LoKrConfig")?;
+impl ConfigFields for LokrConfig {
+    const PEFT_TYPE: &'static str = "LOKR";
+    const NAME: &'static str = "LoKrConfig";
+    const INT_FIELDS: &'static [&'static str] = &["alpha"];
+
+    fn validate(&self) -> Result<()> {
+        let c = self;
         c.common.validate()?;
         if let LokrInit::Named(s) = &c.init_weights {
             if s != "lycoris" {
@@ -71,11 +76,43 @@ impl LokrConfig {
                 c.decompose_factor
             ));
         }
-        Ok(c)
+        Ok(())
+    }
+}
+
+impl LokrConfig {
+    pub fn from_json(v: &Value, strict: bool) -> Result<Self> {
+        parse_config(v, strict)
     }
 
     pub fn to_adapter_json(&self) -> Value {
-        adapter_json(self, "LOKR", &["alpha"])
+        adapter_json(self)
+    }
+}
+
+impl TunerConfig for LokrConfig {
+    fn peft_type(&self) -> &'static str {
+        Self::PEFT_TYPE
+    }
+    fn tuner_name(&self) -> &'static str {
+        "LoKrModel"
+    }
+    fn kind(&self) -> MethodKind {
+        MethodKind::Layer
+    }
+    fn base(&self) -> &BaseFields {
+        &self.common.base
+    }
+    fn base_mut(&mut self) -> &mut BaseFields {
+        &mut self.common.base
+    }
+    fn to_adapter_json(&self) -> Value {
+        adapter_json(self)
+    }
+    fn inject(&mut self, model: &mut dyn Model, ctx: &InjectContext<'_>) -> Result<Injected> {
+        ConfigFields::validate(self)?;
+        let modules = inject(model, ctx.adapter_name, self, ctx.modules_to_save, ctx.seed)?;
+        Ok(Injected::layers(modules))
     }
 }
 

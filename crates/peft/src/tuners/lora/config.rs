@@ -4,7 +4,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::error::config_err;
-use crate::models::TaskType;
+use crate::tuners::config::{
+    adapter_json, check_fixed, check_patterns, check_prob, BaseFields, ConfigFields,
+};
 use crate::tuners::targets::{ModuleSpec, OneOrMany};
 use crate::Result;
 
@@ -15,7 +17,18 @@ pub enum Bias {
     #[default]
     None,
     All,
+    /// The biases of the layers LoRA wraps.
     LoraOnly,
+}
+
+impl From<Bias> for crate::tuners::config::Bias {
+    fn from(b: Bias) -> Self {
+        match b {
+            Bias::None => Self::None,
+            Bias::All => Self::All,
+            Bias::LoraOnly => Self::AdaptedOnly,
+        }
+    }
 }
 
 /// `init_lora_weights`: `true`, `false`, or the name of an initialisation.
@@ -93,7 +106,6 @@ pub struct LoraConfig {
     pub fan_in_fan_out: bool,
     pub bias: Bias,
     pub use_rslora: bool,
-    pub modules_to_save: Option<Vec<String>>,
     pub init_lora_weights: InitLoraWeights,
     pub layers_to_transform: Option<OneOrMany<usize>>,
     pub layers_pattern: Option<OneOrMany<String>>,
@@ -101,10 +113,8 @@ pub struct LoraConfig {
     pub alpha_pattern: Map<String, Value>,
     /// DoRA: a trained per-output magnitude on top of LoRA's direction.
     pub use_dora: bool,
-    pub task_type: Option<TaskType>,
-    pub base_model_name_or_path: Option<String>,
-    pub revision: Option<String>,
-    pub inference_mode: bool,
+    #[serde(flatten)]
+    pub base: BaseFields,
     /// PEFT fields this implementation knows but does not act on; they must keep PEFT's default
     /// (checked by [`LoraConfig::validate`]) and are written back unchanged.
     #[serde(flatten)]
@@ -122,17 +132,13 @@ impl Default for LoraConfig {
             fan_in_fan_out: false,
             bias: Bias::None,
             use_rslora: false,
-            modules_to_save: None,
             init_lora_weights: InitLoraWeights::Bool(true),
             layers_to_transform: None,
             layers_pattern: None,
             rank_pattern: Map::new(),
             alpha_pattern: Map::new(),
             use_dora: false,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: false,
+            base: BaseFields::default(),
             other: Map::new(),
         }
     }
@@ -145,7 +151,6 @@ pub(crate) fn unimplemented_defaults() -> Map<String, Value> {
     let v = json!({
         "alora_invocation_tokens": null,
         "arrow_config": null,
-        "auto_mapping": null,
         "corda_config": null,
         "ensure_weight_tying": false,
         "eva_config": null,
@@ -170,154 +175,50 @@ pub(crate) fn unimplemented_defaults() -> Map<String, Value> {
     }
 }
 
-/// The PEFT format version this crate reads and writes.
-pub const PEFT_VERSION: &str = "0.21.2";
+impl ConfigFields for LoraConfig {
+    const PEFT_TYPE: &'static str = "LORA";
+    const NAME: &'static str = "LoraConfig";
+    // PEFT declares `lora_alpha` an int.
+    const INT_FIELDS: &'static [&'static str] = &["lora_alpha"];
 
-impl LoraConfig {
-    /// Parses a config strictly: every key must be a LoraConfig field (a TOML `[peft]` table that a
-    /// person wrote). Adapter files written by other PEFT versions go through
-    /// [`LoraConfig::from_adapter_json`] instead.
-    pub fn from_json_strict(v: &Value) -> Result<Self> {
-        let obj = v
-            .as_object()
-            .ok_or_else(|| config_err!("the LoRA config must be a table"))?;
-        let known = known_fields();
-        for k in obj.keys() {
-            if k != "peft_type" && !known.contains(k) {
-                let near = crate::tuners::nearest(k, &known);
-                return Err(config_err!("unknown LoraConfig field `{k}`{near}"));
-            }
-        }
-        let c: LoraConfig = serde_json::from_value(strip_peft_type(obj))
-            .map_err(|e| config_err!("LoraConfig: {e}"))?;
-        c.validate()?;
-        Ok(c)
+    fn fixed_fields() -> Map<String, Value> {
+        unimplemented_defaults()
     }
 
-    /// Parses `adapter_config.json`: unknown keys (from newer PEFT versions) are dropped with a
-    /// warning, as PEFT does.
-    pub fn from_adapter_json(v: &Value) -> Result<Self> {
-        let obj = v
-            .as_object()
-            .ok_or_else(|| config_err!("adapter_config.json must hold an object"))?;
-        let known = known_fields();
-        let mut kept = Map::new();
-        for (k, val) in obj {
-            if k == "peft_type" || k == "peft_version" || k == "runtime_config" {
-                continue;
-            }
-            if known.contains(k) {
-                kept.insert(k.clone(), val.clone());
-            } else {
-                eprintln!(
-                    "warning: ignoring unknown LoraConfig field `{k}` in adapter_config.json"
-                );
-            }
-        }
-        let c: LoraConfig = serde_json::from_value(Value::Object(kept))
-            .map_err(|e| config_err!("adapter_config.json: {e}"))?;
-        c.validate()?;
-        Ok(c)
-    }
-
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         if self.r == 0 {
             return Err(config_err!("`r` must be a positive integer"));
         }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(config_err!(
-                "`lora_dropout` must be in [0, 1), got {}",
-                self.lora_dropout
-            ));
-        }
+        check_prob("lora_dropout", self.lora_dropout)?;
         self.init_lora_weights.method()?;
-        let defaults = unimplemented_defaults();
-        for (k, v) in &self.other {
-            // Informational only (which AutoPeftModel class to rebuild); any value is fine.
-            if k == "auto_mapping" {
-                continue;
-            }
-            if let Some(d) = defaults.get(k) {
-                let is_default = v == d
-                    || (v.is_null()
-                        && (d.is_object() || d.is_boolean() && d == &Value::Bool(false)));
-                if !is_default {
-                    return Err(config_err!("LoraConfig field `{k}` = {v} is not supported by this version of peft (only {d})"));
-                }
-            }
-        }
-        for (name, pat) in [
+        check_fixed::<Self>(&self.other)?;
+        check_patterns(&[
             ("rank_pattern", &self.rank_pattern),
             ("alpha_pattern", &self.alpha_pattern),
-        ] {
-            for (k, v) in pat {
-                if !v.is_number() {
-                    return Err(config_err!("{name}[\"{k}\"] must be a number, got {v}"));
-                }
-            }
+        ])?;
+        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
+            return Err(config_err!(
+                "when `layers_pattern` is specified, `layers_to_transform` must also be specified"
+            ));
         }
         Ok(())
+    }
+}
+
+impl LoraConfig {
+    /// Parses a config; `strict` (a hand-written `[peft]` table): every key must be a LoraConfig
+    /// field. Otherwise (`adapter_config.json` of any PEFT version) unknown keys are dropped with a
+    /// warning, as PEFT does.
+    pub fn from_json(v: &Value, strict: bool) -> Result<Self> {
+        crate::tuners::config::parse_config(v, strict)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ConfigFields::validate(self)
     }
 
     /// `adapter_config.json` as PEFT writes it: every field, sorted, `inference_mode` true.
     pub fn to_adapter_json(&self) -> Value {
-        let mut out = unimplemented_defaults();
-        if let Ok(Value::Object(mine)) = serde_json::to_value(self) {
-            for (k, v) in mine {
-                out.insert(k, v);
-            }
-        }
-        out.insert("peft_type".into(), Value::String("LORA".into()));
-        out.insert("peft_version".into(), Value::String(PEFT_VERSION.into()));
-        out.insert("inference_mode".into(), Value::Bool(true));
-        // rank/alpha patterns and lora_alpha are numbers in PEFT; write integral alphas as ints.
-        if let Some(a) = out.get_mut("lora_alpha") {
-            if let Some(f) = a.as_f64() {
-                if f.fract() == 0.0 {
-                    *a = Value::from(f as i64);
-                }
-            }
-        }
-        let mut sorted: Vec<(String, Value)> = out.into_iter().collect();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        Value::Object(sorted.into_iter().collect())
+        adapter_json(self)
     }
-}
-
-fn strip_peft_type(obj: &Map<String, Value>) -> Value {
-    Value::Object(
-        obj.iter()
-            .filter(|(k, _)| *k != "peft_type")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    )
-}
-
-fn known_fields() -> Vec<String> {
-    let mut v: Vec<String> = [
-        "r",
-        "lora_alpha",
-        "lora_dropout",
-        "target_modules",
-        "exclude_modules",
-        "fan_in_fan_out",
-        "bias",
-        "use_rslora",
-        "modules_to_save",
-        "init_lora_weights",
-        "layers_to_transform",
-        "layers_pattern",
-        "rank_pattern",
-        "alpha_pattern",
-        "use_dora",
-        "task_type",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(unimplemented_defaults().keys().cloned());
-    v
 }

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use super::layer::{LoraEmbedding, LoraLinear};
 use crate::grad::live;
-use crate::layers::{EmbeddingAdapter, LinearAdapter, LinearBase};
+use crate::layers::{Adapter, EmbeddingAdapter, LinearAdapter, LinearBase};
 use crate::{ops, Error, Result};
 
 /// Row norms of `[rows, cols]` as `[rows]`.
@@ -47,6 +47,27 @@ impl DoraLinear {
 
     fn factor(&self, norm: &Tensor) -> Result<Tensor> {
         Ok((live(&self.magnitude) / norm)?)
+    }
+}
+
+impl Adapter for DoraLinear {
+    fn tensors(&self) -> Vec<(String, Var)> {
+        let mut t = self.lora.tensors();
+        t.push(("lora_magnitude_vector".into(), self.magnitude.clone()));
+        t
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    /// PEFT refuses DoRA in mixed batches (the weight norm is per adapter, not per row).
+    fn supports_mixed_batch(&self) -> bool {
+        false
+    }
+
+    fn type_name(&self) -> &'static str {
+        "lora.Linear"
     }
 }
 
@@ -97,21 +118,6 @@ impl LinearAdapter for DoraLinear {
         let w = (base.weight_out_in()?.broadcast_div(&f)? - self.lora.delta_weight()?)?;
         Ok((w, None))
     }
-
-    fn tensors(&self) -> Vec<(String, Var)> {
-        let mut t = self.lora.tensors();
-        t.push(("lora_magnitude_vector".into(), self.magnitude.clone()));
-        t
-    }
-
-    /// PEFT refuses DoRA in mixed batches (the weight norm is per adapter, not per row).
-    fn supports_mixed_batch(&self) -> bool {
-        false
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 fn poisoned() -> Error {
@@ -149,6 +155,27 @@ impl DoraEmbedding {
     }
 }
 
+impl Adapter for DoraEmbedding {
+    fn tensors(&self) -> Vec<(String, Var)> {
+        let mut t = self.lora.tensors();
+        t.push(("lora_magnitude_vector".into(), self.magnitude.clone()));
+        t
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    /// PEFT refuses DoRA in mixed batches (the weight norm is per adapter, not per row).
+    fn supports_mixed_batch(&self) -> bool {
+        false
+    }
+
+    fn type_name(&self) -> &'static str {
+        "lora.Embedding"
+    }
+}
+
 impl EmbeddingAdapter for DoraEmbedding {
     fn forward(&self, ids: &Tensor, out: Tensor, _train: bool) -> Result<Tensor> {
         let l = &self.lora;
@@ -181,20 +208,5 @@ impl EmbeddingAdapter for DoraEmbedding {
             .ok_or_else(|| Error::Adapter("DoRA: unmerge without a merge".into()))?;
         let f = (self.magnitude.as_tensor() / norm)?.unsqueeze(0)?;
         Ok((weight.broadcast_div(&f)? - self.lora.delta_weight()?)?)
-    }
-
-    fn tensors(&self) -> Vec<(String, Var)> {
-        let mut t = self.lora.tensors();
-        t.push(("lora_magnitude_vector".into(), self.magnitude.clone()));
-        t
-    }
-
-    /// PEFT refuses DoRA in mixed batches (the weight norm is per adapter, not per row).
-    fn supports_mixed_batch(&self) -> bool {
-        false
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

@@ -8,7 +8,7 @@ use std::any::Any;
 
 use super::config::{InitLoraWeights, InitMethod};
 use crate::grad::live;
-use crate::layers::{EmbeddingAdapter, LinearAdapter, LinearBase};
+use crate::layers::{Adapter, EmbeddingAdapter, LinearAdapter, LinearBase};
 use crate::{ops, Error, Result};
 
 /// LoRA on a linear layer. `a`: `[r, in]`, `b`: `[out, r]` (nn.Linear convention, whatever the
@@ -65,6 +65,23 @@ impl LoraLinear {
     }
 }
 
+impl Adapter for LoraLinear {
+    fn tensors(&self) -> Vec<(String, Var)> {
+        vec![
+            ("lora_A.weight".into(), self.a.clone()),
+            ("lora_B.weight".into(), self.b.clone()),
+        ]
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn type_name(&self) -> &'static str {
+        "lora.Linear"
+    }
+}
+
 impl LinearAdapter for LoraLinear {
     fn forward(&self, x: &Tensor, out: Tensor, _base: &LinearBase, train: bool) -> Result<Tensor> {
         let x = ops::dropout(x, self.dropout, train)?;
@@ -85,17 +102,6 @@ impl LinearAdapter for LoraLinear {
 
     fn unmerge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)> {
         Ok(((base.weight_out_in()? - self.delta_weight()?)?, None))
-    }
-
-    fn tensors(&self) -> Vec<(String, Var)> {
-        vec![
-            ("lora_A.weight".into(), self.a.clone()),
-            ("lora_B.weight".into(), self.b.clone()),
-        ]
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 
@@ -133,17 +139,7 @@ impl LoraEmbedding {
     }
 }
 
-impl EmbeddingAdapter for LoraEmbedding {
-    fn forward(&self, ids: &Tensor, out: Tensor, _train: bool) -> Result<Tensor> {
-        let rows = live(&self.a).t()?.contiguous()?.index_select(ids, 0)?;
-        let h = rows.matmul(&live(&self.b).t()?)?.to_dtype(out.dtype())?;
-        Ok((out + (h * self.scaling)?)?)
-    }
-
-    fn delta_weight(&self) -> Result<Tensor> {
-        Ok((self.b.matmul(self.a.as_tensor())?.t()? * self.scaling)?)
-    }
-
+impl Adapter for LoraEmbedding {
     fn tensors(&self) -> Vec<(String, Var)> {
         vec![
             ("lora_embedding_A".into(), self.a.clone()),
@@ -153,6 +149,22 @@ impl EmbeddingAdapter for LoraEmbedding {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn type_name(&self) -> &'static str {
+        "lora.Embedding"
+    }
+}
+
+impl EmbeddingAdapter for LoraEmbedding {
+    fn forward(&self, ids: &Tensor, out: Tensor, _train: bool) -> Result<Tensor> {
+        let rows = live(&self.a).t()?.contiguous()?.index_select(ids, 0)?;
+        let h = rows.matmul(&live(&self.b).t()?)?.to_dtype(out.dtype())?;
+        Ok((out + (h * self.scaling)?)?)
+    }
+
+    fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.b.matmul(self.a.as_tensor())?.t()? * self.scaling)?)
     }
 }
 

@@ -5,17 +5,21 @@ pub mod convert;
 pub mod dora;
 pub mod init;
 pub mod layer;
+pub mod model;
 pub mod weighted;
 
 pub use config::{Bias, InitLoraWeights, InitMethod, LoraConfig};
 pub use dora::{DoraEmbedding, DoraLinear};
 pub use layer::{LoraEmbedding, LoraLinear};
+pub use model::LoraModelExt;
 
 use rand::SeedableRng;
 
 use crate::layers::ModuleMut;
 use crate::models::Model;
+use crate::tuners::inject::{fix_fan_in_fan_out, inject_matching, unsupported};
 use crate::tuners::targets::{pattern_value, ModuleSpec, TargetMatcher};
+use crate::tuners::{BaseFields, InjectContext, Injected, MethodKind, TunerConfig};
 use crate::{Error, Result};
 
 /// PEFT's default LoRA targets per `model_type`, used when `target_modules` is not given.
@@ -33,11 +37,45 @@ pub fn default_target_modules(model_type: &str) -> Option<&'static [&'static str
 /// when absent, and `all-linear` expanded to the full names of every linear layer except the
 /// output head. The config is updated so that it is saved in resolved form, as PEFT saves it.
 pub fn resolve_targets(model: &dyn Model, config: &mut LoraConfig) -> Result<ModuleSpec> {
-    crate::tuners::common::resolve_targets(
+    crate::tuners::inject::resolve_targets(
         model,
         &mut config.target_modules,
         default_target_modules,
     )
+}
+
+impl TunerConfig for LoraConfig {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+    fn tuner_name(&self) -> &'static str {
+        "LoraModel"
+    }
+    fn kind(&self) -> MethodKind {
+        MethodKind::Layer
+    }
+    fn base(&self) -> &BaseFields {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut BaseFields {
+        &mut self.base
+    }
+    fn to_adapter_json(&self) -> serde_json::Value {
+        LoraConfig::to_adapter_json(self)
+    }
+    fn bias(&self) -> crate::tuners::Bias {
+        self.bias.into()
+    }
+    fn inject(&mut self, model: &mut dyn Model, ctx: &InjectContext<'_>) -> Result<Injected> {
+        crate::tuners::config::ConfigFields::validate(self)?;
+        Ok(Injected::layers(inject(
+            model,
+            ctx.adapter_name,
+            self,
+            ctx.modules_to_save,
+            ctx.seed,
+        )?))
+    }
 }
 
 /// Attaches adapter `name` to every matching layer. Returns the names of the adapted modules.
@@ -58,22 +96,13 @@ pub fn inject(
     )?;
     let device = model.device().clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut adapted = Vec::new();
-    let mut available = Vec::new();
-    for module in model.modules_mut() {
-        let key = module.name().to_string();
-        if !matches!(module, ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_)) {
-            available.push(key.clone());
-        }
-        if !matcher.matches(&key) {
-            continue;
-        }
-        let r = pattern_value(&config.rank_pattern, &key, |v| {
+    inject_matching(model, &targets, &matcher, |key, module| {
+        let r = pattern_value(&config.rank_pattern, key, |v| {
             v.as_u64().map(|x| x as usize)
         })?
         .unwrap_or(config.r);
-        let alpha = pattern_value(&config.alpha_pattern, &key, |v| v.as_f64())?
-            .unwrap_or(config.lora_alpha);
+        let alpha =
+            pattern_value(&config.alpha_pattern, key, |v| v.as_f64())?.unwrap_or(config.lora_alpha);
         if r == 0 {
             return Err(Error::Config(format!("rank for `{key}` must be positive")));
         }
@@ -86,15 +115,7 @@ pub fn inject(
             ModuleMut::Linear(l) => {
                 // The layer knows its own layout; like PEFT, correct a config that disagrees
                 // (nn.Linear forces false, GPT-2's Conv1D true) and say so.
-                if config.fan_in_fan_out != l.transposed {
-                    eprintln!(
-                        "warning: fan_in_fan_out = {} does not fit `{key}`, whose weight is stored {}; setting fan_in_fan_out = {}",
-                        config.fan_in_fan_out,
-                        if l.transposed { "[in, out]" } else { "[out, in]" },
-                        l.transposed
-                    );
-                    config.fan_in_fan_out = l.transposed;
-                }
+                fix_fan_in_fan_out(&mut config.fan_in_fan_out, key, l.transposed);
                 let mut lora = LoraLinear {
                     dropout: config.lora_dropout,
                     ..LoraLinear::new(
@@ -109,7 +130,7 @@ pub fn inject(
                 };
                 let method = config.init_lora_weights.method()?;
                 if method.mutates_base() {
-                    mutate_base(l, &key, &mut lora, method, r, scaling, &mut rng)?;
+                    mutate_base(l, key, &mut lora, method, r, scaling, &mut rng)?;
                 }
                 if config.use_dora {
                     let dora = DoraLinear::new(lora, &l.base())?;
@@ -135,22 +156,17 @@ pub fn inject(
                     e.adapters.insert(name, Box::new(lora));
                 }
             }
-            ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => {
-                return Err(Error::Config(format!(
-                    "target module `{key}` is a normalisation layer; LoRA supports linear and \
-                     embedding layers"
-                )))
+            other => {
+                return Err(unsupported(
+                    "LoRA",
+                    key,
+                    &other,
+                    "linear and embedding layers",
+                ))
             }
         }
-        adapted.push(key);
-    }
-    if adapted.is_empty() {
-        return Err(Error::NoTargetMatched {
-            targets: targets.describe(),
-            available: available.join(", "),
-        });
-    }
-    Ok(adapted)
+        Ok(())
+    })
 }
 
 /// PiSSA / OLoRA: moves the initial adapter out of the base weight of `l`, as PEFT does when the

@@ -5,7 +5,7 @@ use rand::rngs::StdRng;
 use std::any::Any;
 
 use crate::grad::live;
-use crate::layers::{LinearAdapter, LinearBase};
+use crate::layers::{Adapter, LinearAdapter, LinearBase};
 use crate::tuners::lora::layer::normal;
 use crate::{ops, Result};
 
@@ -84,6 +84,23 @@ impl VeraLinear {
     }
 }
 
+impl Adapter for VeraLinear {
+    fn tensors(&self) -> Vec<(String, Var)> {
+        vec![
+            ("vera_lambda_b".into(), self.lambda_b.clone()),
+            ("vera_lambda_d".into(), self.lambda_d.clone()),
+        ]
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn type_name(&self) -> &'static str {
+        "vera.Linear"
+    }
+}
+
 impl LinearAdapter for VeraLinear {
     fn forward(&self, x: &Tensor, out: Tensor, _base: &LinearBase, train: bool) -> Result<Tensor> {
         let (a, b) = self.projections()?;
@@ -101,16 +118,5 @@ impl LinearAdapter for VeraLinear {
 
     fn unmerge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)> {
         Ok(((base.weight_out_in()? - self.delta_weight()?)?, None))
-    }
-
-    fn tensors(&self) -> Vec<(String, Var)> {
-        vec![
-            ("vera_lambda_b".into(), self.lambda_b.clone()),
-            ("vera_lambda_d".into(), self.lambda_d.clone()),
-        ]
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

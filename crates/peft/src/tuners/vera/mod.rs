@@ -20,12 +20,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::config_err;
-use crate::layers::ModuleRef;
+use crate::layers::{ModuleMut, ModuleRef};
 use crate::models::Model;
-use crate::tuners::common::{self, adapter_json, check_prob, parse_config, BaseFields};
-use crate::tuners::lora::Bias;
+use crate::tuners::config::{
+    adapter_json, check_prob, parse_config, BaseFields, Bias, ConfigFields,
+};
+use crate::tuners::inject::{fix_fan_in_fan_out, inject_matching, resolve_targets, unsupported};
 use crate::tuners::targets::{ModuleSpec, OneOrMany, TargetMatcher};
-use crate::tuners::Injected;
+use crate::tuners::{
+    Existing, InjectContext, Injected, MethodKind, ModelTensor, Tuner, TunerConfig,
+};
 use crate::{Error, Result};
 
 /// Keys of the shared projections in the adapter file.
@@ -47,7 +51,7 @@ impl From<VeraBias> for Bias {
         match b {
             VeraBias::None => Bias::None,
             VeraBias::All => Bias::All,
-            VeraBias::VeraOnly => Bias::LoraOnly,
+            VeraBias::VeraOnly => Bias::AdaptedOnly,
         }
     }
 }
@@ -95,14 +99,11 @@ impl Default for VeraConfig {
     }
 }
 
-impl VeraConfig {
-    pub fn from_json(v: &Value, strict: bool) -> Result<Self> {
-        let c: Self = parse_config(v, strict, "VeraConfig")?;
-        c.validate()?;
-        Ok(c)
-    }
+impl ConfigFields for VeraConfig {
+    const PEFT_TYPE: &'static str = "VERA";
+    const NAME: &'static str = "VeraConfig";
 
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         if self.r == 0 {
             return Err(config_err!("VeraConfig `r` must be a positive integer"));
         }
@@ -114,9 +115,79 @@ impl VeraConfig {
         }
         Ok(())
     }
+}
+
+impl VeraConfig {
+    pub fn from_json(v: &Value, strict: bool) -> Result<Self> {
+        parse_config(v, strict)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ConfigFields::validate(self)
+    }
 
     pub fn to_adapter_json(&self) -> Value {
-        adapter_json(self, "VERA", &[])
+        adapter_json(self)
+    }
+}
+
+impl TunerConfig for VeraConfig {
+    fn peft_type(&self) -> &'static str {
+        Self::PEFT_TYPE
+    }
+    fn tuner_name(&self) -> &'static str {
+        "VeraModel"
+    }
+    fn kind(&self) -> MethodKind {
+        MethodKind::Layer
+    }
+    fn base(&self) -> &BaseFields {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut BaseFields {
+        &mut self.base
+    }
+    fn to_adapter_json(&self) -> Value {
+        adapter_json(self)
+    }
+    fn bias(&self) -> Bias {
+        self.bias.into()
+    }
+    /// VeRA adapters on one model share their projections (see [`check_shared_projections`]).
+    fn check_new_adapter(&self, _trainable: bool, existing: &[Existing<'_>]) -> Result<()> {
+        for e in existing {
+            if let Some(old) = (e.config as &dyn std::any::Any).downcast_ref::<VeraConfig>() {
+                check_shared_projections(old, self)?;
+            }
+        }
+        Ok(())
+    }
+    fn inject(&mut self, model: &mut dyn Model, ctx: &InjectContext<'_>) -> Result<Injected> {
+        let (modules, shared) =
+            inject(model, ctx.adapter_name, self, ctx.modules_to_save, ctx.seed)?;
+        Ok(Injected {
+            modules,
+            tuner: Box::new(VeraTuner { shared }),
+        })
+    }
+}
+
+/// A VeRA adapter's model-level side: the shared projections, saved and loaded with it, never
+/// trained.
+pub struct VeraTuner {
+    shared: Vec<(String, Var)>,
+}
+
+impl Tuner for VeraTuner {
+    fn model_tensors(&self) -> Vec<ModelTensor> {
+        self.shared
+            .iter()
+            .map(|(key, var)| ModelTensor {
+                key: key.clone(),
+                var: var.clone(),
+                is_parameter: false,
+            })
+            .collect()
     }
 }
 
@@ -143,13 +214,14 @@ pub fn default_target_modules(model_type: &str) -> Option<&'static [&'static str
 
 /// Attaches VeRA adapter `name`. Returns the adapted modules and the shared projections under
 /// their file keys (frozen: they are saved, never trained).
+#[allow(clippy::type_complexity)]
 pub fn inject(
     model: &mut dyn Model,
     name: &str,
     config: &mut VeraConfig,
     modules_to_save: &[String],
     seed: u64,
-) -> Result<Injected> {
+) -> Result<(Vec<String>, Vec<(String, Var)>)> {
     config.validate()?;
     if !config.save_projection {
         return Err(config_err!(
@@ -160,8 +232,7 @@ pub fn inject(
              VeraConfig(save_projection=True)"
         ));
     }
-    let targets =
-        common::resolve_targets(model, &mut config.target_modules, default_target_modules)?;
+    let targets = resolve_targets(model, &mut config.target_modules, default_target_modules)?;
     let matcher = TargetMatcher::new(
         &targets,
         None,
@@ -180,10 +251,10 @@ pub fn inject(
         }
     }
     if max_in == 0 {
-        // No linear target: let inject_linear give its error listing the layers there are (or
+        // No linear target: let the walk give its error listing the layers there are (or
         // refuse a non-linear target by name).
-        common::inject_linear(model, name, &targets, &matcher, "VeRA", |_, _| {
-            Err(Error::Config("VeRA found no linear target".into()))
+        inject_matching(model, &targets, &matcher, |key, module| {
+            Err(unsupported("VeRA", key, &module, "linear layers"))
         })?;
     }
     let device = model.device().clone();
@@ -194,8 +265,12 @@ pub fn inject(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (init, d_initial, dropout) = (config.init_weights, config.d_initial, config.vera_dropout);
     let fan_in_fan_out = &mut config.fan_in_fan_out;
-    let adapted = common::inject_linear(model, name, &targets, &matcher, "VeRA", |key, l| {
-        common::fix_fan_in_fan_out(fan_in_fan_out, key, l.transposed);
+    let adapted = inject_matching(model, &targets, &matcher, |key, module| {
+        let l = match module {
+            ModuleMut::Linear(l) => l,
+            other => return Err(unsupported("VeRA", key, &other, "linear layers")),
+        };
+        fix_fan_in_fan_out(fan_in_fan_out, key, l.transposed);
         let layer = VeraLinear::new(
             l.in_features(),
             l.out_features(),
@@ -207,12 +282,13 @@ pub fn inject(
             &mut rng,
             &device,
         )?;
-        Ok(Box::new(layer))
+        l.adapters.insert(name, Box::new(layer));
+        Ok(())
     })?;
-    Ok(Injected {
-        modules: adapted,
-        shared: vec![(VERA_A_KEY.into(), vera_a), (VERA_B_KEY.into(), vera_b)],
-    })
+    Ok((
+        adapted,
+        vec![(VERA_A_KEY.into(), vera_a), (VERA_B_KEY.into(), vera_b)],
+    ))
 }
 
 /// PEFT's `_kaiming_init` for the projections: `U(-b, b)`, `b = √3 · √2 / √fan_in`, with

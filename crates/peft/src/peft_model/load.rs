@@ -1,0 +1,323 @@
+//! Saving and loading adapters in PEFT's layout: `adapter_config.json` and
+//! `adapter_model.safetensors` (keys `base_model.model.<module path>.<tensor>`), the default
+//! adapter in the directory and others in `<dir>/<name>/`.
+
+use candle_core::{Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::{bias_key, modules_to_save_root, PeftModel, CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
+use crate::io::{load_safetensors, read_json, save_safetensors, write_atomic};
+use crate::tuners::{Bias, PeftConfig};
+use crate::{Error, Result};
+
+impl PeftModel {
+    /// The tensors `save_pretrained` writes for adapter `name`.
+    pub fn adapter_state_dict(&self, name: &str) -> Result<Vec<(String, Tensor)>> {
+        let entry = self.entry(name).ok_or_else(|| self.no_such_adapter(name))?;
+        let mut out: Vec<(String, Tensor)> = self
+            .adapter_vars(name)
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().detach()))
+            .collect();
+        out.extend(
+            entry
+                .tuner
+                .model_tensors()
+                .into_iter()
+                .map(|t| (t.key, t.var.as_tensor().detach())),
+        );
+        let bias = entry.config.bias();
+        if bias != Bias::None {
+            for module in self.model.modules() {
+                let wrapped = module.has_adapters();
+                for p in module.params() {
+                    let wanted = p.name.ends_with(".bias")
+                        && match bias {
+                            Bias::All => true,
+                            Bias::AdaptedOnly => wrapped,
+                            Bias::None => false,
+                        };
+                    if !wanted {
+                        continue;
+                    }
+                    match modules_to_save_root(module.name(), &entry.modules_to_save) {
+                        // PEFT's bias filter also catches the wrapper's two inner modules.
+                        Some(root) if bias == Bias::All => {
+                            let rest = &p.name[root.len() + 1..];
+                            let base = format!("{KEY_PREFIX}{root}.original_module.{rest}");
+                            out.push((base, p.base().detach()));
+                            if let Some(copy) = p.copy(name) {
+                                let key = format!("{KEY_PREFIX}{root}.modules_to_save.{rest}");
+                                out.push((key, copy.as_tensor().detach()));
+                            }
+                        }
+                        Some(_) => {}
+                        None => {
+                            out.push((bias_key(module.name(), &p.name, wrapped), p.base().detach()))
+                        }
+                    }
+                }
+            }
+        }
+        entry.tuner.state_dict_to_save(&entry.config, out)
+    }
+
+    /// Writes every adapter in PEFT's layout: `default` in `dir`, others in `dir/<name>/`.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        self.save_pretrained_selected(dir, None)
+    }
+
+    /// [`PeftModel::save_pretrained`] of only the named adapters (PEFT's `selected_adapters`).
+    pub fn save_pretrained_selected(&self, dir: &Path, selected: Option<&[&str]>) -> Result<()> {
+        if let Some(sel) = selected {
+            if let Some(bad) = sel.iter().find(|n| self.entry(n).is_none()) {
+                return Err(Error::Adapter(format!(
+                    "cannot save adapter `{bad}`: no such adapter; loaded: {}",
+                    self.adapter_names().join(", ")
+                )));
+            }
+        }
+        let chosen = self
+            .adapters
+            .iter()
+            .filter(|e| selected.is_none_or(|sel| sel.contains(&e.name.as_str())));
+        for entry in chosen {
+            let target = if entry.name == "default" {
+                dir.to_path_buf()
+            } else {
+                dir.join(&entry.name)
+            };
+            std::fs::create_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+            save_safetensors(
+                &target.join(WEIGHTS_NAME),
+                &self.adapter_state_dict(&entry.name)?,
+            )?;
+            let json = serde_json::to_string_pretty(&entry.config.to_adapter_json())
+                .map_err(|e| Error::Adapter(e.to_string()))?;
+            write_atomic(&target.join(CONFIG_NAME), json.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Loads the adapter in `dir` as `name`. Every tensor the config implies must be in the file
+    /// with the model's shape, and the file must hold nothing the model cannot place.
+    pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool) -> Result<()> {
+        let config_path = dir.join(CONFIG_NAME);
+        if !config_path.exists() {
+            return Err(Error::io(
+                &config_path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not an adapter directory (no adapter_config.json)",
+                ),
+            ));
+        }
+        let config = PeftConfig::from_adapter_json(&read_json(&config_path)?)?;
+        let weights_path = dir.join(WEIGHTS_NAME);
+        if !weights_path.exists() && dir.join("adapter_model.bin").exists() {
+            return Err(Error::Adapter(format!(
+                "{}: only adapter_model.bin (pickle) found; re-save it with safe_serialization=True",
+                dir.display()
+            )));
+        }
+        let mut file = load_safetensors(&weights_path, self.model.device())?;
+        let first = self.adapters.is_empty();
+        self.inject(name, config, is_trainable)?;
+        let mut expected = self.adapter_vars(name);
+        if let Some(e) = self.entry(name) {
+            expected.extend(e.tuner.model_tensors().into_iter().map(|t| (t.key, t.var)));
+        }
+        // Trained biases are part of the adapter too: `bias` = all / lora_only.
+        let bias = self.entry(name).map_or(Bias::None, |e| e.config.bias());
+        let mut missing = Vec::new();
+        for (key, var) in expected.drain(..) {
+            match file.remove(&key) {
+                Some(t) => set_checked(&key, &var, &t)?,
+                None => missing.push(key),
+            }
+        }
+        if bias != Bias::None {
+            let (biases, rest): (HashMap<_, _>, HashMap<_, _>) = std::mem::take(&mut file)
+                .into_iter()
+                .partition(|(k, _)| k.ends_with(".bias"));
+            file = rest;
+            for (key, t) in biases {
+                self.load_bias(&key, name, t)?;
+            }
+        }
+        if !missing.is_empty() || !file.is_empty() {
+            let mut unexpected: Vec<&String> = file.keys().collect();
+            unexpected.sort();
+            // Roll back so a failed load leaves the model as it was.
+            self.delete_adapter(name)?;
+            return Err(Error::Adapter(format!(
+                "{} does not fit this model: missing tensors [{}]; tensors the model has no place for [{}]",
+                weights_path.display(),
+                missing.join(", "),
+                unexpected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if first {
+            self.set_adapter(name)?;
+        }
+        Ok(())
+    }
+
+    /// Places a trained bias saved with the adapter (`bias` = all / lora_only). PEFT writes a
+    /// wrapped layer's bias under `base_layer`, and for a `modules_to_save` module also under
+    /// `original_module` (the base) and `modules_to_save` (the adapter's copy, which the plain
+    /// key already carries).
+    fn load_bias(&mut self, key: &str, adapter: &str, t: Tensor) -> Result<()> {
+        let path = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
+        let to_copy = path.contains(".modules_to_save.");
+        let path = path
+            .replace(".base_layer.", ".")
+            .replace(".modules_to_save.", ".")
+            .replace(".original_module.", ".");
+        for module in self.model.modules_mut() {
+            for p in module.params_mut() {
+                if p.name != path {
+                    continue;
+                }
+                if p.base().dims() != t.dims() {
+                    return Err(Error::ShapeMismatch {
+                        name: key.to_string(),
+                        expected: p.base().dims().to_vec(),
+                        found: t.dims().to_vec(),
+                    });
+                }
+                let t = t.to_dtype(p.base().dtype())?;
+                return match p.copy(adapter) {
+                    Some(copy) if to_copy => Ok(copy.set(&t)?),
+                    Some(_) => Ok(()),
+                    None => p.set_base(t),
+                };
+            }
+        }
+        Err(Error::Adapter(format!(
+            "adapter bias `{key}` matches no parameter of the model"
+        )))
+    }
+
+    /// Loads the base model in `model_dir` with the head the first adapter was trained for, then
+    /// every `(name, dir)` adapter on it, frozen; the first is active. The several-adapter form
+    /// of [`load_with_adapter`].
+    pub fn load_with_adapters(
+        model_dir: &Path,
+        adapters: &[(String, std::path::PathBuf)],
+        mut opts: crate::LoadOptions,
+    ) -> Result<Self> {
+        let (_, first) = adapters
+            .first()
+            .ok_or_else(|| Error::Adapter("no adapter given".into()))?;
+        let config =
+            PeftConfig::from_adapter_json(&crate::io::read_json(&first.join(CONFIG_NAME))?)?;
+        if opts.task.is_none() {
+            opts.task = config.task_type();
+        }
+        if opts.num_labels.is_none() {
+            opts.num_labels = saved_head_classes(first)?;
+        }
+        let mut m = PeftModel::wrap(crate::models::load(model_dir, &opts)?, 0);
+        for (name, dir) in adapters {
+            m.load_adapter(dir, name, false)?;
+        }
+        Ok(m)
+    }
+
+    /// Loads every adapter saved in `dir` by `save_pretrained`: `default` from `dir` itself (if it
+    /// holds one) and each subdirectory holding an `adapter_config.json` under its own name.
+    /// Returns the names loaded, `default` first, then by name.
+    pub fn load_adapters_from(&mut self, dir: &Path, is_trainable: bool) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        if dir.join(CONFIG_NAME).exists() {
+            found.push(("default".to_string(), dir.to_path_buf()));
+        }
+        let mut subs: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join(CONFIG_NAME).exists())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect();
+        subs.sort();
+        found.extend(subs);
+        if found.is_empty() {
+            return Err(Error::Adapter(format!(
+                "{}: no adapter_config.json in it or in its subdirectories",
+                dir.display()
+            )));
+        }
+        for (name, path) in &found {
+            self.load_adapter(path, name, is_trainable)?;
+        }
+        Ok(found.into_iter().map(|(n, _)| n).collect())
+    }
+}
+
+fn set_checked(key: &str, var: &Var, t: &Tensor) -> Result<()> {
+    if var.dims() != t.dims() {
+        return Err(Error::ShapeMismatch {
+            name: key.to_string(),
+            expected: var.dims().to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    var.set(&t.to_dtype(var.dtype())?)?;
+    Ok(())
+}
+
+/// Loads the base model in `model_dir` with the head the adapter in `adapter_dir` was trained
+/// for (its `task_type`, and the class count of its saved classifier), then the adapter on top,
+/// frozen. The counterpart of `AutoPeftModelFor...from_pretrained` for a known base directory.
+pub fn load_with_adapter(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    mut opts: crate::LoadOptions,
+) -> Result<PeftModel> {
+    let config = PeftConfig::from_adapter_json(&read_json(&adapter_dir.join(CONFIG_NAME))?)?;
+    if opts.task.is_none() {
+        opts.task = config.task_type();
+    }
+    if opts.num_labels.is_none() {
+        opts.num_labels = saved_head_classes(adapter_dir)?;
+    }
+    let model = crate::models::load(model_dir, &opts)?;
+    PeftModel::from_pretrained(model, adapter_dir, Default::default())
+}
+
+/// Rows of a classification head saved in an adapter (`modules_to_save`), if there is one.
+pub fn saved_head_classes(adapter_dir: &Path) -> Result<Option<usize>> {
+    let path = adapter_dir.join(WEIGHTS_NAME);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok(meta
+        .tensors()
+        .iter()
+        .find(|(k, _)| {
+            k.ends_with(".classifier.weight")
+                || k.ends_with(".classifier.out_proj.weight")
+                || k.ends_with(".score.weight")
+        })
+        .map(|(_, info)| info.shape[0]))
+}
+
+/// Loads the adapter in `adapter_dir` on the base model its config names, found without network
+/// access (PEFT's `AutoPeftModelFor...from_pretrained(adapter_dir)`): `base_model_name_or_path`
+/// as a path (also relative to the adapter directory), else the Hugging Face cache (see
+/// [`crate::io::hub::resolve_model`]). The head comes from the adapter's `task_type`.
+pub fn load_auto(adapter_dir: &Path, opts: crate::LoadOptions) -> Result<PeftModel> {
+    let config = PeftConfig::from_adapter_json(&read_json(&adapter_dir.join(CONFIG_NAME))?)?;
+    let base = config.base_model_name_or_path().ok_or_else(|| {
+        Error::Adapter(format!(
+            "{}: no base_model_name_or_path; pass the base model explicitly",
+            adapter_dir.join(CONFIG_NAME).display()
+        ))
+    })?;
+    let model_dir = crate::io::hub::resolve_model(base, Some(adapter_dir))?;
+    load_with_adapter(&model_dir, adapter_dir, opts)
+}

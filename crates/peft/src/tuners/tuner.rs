@@ -1,0 +1,231 @@
+//! The interface every PEFT method implements, whatever its kind.
+//!
+//! A method is two things: its config ([`TunerConfig`]: PEFT's fields, parsing, `adapter_config.json`,
+//! and attaching an adapter to a model), and, once attached, the adapter's model-level side
+//! ([`Tuner`]: tensors held outside any layer, a term added to the loss, a hook after each
+//! optimizer step, a last change to the tensors it saves, and for input methods the rewriting of
+//! each batch). What lives inside layers goes through the layer traits of [`crate::layers`]
+//! ([`crate::layers::LinearAdapter`], [`crate::layers::EmbeddingAdapter`],
+//! [`crate::layers::HookAdapter`]). The PEFT wrapper and the trainer only ever see these traits;
+//! see docs/decisions/0003 for the three kinds of method and how to add one.
+
+use candle_core::{Tensor, Var};
+use std::any::Any;
+use std::fmt::Debug;
+
+use super::config::{BaseFields, Bias};
+use super::PeftConfig;
+use crate::models::{Cache, Inputs, Model};
+use crate::Result;
+
+/// How a method adapts a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MethodKind {
+    /// Wraps linear / embedding layers (the LoRA family, IA3, VeRA).
+    Layer,
+    /// Runs at the hook points of each block (bottleneck adapters, AdapterFusion).
+    Hook,
+    /// Holds model-level state and rewrites the inputs (prompt tuning, p-tuning, prefix tuning).
+    Input,
+}
+
+/// A PEFT method's configuration: one struct per method, with PEFT's field names.
+pub trait TunerConfig: ConfigObject + Debug + Send + Sync {
+    /// `peft_type` in `adapter_config.json` (`LORA`, `IA3`, ...).
+    fn peft_type(&self) -> &'static str;
+
+    /// The class PEFT wraps the base model in for this method (`LoraModel`, `IA3Model`, ...), as
+    /// `get_model_status` reports it.
+    fn tuner_name(&self) -> &'static str;
+
+    fn kind(&self) -> MethodKind;
+
+    fn base(&self) -> &BaseFields;
+    fn base_mut(&mut self) -> &mut BaseFields;
+
+    /// `adapter_config.json` as PEFT writes it.
+    fn to_adapter_json(&self) -> serde_json::Value;
+
+    /// Which base biases are trained and saved with the adapter.
+    fn bias(&self) -> Bias {
+        Bias::None
+    }
+
+    /// The method's part of PEFT's `_check_new_adapter_config`: what a new adapter (`self`,
+    /// trained or not) must agree on with the adapters already on the model.
+    fn check_new_adapter(&self, _trainable: bool, _existing: &[Existing<'_>]) -> Result<()> {
+        Ok(())
+    }
+
+    /// The config with `task_type` set (PEFT's `task_type=...` keyword).
+    fn with_task_type(mut self, task: crate::models::TaskType) -> Self
+    where
+        Self: Sized,
+    {
+        self.base_mut().task_type = Some(task);
+        self
+    }
+
+    /// The config with `modules_to_save` set.
+    fn with_modules_to_save(mut self, modules: &[&str]) -> Self
+    where
+        Self: Sized,
+    {
+        self.base_mut().modules_to_save = Some(modules.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
+    /// Attaches an adapter of this method to `model`. The config is completed in place the way
+    /// PEFT completes it before saving (resolved `target_modules`, corrected `fan_in_fan_out`).
+    fn inject(&mut self, model: &mut dyn Model, ctx: &InjectContext<'_>) -> Result<Injected>;
+}
+
+/// An adapter already on the model, as a new one sees it.
+pub struct Existing<'a> {
+    pub config: &'a dyn TunerConfig,
+    pub trainable: bool,
+}
+
+/// Cloning and comparing configs behind `dyn TunerConfig`; implemented for every config that is
+/// `Clone + PartialEq`.
+pub trait ConfigObject: Any {
+    fn clone_config(&self) -> Box<dyn TunerConfig>;
+    fn eq_config(&self, other: &dyn TunerConfig) -> bool;
+}
+
+impl<T: TunerConfig + Clone + PartialEq> ConfigObject for T {
+    fn clone_config(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
+    }
+    fn eq_config(&self, other: &dyn TunerConfig) -> bool {
+        (other as &dyn Any).downcast_ref::<T>() == Some(self)
+    }
+}
+
+/// What [`TunerConfig::inject`] is told about the adapter it attaches.
+pub struct InjectContext<'a> {
+    pub adapter_name: &'a str,
+    /// `modules_to_save`, the task's head included: these modules are copied, never adapted.
+    pub modules_to_save: &'a [String],
+    /// Seed of the adapter's random initial weights.
+    pub seed: u64,
+    /// Whether the adapter will be trained.
+    pub trainable: bool,
+}
+
+/// What attaching an adapter produced: the adapted module (site) names and its model-level side.
+pub struct Injected {
+    pub modules: Vec<String>,
+    pub tuner: Box<dyn Tuner>,
+}
+
+impl Injected {
+    /// An adapter that lives entirely in its layers.
+    pub fn layers(modules: Vec<String>) -> Self {
+        Self {
+            modules,
+            tuner: Box::new(LayersOnly),
+        }
+    }
+}
+
+/// A tensor an adapter holds outside any layer.
+#[derive(Debug, Clone)]
+pub struct ModelTensor {
+    /// The full key in the adapter file (`base_model.vera_A`, `prompt_embeddings`, ...).
+    pub key: String,
+    pub var: Var,
+    /// A parameter, trained when its adapter is and counted in the totals (soft prompts), or a
+    /// buffer, only saved and loaded (VeRA's projections), as PEFT registers them.
+    pub is_parameter: bool,
+}
+
+/// An attached adapter's model-level side. Every hook has a default that does nothing, so a
+/// method implements only what it has.
+pub trait Tuner: Send + Sync {
+    /// Tensors held outside any layer, saved and loaded with the adapter.
+    fn model_tensors(&self) -> Vec<ModelTensor> {
+        Vec::new()
+    }
+
+    /// A term the training loop adds to the loss (AdaLoRA's orthogonal regularisation).
+    fn regularization_loss(
+        &self,
+        _model: &dyn Model,
+        _adapter: &str,
+        _config: &PeftConfig,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Runs after each optimizer step with that step's gradients (AdaLoRA's rank allocation,
+    /// which also records its `rank_pattern` in the config).
+    fn after_optimizer_step(
+        &mut self,
+        _model: &dyn Model,
+        _adapter: &str,
+        _config: &mut PeftConfig,
+        _step: usize,
+        _grads: &dyn Fn(&Tensor) -> Option<Tensor>,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// The last change to the tensors about to be saved (AdaLoRA drops pruned ranks).
+    fn state_dict_to_save(
+        &self,
+        _config: &PeftConfig,
+        state: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        Ok(state)
+    }
+
+    /// Input methods: how a batch is rewritten before the base model runs.
+    fn input_transform(&self) -> Option<&dyn InputTransform> {
+        None
+    }
+}
+
+/// The model-level side of an adapter that has none.
+pub struct LayersOnly;
+impl Tuner for LayersOnly {}
+
+/// What an input method does to each batch before the base model runs (and to each step of
+/// generation: the transform sees the caller's cache, and can tell a first step from a later one
+/// by what the cache holds).
+pub trait InputTransform: Send + Sync {
+    fn prepare(
+        &self,
+        model: &dyn Model,
+        inputs: &Inputs,
+        cache: Option<&mut Cache>,
+        train: bool,
+    ) -> Result<Prepared>;
+}
+
+/// A batch as an input method rewrote it.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub inputs: Inputs,
+    /// A cache for this pass alone (prefix tuning's virtual keys and values when the caller gave
+    /// no cache).
+    pub cache: Option<Cache>,
+    /// Positions the method put in front of the output's sequence axis (prompt tuning's virtual
+    /// tokens in a causal LM's logits, as PEFT returns them).
+    pub output_prefix: usize,
+}
+
+/// What method-specific operations on a model with adapters (LoRA's `add_weighted_adapter`, the
+/// PiSSA / OLoRA conversion on save) need of the PEFT wrapper. [`crate::PeftModel`] implements it;
+/// the tuners stay below the wrapper.
+pub trait AdapterHost {
+    fn base_model(&self) -> &dyn Model;
+    fn adapter_names(&self) -> Vec<&str>;
+    fn peft_config(&self, name: &str) -> Option<&PeftConfig>;
+    fn peft_config_mut(&mut self, name: &str) -> Option<&mut PeftConfig>;
+    /// Attaches a new adapter that is not trained (a combination of others).
+    fn add_frozen_adapter(&mut self, name: &str, config: PeftConfig) -> Result<()>;
+    fn delete_adapter(&mut self, name: &str) -> Result<()>;
+    /// The tensors `save_pretrained` writes for adapter `name`, under their file keys.
+    fn adapter_state_dict(&self, name: &str) -> Result<Vec<(String, Tensor)>>;
+}
