@@ -435,7 +435,19 @@ fn inspect_model(dir: &Path) -> Result<()> {
                 e.num_embeddings(),
                 e.dim()
             )),
-            ModuleRef::LayerNorm(_) | ModuleRef::RmsNorm(_) | ModuleRef::Hook(_) => {}
+            ModuleRef::Conv2d(c) => {
+                let (kh, kw) = c.kernel();
+                adaptable.push(format!(
+                    "  {} (Conv2d {} -> {}, {kh}x{kw})",
+                    c.name,
+                    c.in_channels(),
+                    c.out_channels()
+                ))
+            }
+            ModuleRef::LayerNorm(_)
+            | ModuleRef::GroupNorm(_)
+            | ModuleRef::RmsNorm(_)
+            | ModuleRef::Hook(_) => {}
         }
     }
     println!("parameters: {}", thousands(params));

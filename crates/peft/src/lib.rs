@@ -7,6 +7,7 @@
 //! re-exported here; the modules hold the rest (`tuners` for each method, `layers` for the
 //! adapter-aware building blocks, `models` for the architectures).
 
+pub mod diffusion;
 pub mod error;
 pub mod generation;
 pub mod grad;
@@ -20,6 +21,7 @@ pub mod tuners;
 
 /// The tensor library, so that users need not match its version.
 pub use candle_core as candle;
+pub use diffusion::StableDiffusion;
 pub use error::{Error, Result};
 pub use generation::{generate, generate_stream, Generated, GenerationConfig, SamplingConfig};
 pub use grad::no_grad;

@@ -121,7 +121,30 @@ impl PeftModel {
                 dir.display()
             )));
         }
-        let mut file = load_safetensors(&weights_path, self.model.device())?;
+        let file = load_safetensors(&weights_path, self.model.device())?;
+        self.load_adapter_state(
+            name,
+            config,
+            file,
+            is_trainable,
+            &weights_path.display().to_string(),
+        )
+    }
+
+    /// Attaches adapter `name` described by `config` and fills it from `state`, whose keys are
+    /// PEFT's (`base_model.model.<module path>.<tensor>`): what [`PeftModel::load_adapter`] does
+    /// once the files are read, for adapters that come from other formats (diffusers' and
+    /// kohya's LoRA files). Every tensor the config implies must be there with the model's shape,
+    /// and nothing else; `source` names where the tensors came from in the error.
+    pub fn load_adapter_state(
+        &mut self,
+        name: &str,
+        config: PeftConfig,
+        state: HashMap<String, Tensor>,
+        is_trainable: bool,
+        source: &str,
+    ) -> Result<()> {
+        let mut file = state;
         let first = self.adapters.is_empty();
         self.inject(name, config, is_trainable)?;
         let mut expected = self.adapter_vars(name);
@@ -131,11 +154,32 @@ impl PeftModel {
         // Trained biases are part of the adapter too: `bias` = all / lora_only.
         let bias = self.entry(name).map_or(Bias::None, |e| e.config.bias());
         let mut missing = Vec::new();
+        let mut mismatch = None;
         for (key, var) in expected.drain(..) {
             match file.remove(&key) {
-                Some(t) => set_checked(&key, &var, &t)?,
+                Some(t) => {
+                    if let Err(e) = set_checked(&key, &var, &t) {
+                        mismatch = Some(e);
+                        break;
+                    }
+                }
                 None => missing.push(key),
             }
+        }
+        if let Some(e) = mismatch {
+            self.delete_adapter(name)?;
+            return Err(match e {
+                Error::ShapeMismatch {
+                    name: key,
+                    expected,
+                    found,
+                } => Error::Adapter(format!(
+                    "{source} does not fit this model: tensor `{key}` has shape {found:?} but the \
+                     model's layer needs {expected:?} (an adapter trained on a model of another \
+                     size?)"
+                )),
+                e => e,
+            });
         }
         if bias != Bias::None {
             let (biases, rest): (HashMap<_, _>, HashMap<_, _>) = std::mem::take(&mut file)
@@ -152,8 +196,7 @@ impl PeftModel {
             // Roll back so a failed load leaves the model as it was.
             self.delete_adapter(name)?;
             return Err(Error::Adapter(format!(
-                "{} does not fit this model: missing tensors [{}]; tensors the model has no place for [{}]",
-                weights_path.display(),
+                "{source} does not fit this model: missing tensors [{}]; tensors the model has no place for [{}]",
                 missing.join(", "),
                 unexpected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
             )));

@@ -88,6 +88,12 @@ pub fn get_peft_model_with_seed(
 }
 
 impl PeftModel {
+    /// `model` with no adapter yet (adapters come from [`PeftModel::add_adapter`] or
+    /// [`PeftModel::load_adapter`]); it runs as the bare model until then.
+    pub fn bare(model: Box<dyn Model>) -> Self {
+        Self::wrap(model, 0)
+    }
+
     /// The one constructor: `model` with no adapter yet.
     fn wrap(model: Box<dyn Model>, seed: u64) -> Self {
         Self {
@@ -331,6 +337,28 @@ impl PeftModel {
             }
         });
         self.active = list;
+        Ok(())
+    }
+
+    /// Activates several adapters, each contributing with its weight (diffusers'
+    /// `set_adapters(names, adapter_weights)`): every site adds `weight · (its output with the
+    /// adapter − without)`, which for LoRA scales the update `s · B A` by the weight.
+    pub fn set_adapters_weighted(&mut self, names: &[&str], weights: &[f64]) -> Result<()> {
+        if names.len() != weights.len() {
+            return Err(Error::Adapter(format!(
+                "{} adapters but {} weights; give one weight per adapter",
+                names.len(),
+                weights.len()
+            )));
+        }
+        self.set_adapters(names)?;
+        for module in self.model.modules_mut() {
+            if let Some(site) = module.site_mut() {
+                for (n, w) in names.iter().zip(weights) {
+                    site.adapters_mut().set_weight(n, *w);
+                }
+            }
+        }
         Ok(())
     }
 
