@@ -136,13 +136,11 @@ impl StableDiffusion {
         let mut shapes = BTreeMap::new();
         shapes.insert(UNET, site_shapes(self.unet.base_model()));
         shapes.insert(TEXT_ENCODER, site_shapes(self.text_encoder.base_model()));
-        let (_, parts) = sd_formats::read_sd_lora(file, &self.device, &shapes)?;
+        let (_, mut parts) = sd_formats::read_sd_lora(file, &self.device, &shapes)?;
         let mut done: Vec<&'static str> = Vec::new();
-        for (component, lora) in parts {
-            let c: &'static str = if component == UNET {
-                UNET
-            } else {
-                TEXT_ENCODER
+        for c in [UNET, TEXT_ENCODER] {
+            let Some(lora) = parts.remove(c) else {
+                continue;
             };
             let source = format!("{} ({c})", file.display());
             let result = self.component_mut(c)?.load_adapter_state(
@@ -249,5 +247,20 @@ impl StableDiffusion {
                 }
             }
         }
+    }
+
+    /// What a training run saves: adapter `name` in PEFT's layout (`unet/`, `text_encoder/`)
+    /// and, when it is a LoRA, diffusers' file beside them, so that both PEFT and
+    /// `load_lora_weights` read the folder.
+    pub fn save_training_adapter(&self, dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
+        let mut files = self.save_adapter(dir, name, AdapterFormat::Peft)?;
+        let lora = self
+            .adapter_parts(name)?
+            .iter()
+            .all(|(_, c, _)| c.downcast_ref::<LoraConfig>().is_some());
+        if lora {
+            files.extend(self.save_adapter(dir, name, AdapterFormat::Diffusers)?);
+        }
+        Ok(files)
     }
 }

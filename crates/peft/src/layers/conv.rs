@@ -239,7 +239,7 @@ impl AdapterSite for Conv2d {
     }
 }
 
-/// `x ⋆ w` with candle's kernel (gradients to both operands when they track them).
+/// `x ⋆ w`, with gradients to both operands when they track them ([`ops::conv2d`]).
 pub fn conv2d(x: &Tensor, w: &Tensor, p: ConvParams) -> Result<Tensor> {
-    Ok(x.conv2d(w, p.padding, p.stride, p.dilation, p.groups)?)
+    ops::conv2d(x, w, p)
 }

@@ -166,8 +166,11 @@ impl ClipText {
             )));
         }
         let act = Act::parse(&cfg.hidden_act)?;
-        let root = Loader::new(weights, Some("text_model"), opts.device.clone(), init);
-        let tm = root.pp("text_model");
+        // transformers 5 names the modules without the `text_model.` wrapper that checkpoints
+        // of transformers 4 (every SD pipeline on the hub) still carry in their keys; the
+        // loader finds the weights either way, and the modules take transformers 5's names, as
+        // PEFT 0.21 on it names them ([`Model::canonical_module_path`] maps the old ones).
+        let tm = Loader::new(weights, Some("text_model"), opts.device.clone(), init);
         let (h, inner, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let emb = tm.pp("embeddings");
         let token_embedding = emb.pp("token_embedding").embedding(cfg.vocab_size, h)?;
@@ -352,6 +355,12 @@ impl Model for ClipText {
             inputs.attention_mask.as_ref(),
             train,
         )
+    }
+
+    /// Module paths of transformers 4 (`text_model.encoder.layers.0...`) as this model names
+    /// them (transformers 5: `encoder.layers.0...`).
+    fn canonical_module_path(&self, path: &str) -> String {
+        path.strip_prefix("text_model.").unwrap_or(path).to_string()
     }
 
     fn outputs(&self, inputs: &Inputs, train: bool) -> Result<Vec<(String, Tensor)>> {

@@ -202,6 +202,13 @@ pub trait Model: Modules + Send + Sync {
         self.forward_with_cache(inputs, None, train)
     }
 
+    /// A module path from an adapter file as this model names the module: the identity, except
+    /// for models whose library renamed its modules between versions (CLIP's text encoder lost
+    /// its `text_model.` wrapper in transformers 5), so adapters saved under either name load.
+    fn canonical_module_path(&self, path: &str) -> String {
+        path.to_string()
+    }
+
     /// Every output under its transformers / diffusers name (what `peft forward` writes):
     /// `logits` (or `last_hidden_state` for FEATURE_EXTRACTION) by default; a model with several
     /// outputs lists them all (CLIP's `pooler_output`, the VAE's `latent_dist.mean`, ...).

@@ -69,26 +69,83 @@ pub fn frozen_conv2d(
     with_backward(x, y, move |x, _y, g| conv2d_input_grad(x, &w, g, p))
 }
 
-/// The gradient of `x ⋆ w` with respect to `x`: a transposed convolution of `g`, zero-padded
-/// at the bottom and right to `x`'s size where the strided windows did not reach.
+/// `x ⋆ w` for a kernel that may be trained (LoRA's factors): candle's convolution, whose
+/// autograd gives the kernel's gradient; the input's gradient comes from
+/// [`conv2d_input_grad`] when candle's would be wrong (candle sizes its transposed convolution
+/// from the height alone, so a strided convolution over an input whose height and width leave
+/// different remainders fails in backward).
+pub fn conv2d(x: &Tensor, w: &Tensor, p: ConvParams) -> Result<Tensor> {
+    if p.groups != 1 || same_remainders(x, w, p)? || !(x.track_op() || w.track_op()) {
+        return Ok(x.conv2d(w, p.padding, p.stride, p.dilation, p.groups)?);
+    }
+    // candle's backward would compute (and fail on) the input's gradient whenever either
+    // operand is tracked: one node per operand, each with its own closed-form gradient.
+    let y = x
+        .detach()
+        .conv2d(&w.detach(), p.padding, p.stride, p.dilation, p.groups)?;
+    let zeros = y.zeros_like()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let xd = x.detach();
+    let through_w = with_backward(w, y, move |_w, _y, g| {
+        xd.transpose(0, 1)?
+            .conv2d(&g.transpose(0, 1)?, p.padding, p.dilation, p.stride, 1)?
+            .transpose(0, 1)?
+            .narrow(2, 0, kh)?
+            .narrow(3, 0, kw)
+    })?;
+    if !x.track_op() {
+        return Ok(through_w);
+    }
+    let wd = w.detach();
+    let through_x = with_backward(x, zeros, move |x, _y, g| conv2d_input_grad(x, &wd, g, p))?;
+    Ok((through_w + through_x)?)
+}
+
+/// Whether both spatial axes need the same output padding in the input's gradient.
+fn same_remainders(x: &Tensor, w: &Tensor, p: ConvParams) -> Result<bool> {
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let rest = |n: usize, k: usize| {
+        (n + 2 * p.padding).saturating_sub(p.dilation * (k - 1) + 1) % p.stride
+    };
+    Ok(rest(h, kh) == rest(wd, kw))
+}
+
+/// The gradient of `x ⋆ w` with respect to `x`: a transposed convolution of `g` whose output
+/// padding restores the rows and columns of `x` the strided windows end on (with padding, the
+/// last ones are read; without, any left over are not, and get zero).
 fn conv2d_input_grad(
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
     p: ConvParams,
 ) -> candle_core::Result<Tensor> {
-    let dx = g.conv_transpose2d(w, p.padding, 0, p.stride, p.dilation)?;
     let (_, _, h, wd) = x.dims4()?;
-    let (_, _, gh, gw) = dx.dims4()?;
-    let dx = if gh < h {
-        dx.pad_with_zeros(2, 0, h - gh)?
-    } else {
-        dx
+    let (_, _, gh, gw) = g.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let span = |go: usize, k: usize| (go - 1) * p.stride + p.dilation * (k - 1) + 1;
+    let (sh, sw) = (span(gh, kh), span(gw, kw));
+    // Rows / columns of the padded input the windows cover, less the padding on each side.
+    let (oh, ow) = (
+        sh.saturating_sub(2 * p.padding),
+        sw.saturating_sub(2 * p.padding),
+    );
+    let (ph, pw) = (h.saturating_sub(oh), wd.saturating_sub(ow));
+    // The transposed convolution fills `output_padding` rows and columns past its natural size
+    // with their true contributions; beyond the windows' reach (more than stride - 1 of them)
+    // there are none. One value serves both axes: the longer one is cut back.
+    let op = ph.max(pw).min(p.stride.saturating_sub(1));
+    let dx = g.conv_transpose2d(w, p.padding, op, p.stride, p.dilation)?;
+    let (_, _, dh, dw) = dx.dims4()?;
+    let dx = match dh.cmp(&h) {
+        std::cmp::Ordering::Less => dx.pad_with_zeros(2, 0, h - dh)?,
+        std::cmp::Ordering::Greater => dx.narrow(2, 0, h)?,
+        std::cmp::Ordering::Equal => dx,
     };
-    if gw < wd {
-        dx.pad_with_zeros(3, 0, wd - gw)
-    } else {
-        Ok(dx)
+    match dw.cmp(&wd) {
+        std::cmp::Ordering::Less => dx.pad_with_zeros(3, 0, wd - dw),
+        std::cmp::Ordering::Greater => dx.narrow(3, 0, wd),
+        std::cmp::Ordering::Equal => Ok(dx),
     }
 }
 

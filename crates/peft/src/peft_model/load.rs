@@ -144,7 +144,17 @@ impl PeftModel {
         is_trainable: bool,
         source: &str,
     ) -> Result<()> {
-        let mut file = state;
+        let model = self.model.as_ref();
+        let mut file: HashMap<String, Tensor> = state
+            .into_iter()
+            .map(|(k, t)| match k.strip_prefix(KEY_PREFIX) {
+                Some(rest) => (
+                    format!("{KEY_PREFIX}{}", model.canonical_module_path(rest)),
+                    t,
+                ),
+                None => (k, t),
+            })
+            .collect();
         let first = self.adapters.is_empty();
         self.inject(name, config, is_trainable)?;
         let mut expected = self.adapter_vars(name);

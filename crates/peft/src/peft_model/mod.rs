@@ -94,6 +94,12 @@ impl PeftModel {
         Self::wrap(model, 0)
     }
 
+    /// Seeds the random initial weights of the adapters added from now on (each added adapter
+    /// advances the seed, as [`get_peft_model_with_seed`] starts it).
+    pub fn set_seed(&mut self, seed: u64) {
+        self.seed = seed.wrapping_sub(self.adapters.len() as u64);
+    }
+
     /// The one constructor: `model` with no adapter yet.
     fn wrap(model: Box<dyn Model>, seed: u64) -> Self {
         Self {

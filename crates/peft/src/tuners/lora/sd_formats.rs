@@ -1,11 +1,11 @@
 //! Stable Diffusion LoRA files besides PEFT's own layout, read and written as the ecosystem does:
 //!
 //! - diffusers' `pytorch_lora_weights.safetensors`: keys `unet.<module>.…` and
-//!   `text_encoder.<module>.…`; `to_q`/`to_k`/`to_v`/`to_out.0` as `.lora.down.weight` /
-//!   `.lora.up.weight`, the text encoder's `q_proj`/`k_proj`/`v_proj`/`out_proj` as
-//!   `.lora_linear_layer.down/up.weight`, every other module as PEFT's `.lora_A/B.weight`
-//!   (`convert_state_dict_to_diffusers`); the older attention-processor names
-//!   (`….processor.to_q_lora.down.weight`) read too. Alpha comes from the header's
+//!   `text_encoder.<module>.…`, PEFT's `.lora_A/B.weight` (diffusers 0.42) or, from older
+//!   scripts, `to_q`/`to_k`/`to_v`/`to_out.0` as `.lora.down.weight` / `.lora.up.weight` and the
+//!   text encoder's `q_proj`/`k_proj`/`v_proj`/`out_proj` as `.lora_linear_layer.down/up.weight`
+//!   (`convert_state_dict_to_diffusers`), and the attention-processor names before those
+//!   (`….processor.to_q_lora.down.weight`). Alpha comes from the header's
 //!   `lora_adapter_metadata` (the `LoraConfig` of each component, keys prefixed with it), from
 //!   `.alpha` tensors, or else equals the rank (scale 1).
 //! - kohya-ss (`sd-scripts`, A1111, ComfyUI): `lora_unet_<module, dots as underscores>` and
@@ -198,9 +198,13 @@ pub fn read_sd_lora(
                         path.display()
                     ))
                 })?;
+                let bare = under.strip_prefix("text_model_").unwrap_or(under);
                 let module = sites
                     .keys()
-                    .find(|m| m.replace('.', "_") == under)
+                    .find(|m| {
+                        let u = m.replace('.', "_");
+                        u == under || u == bare || u.strip_prefix("text_model_") == Some(bare)
+                    })
                     .cloned()
                     .ok_or_else(|| {
                         Error::Adapter(format!(
@@ -270,6 +274,17 @@ pub fn read_sd_lora(
     Ok((format, out))
 }
 
+/// The site a module path from a file names: itself, or the same without or with CLIP's
+/// `text_model.` wrapper (transformers 4 and 5 name the text encoder's modules differently).
+fn resolve<'a>(sites: &'a SiteShapes, module: &str) -> Option<&'a String> {
+    let bare = module.strip_prefix("text_model.").unwrap_or(module);
+    sites
+        .get_key_value(module)
+        .or_else(|| sites.get_key_value(bare))
+        .or_else(|| sites.get_key_value(&format!("text_model.{bare}")))
+        .map(|(k, _)| k)
+}
+
 /// Fits a factor stored 2-D to a 1×1 convolution, or one stored `[.., .., 1, 1]` to a linear
 /// layer (files made on models whose projections are the other kind).
 fn fit(t: Tensor, conv: bool) -> Result<Tensor> {
@@ -302,6 +317,7 @@ fn build_component(
     let mut ranks = Vec::new();
     let mut alphas = Vec::new();
     for (module, p) in &modules {
+        let module = resolve(sites, module).unwrap_or(module);
         let shape = sites.get(module).ok_or_else(|| {
             Error::Adapter(format!(
                 "{}: `{component}.{module}` is not an adaptable layer of this {component} (a LoRA \
@@ -375,7 +391,12 @@ fn build_component(
             LoraConfig {
                 r,
                 lora_alpha,
-                target_modules: Some(ModuleSpec::List(modules.keys().cloned().collect())),
+                target_modules: Some(ModuleSpec::List(
+                    modules
+                        .keys()
+                        .map(|m| resolve(sites, m).unwrap_or(m).clone())
+                        .collect(),
+                )),
                 rank_pattern,
                 alpha_pattern,
                 use_dora,
@@ -401,29 +422,19 @@ fn split_peft_key(key: &str) -> Result<(&str, &str)> {
 }
 
 /// diffusers' `pytorch_lora_weights.safetensors` contents from per-component PEFT state dicts
-/// and configs (as `convert_state_dict_to_diffusers` plus `save_lora_weights` with each
-/// component's `LoraConfig` in the header): the tensors and the header metadata.
+/// and configs, as diffusers 0.42 writes them (`save_lora_weights` of `get_peft_model_state_dict`
+/// with each component's `LoraConfig` in the header): PEFT's keys under `unet.` /
+/// `text_encoder.`. (Not the older renamed keys: diffusers 0.42 takes a file with any `lora_A`
+/// key as PEFT's and then drops renamed `.lora.down` keys.) Returns the tensors and the header.
 pub fn to_diffusers(
     components: &[(&str, &LoraConfig, Vec<(String, Tensor)>)],
 ) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
     let mut tensors = Vec::new();
     let mut meta = Map::new();
     for (component, config, state) in components {
-        let text = *component == TEXT_ENCODER;
         for (key, t) in state {
             let (module, suffix) = split_peft_key(key)?;
-            let leaf = module.rsplit('.').next().unwrap_or(module);
-            let attn_unet =
-                !text && (matches!(leaf, "to_q" | "to_k" | "to_v") || module.ends_with("to_out.0"));
-            let attn_text = text && matches!(leaf, "q_proj" | "k_proj" | "v_proj" | "out_proj");
-            let new_suffix = match (suffix, attn_unet, attn_text) {
-                ("lora_A.weight", true, _) => "lora.down.weight",
-                ("lora_B.weight", true, _) => "lora.up.weight",
-                ("lora_A.weight", _, true) => "lora_linear_layer.down.weight",
-                ("lora_B.weight", _, true) => "lora_linear_layer.up.weight",
-                (s, _, _) => s,
-            };
-            tensors.push((format!("{component}.{module}.{new_suffix}"), t.clone()));
+            tensors.push((format!("{component}.{module}.{suffix}"), t.clone()));
         }
         if let Value::Object(o) = config.to_adapter_json() {
             for (k, v) in o {
@@ -465,7 +476,14 @@ pub fn to_kohya(
         }
         for (key, t) in state {
             let (module, suffix) = split_peft_key(key)?;
-            let stem = format!("{prefix}_{}", module.replace('.', "_"));
+            // sd-scripts (and the web UIs reading its files) name the text encoder's modules as
+            // transformers 4 did, under `text_model`.
+            let path = if *component == TEXT_ENCODER && !module.starts_with("text_model.") {
+                format!("text_model.{module}")
+            } else {
+                module.to_string()
+            };
+            let stem = format!("{prefix}_{}", path.replace('.', "_"));
             match suffix {
                 "lora_A.weight" => {
                     out.push((format!("{stem}.lora_down.weight"), t.clone()));
