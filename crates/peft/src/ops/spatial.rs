@@ -111,9 +111,11 @@ fn same_remainders(x: &Tensor, w: &Tensor, p: ConvParams) -> Result<bool> {
     Ok(rest(h, kh) == rest(wd, kw))
 }
 
-/// The gradient of `x ⋆ w` with respect to `x`: a transposed convolution of `g` whose output
-/// padding restores the rows and columns of `x` the strided windows end on (with padding, the
-/// last ones are read; without, any left over are not, and get zero).
+/// The gradient of `x ⋆ w` with respect to `x`. For a square kernel whose padding is at most
+/// its reach it is itself a convolution — of `g` (strides spread out with zeros) by the kernel
+/// flipped and with its channel axes swapped — which runs on candle's GEMM path; otherwise a
+/// transposed convolution (candle's is a direct loop, much slower on wide layers). Rows and
+/// columns of `x` that no window reaches get zero.
 fn conv2d_input_grad(
     x: &Tensor,
     w: &Tensor,
@@ -121,21 +123,55 @@ fn conv2d_input_grad(
     p: ConvParams,
 ) -> candle_core::Result<Tensor> {
     let (_, _, h, wd) = x.dims4()?;
-    let (_, _, gh, gw) = g.dims4()?;
     let (_, _, kh, kw) = w.dims4()?;
-    let span = |go: usize, k: usize| (go - 1) * p.stride + p.dilation * (k - 1) + 1;
-    let (sh, sw) = (span(gh, kh), span(gw, kw));
-    // Rows / columns of the padded input the windows cover, less the padding on each side.
-    let (oh, ow) = (
-        sh.saturating_sub(2 * p.padding),
-        sw.saturating_sub(2 * p.padding),
-    );
-    let (ph, pw) = (h.saturating_sub(oh), wd.saturating_sub(ow));
-    // The transposed convolution fills `output_padding` rows and columns past its natural size
-    // with their true contributions; beyond the windows' reach (more than stride - 1 of them)
-    // there are none. One value serves both axes: the longer one is cut back.
-    let op = ph.max(pw).min(p.stride.saturating_sub(1));
-    let dx = g.conv_transpose2d(w, p.padding, op, p.stride, p.dilation)?;
+    let reach = p.dilation * (kh - 1);
+    let dx = if kh == kw && p.padding <= reach {
+        let flip = |t: &Tensor, dim: usize, n: usize| -> candle_core::Result<Tensor> {
+            if n == 1 {
+                return Ok(t.clone());
+            }
+            let idx: Vec<u32> = (0..n as u32).rev().collect();
+            t.index_select(&Tensor::new(idx.as_slice(), t.device())?, dim)
+        };
+        let wf = flip(&flip(w, 2, kh)?, 3, kw)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let mut g = if p.stride > 1 {
+            spread(g, p.stride)?
+        } else {
+            g.clone()
+        };
+        // Row i of dx sums g's (spread) rows i + padding - k·dilation: the symmetric padding
+        // gives `len + reach - 2·padding` rows; the rows past them that the last windows read
+        // (with padding, up to `padding` of them; with strides, up to `stride - 1` more) need
+        // zeros after g's end.
+        let (_, _, sh, sw) = g.dims4()?;
+        let missing =
+            |n: usize, s: usize| n as isize - (s + reach) as isize + 2 * p.padding as isize;
+        let (mh, mw) = (missing(h, sh), missing(wd, sw));
+        if mh > 0 {
+            g = g.pad_with_zeros(2, 0, mh as usize)?;
+        }
+        if mw > 0 {
+            g = g.pad_with_zeros(3, 0, mw as usize)?;
+        }
+        g.conv2d(&wf, reach - p.padding, 1, p.dilation, 1)?
+    } else {
+        let (_, _, gh, gw) = g.dims4()?;
+        let span = |go: usize, k: usize| (go - 1) * p.stride + p.dilation * (k - 1) + 1;
+        let (oh, ow) = (
+            span(gh, kh).saturating_sub(2 * p.padding),
+            span(gw, kw).saturating_sub(2 * p.padding),
+        );
+        // `output_padding` extends the transposed convolution's canvas with true contributions
+        // (at most stride - 1 rows / columns can have any); one value serves both axes and the
+        // longer one is cut back below.
+        let op = h
+            .saturating_sub(oh)
+            .max(wd.saturating_sub(ow))
+            .min(p.stride.saturating_sub(1));
+        g.conv_transpose2d(w, p.padding, op, p.stride, p.dilation)?
+    };
     let (_, _, dh, dw) = dx.dims4()?;
     let dx = match dh.cmp(&h) {
         std::cmp::Ordering::Less => dx.pad_with_zeros(2, 0, h - dh)?,
@@ -147,6 +183,19 @@ fn conv2d_input_grad(
         std::cmp::Ordering::Greater => dx.narrow(3, 0, wd),
         std::cmp::Ordering::Equal => Ok(dx),
     }
+}
+
+/// `g` with `stride - 1` zeros between neighbouring rows and columns: `[b, c, (h-1)·s+1,
+/// (w-1)·s+1]`.
+fn spread(g: &Tensor, s: usize) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = g.dims4()?;
+    let t = g
+        .reshape((b, c, h, 1, w, 1))?
+        .pad_with_zeros(3, 0, s - 1)?
+        .pad_with_zeros(5, 0, s - 1)?
+        .reshape((b, c, h * s, w * s))?;
+    t.narrow(2, 0, (h - 1) * s + 1)?
+        .narrow(3, 0, (w - 1) * s + 1)
 }
 
 /// GroupNorm over `[batch, channels, ...]`: torch's `F.group_norm` (biased variance).
@@ -219,4 +268,107 @@ pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         return upsample_nearest2x(x);
     }
     Ok(x.upsample_nearest2d(h, w)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// dx[c, i, j] = Σ g[o, a, b] · w[o, c, k, l] over the windows with i = a·s + k·d - p
+    /// (and the same for j), summed in a plain loop.
+    fn naive_input_grad(
+        x: (usize, usize, usize),
+        w: &[f32],
+        wk: (usize, usize, usize, usize),
+        g: &[f32],
+        gs: (usize, usize),
+        p: ConvParams,
+    ) -> Vec<f32> {
+        let (c, h, wd) = x;
+        let (o, _, kh, kw) = wk;
+        let mut dx = vec![0f32; c * h * wd];
+        for oc in 0..o {
+            for a in 0..gs.0 {
+                for b in 0..gs.1 {
+                    let gv = g[(oc * gs.0 + a) * gs.1 + b];
+                    for ci in 0..c {
+                        for k in 0..kh {
+                            for l in 0..kw {
+                                let i =
+                                    (a * p.stride + k * p.dilation) as isize - p.padding as isize;
+                                let j =
+                                    (b * p.stride + l * p.dilation) as isize - p.padding as isize;
+                                if i < 0 || j < 0 || i >= h as isize || j >= wd as isize {
+                                    continue;
+                                }
+                                dx[(ci * h + i as usize) * wd + j as usize] +=
+                                    gv * w[((oc * c + ci) * kh + k) * kw + l];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        dx
+    }
+
+    #[test]
+    fn input_gradient_matches_the_sum_over_windows() {
+        let dev = Device::Cpu;
+        let mut checked = 0;
+        for (k, stride, padding, dilation) in [
+            (1, 1, 0, 1),
+            (3, 1, 1, 1),
+            (3, 2, 1, 1),
+            (3, 2, 0, 1),
+            (3, 3, 1, 1),
+            (3, 1, 2, 2),
+            (2, 2, 0, 1),
+            (3, 1, 3, 1),
+        ] {
+            for (h, wd) in [(7, 7), (8, 8), (6, 9), (9, 4), (5, 8)] {
+                let p = ConvParams {
+                    stride,
+                    padding,
+                    dilation,
+                    groups: 1,
+                };
+                let (c, o) = (2, 3);
+                let n = |len: usize, seed: f32| -> Vec<f32> {
+                    (0..len)
+                        .map(|i| ((i as f32 + seed) * 0.7311).sin())
+                        .collect()
+                };
+                let wv = n(o * c * k * k, 1.0);
+                let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
+                let x = Tensor::zeros((1, c, h, wd), DType::F32, &dev).unwrap();
+                let (_, _, gh, gw) = x
+                    .conv2d(&w, padding, stride, dilation, 1)
+                    .unwrap()
+                    .dims4()
+                    .unwrap();
+                let gv = n(o * gh * gw, 5.0);
+                let g = Tensor::from_vec(gv.clone(), (1, o, gh, gw), &dev).unwrap();
+                let got = conv2d_input_grad(&x, &w, &g, p)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let want = naive_input_grad((c, h, wd), &wv, (o, c, k, k), &gv, (gh, gw), p);
+                let d = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    d < 1e-5,
+                    "k {k} stride {stride} padding {padding} dilation {dilation} {h}x{wd}: off by {d}"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 40);
+    }
 }
