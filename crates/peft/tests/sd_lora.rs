@@ -71,6 +71,10 @@ fn lora_files_from_python_load_with_the_same_outputs() {
             ),
             ("kohya", dir.join("kohya/lora.safetensors"), "kohya."),
         ] {
+            if sd != "sd1" && matches!(fmt, "diffusers legacy" | "kohya") {
+                // Written for sd1 only: they differ from PEFT's layout in names alone.
+                continue;
+            }
             let mut pipe = pipeline(sd);
             let done = pipe.load_adapter(&path, "a", false).unwrap();
             assert_eq!(done, ["unet", "text_encoder"], "{sd} {fmt}");
@@ -212,10 +216,13 @@ fn adapters_round_trip_through_every_format() {
         assert_eq!(a, b, "{sd} diffusers keys");
         let meta = peft::io::safetensors_metadata(&file).unwrap();
         let m: serde_json::Value = serde_json::from_str(&meta["lora_adapter_metadata"]).unwrap();
-        assert_eq!(m["unet.r"], 4);
-        assert_eq!(m["unet.lora_alpha"], 8);
-        assert_eq!(m["text_encoder.lora_alpha"], 8);
+        assert_eq!(m["unet.r"], 2);
+        assert_eq!(m["unet.lora_alpha"], 4);
+        assert_eq!(m["text_encoder.lora_alpha"], 4);
         // kohya: lora_unet_ / lora_te_ keys, scalar alphas, the same key set as Python's.
+        if sd != "sd1" {
+            continue;
+        }
         let out = tempfile::tempdir().unwrap();
         pipe.save_adapter(out.path(), "sks", AdapterFormat::Kohya)
             .unwrap();
@@ -237,7 +244,7 @@ fn adapters_round_trip_through_every_format() {
         assert_eq!(a, b, "{sd} kohya keys");
         let alpha = ours.iter().find(|(k, _)| k.ends_with(".alpha")).unwrap().1;
         assert_eq!(alpha.dims(), [0usize; 0]);
-        assert_eq!(alpha.to_scalar::<f32>().unwrap(), 8.0);
+        assert_eq!(alpha.to_scalar::<f32>().unwrap(), 4.0);
     }
 }
 
@@ -283,7 +290,10 @@ fn several_adapters_with_weights() {
 fn files_that_do_not_fit_say_why() {
     // An SD 2.x-style LoRA on the SD 1.x-style UNet: layers it does not have.
     let mut pipe = pipeline("sd1");
-    for f in ["sd2_lora/kohya/lora.safetensors", "sd2_lora/diffusers"] {
+    for f in [
+        "sd2_lora/diffusers/pytorch_lora_weights.safetensors",
+        "sd2_lora/diffusers",
+    ] {
         let err = pipe
             .load_adapter(&sd_fixtures().join(f), "x", false)
             .unwrap_err()
@@ -303,10 +313,10 @@ fn files_that_do_not_fit_say_why() {
     let src = sd_fixtures().join("sd1_lora/diffusers/pytorch_lora_weights.safetensors");
     let mut t = load_st(&src);
     let key = "unet.down_blocks.0.resnets.0.conv1.lora_A.weight";
-    assert_eq!(t[key].dims(), [4, 8, 3, 3]);
+    assert_eq!(t[key].dims(), [2, 8, 3, 3]);
     t.insert(
         key.to_string(),
-        Tensor::zeros((4, 16, 3, 3), DType::F32, &candle_core::Device::Cpu).unwrap(),
+        Tensor::zeros((2, 16, 3, 3), DType::F32, &candle_core::Device::Cpu).unwrap(),
     );
     let file = tmp.path().join("wide.safetensors");
     peft::io::save_safetensors(&file, &t.into_iter().collect::<Vec<_>>()).unwrap();
@@ -316,8 +326,8 @@ fn files_that_do_not_fit_say_why() {
         .to_string();
     assert!(
         err.contains("does not fit")
-            && err.contains("[4, 16, 3, 3]")
-            && err.contains("[4, 8, 3, 3]"),
+            && err.contains("[2, 16, 3, 3]")
+            && err.contains("[2, 8, 3, 3]"),
         "{err}"
     );
     // The failed loads left nothing behind.
