@@ -18,7 +18,7 @@ use crate::layers::ModuleRef;
 use crate::models::Model;
 use crate::peft_model::PeftModel;
 use crate::tuners::lora::sd_formats::{
-    self, SiteShapes, DIFFUSERS_WEIGHTS_NAME, TEXT_ENCODER, UNET,
+    self, ComponentState, SiteShapes, StateDict, DIFFUSERS_WEIGHTS_NAME, TEXT_ENCODER, UNET,
 };
 use crate::tuners::lora::LoraConfig;
 use crate::tuners::PeftConfig;
@@ -162,10 +162,7 @@ impl StableDiffusion {
     }
 
     /// The components carrying adapter `name`, with its config and tensors under PEFT's keys.
-    fn adapter_parts(
-        &self,
-        name: &str,
-    ) -> Result<Vec<(&'static str, PeftConfig, Vec<(String, candle_core::Tensor)>)>> {
+    fn adapter_parts(&self, name: &str) -> Result<Vec<(&'static str, PeftConfig, StateDict)>> {
         let mut parts = Vec::new();
         for (c, m) in [(UNET, &self.unet), (TEXT_ENCODER, &self.text_encoder)] {
             if let Some(config) = m.peft_config(name) {
@@ -230,7 +227,7 @@ impl StableDiffusion {
                         })?;
                     lora.push((c, cfg, state));
                 }
-                let refs: Vec<(&str, &LoraConfig, Vec<(String, candle_core::Tensor)>)> = lora
+                let refs: Vec<ComponentState<'_>> = lora
                     .iter()
                     .map(|(c, cfg, s)| (*c, cfg, s.clone()))
                     .collect();

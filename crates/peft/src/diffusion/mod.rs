@@ -147,7 +147,7 @@ impl StableDiffusion {
     /// The UNet's latent channels and the VAE's downscaling factor.
     pub fn latent_shape(&self, height: usize, width: usize) -> Result<(usize, usize, usize)> {
         let f = 1usize << (self.vae.cfg.block_out_channels.len().saturating_sub(1));
-        if height % f != 0 || width % f != 0 {
+        if !height.is_multiple_of(f) || !width.is_multiple_of(f) {
             return Err(Error::Config(format!(
                 "image size {width}x{height}: both sides must be multiples of {f} (the VAE's \
                  downscaling)"

@@ -260,9 +260,9 @@ impl AutoencoderKl {
         let e = vb.pp("encoder");
         let mut down_blocks = Vec::new();
         let mut out_ch = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate().take(n) {
             let in_ch = out_ch;
-            out_ch = ch[i];
+            out_ch = c;
             let b = e.pp("down_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block)
                 .map(|j| {
@@ -305,9 +305,9 @@ impl AutoencoderKl {
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut up_blocks = Vec::new();
         let mut out_ch = rev[0];
-        for i in 0..n {
+        for (i, &c) in rev.iter().enumerate().take(n) {
             let prev = out_ch;
-            out_ch = rev[i];
+            out_ch = c;
             let b = d.pp("up_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block + 1)
                 .map(|j| {

@@ -604,7 +604,7 @@ impl DreamBoothJob {
             }
         }
         let saved = self.pipe.save_training_adapter(&out_dir, "default")?;
-        if let Some(cb) = callback.as_deref_mut() {
+        if let Some(cb) = callback {
             cb.on_event(&TrainerEvent::End { steps: total });
         }
         Ok(DreamBoothReport {

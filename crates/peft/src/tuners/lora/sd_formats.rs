@@ -56,6 +56,12 @@ pub enum SdLoraFormat {
 /// 4-D factors are fitted to the layer.
 pub type SiteShapes = BTreeMap<String, Vec<usize>>;
 
+/// Tensors under their keys, in order.
+pub type StateDict = Vec<(String, Tensor)>;
+
+/// One component's adapter: its name (`unet`, `text_encoder`), config and PEFT-keyed tensors.
+pub type ComponentState<'a> = (&'a str, &'a LoraConfig, StateDict);
+
 #[derive(Default)]
 struct Parts {
     a: Option<Tensor>,
@@ -427,8 +433,8 @@ fn split_peft_key(key: &str) -> Result<(&str, &str)> {
 /// `text_encoder.`. (Not the older renamed keys: diffusers 0.42 takes a file with any `lora_A`
 /// key as PEFT's and then drops renamed `.lora.down` keys.) Returns the tensors and the header.
 pub fn to_diffusers(
-    components: &[(&str, &LoraConfig, Vec<(String, Tensor)>)],
-) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+    components: &[ComponentState<'_>],
+) -> Result<(StateDict, HashMap<String, String>)> {
     let mut tensors = Vec::new();
     let mut meta = Map::new();
     for (component, config, state) in components {
@@ -454,9 +460,7 @@ pub fn to_diffusers(
 /// A kohya-ss file's tensors from per-component PEFT state dicts: `lora_unet_…` / `lora_te_…`
 /// with `.lora_down.weight`, `.lora_up.weight` and the module's scalar `.alpha` (its alpha, so
 /// that alpha / r is the PEFT scale). DoRA adapters have no kohya form here.
-pub fn to_kohya(
-    components: &[(&str, &LoraConfig, Vec<(String, Tensor)>)],
-) -> Result<Vec<(String, Tensor)>> {
+pub fn to_kohya(components: &[ComponentState<'_>]) -> Result<StateDict> {
     let mut out = Vec::new();
     for (component, config, state) in components {
         let prefix = match *component {
