@@ -37,6 +37,15 @@ pub struct TrainArgs {
 /// checkpoint. Prints the trainable-parameter line, then after training the metrics and where
 /// the adapter went; progress and logs go to stderr.
 pub fn train(a: TrainArgs) -> Result<()> {
+    if peft::train::dreambooth::is_pipeline_config(&a.config)? {
+        if a.resume.is_some() {
+            return Err(Error::Config(
+                "--resume: a DreamBooth run starts from the adapter in its config".into(),
+            ));
+        }
+        peft::train::install_interrupt_handler()?;
+        return crate::diffusion::train_dreambooth(&a.config, &a.set, a.device);
+    }
     let mut cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
     if a.resume.is_some() {
         cfg.training.resume_from_checkpoint = a.resume;
@@ -116,8 +125,15 @@ pub struct ForwardArgs {
     #[arg(long, value_name = "NAME,NAME,...")]
     pub adapter_names: Option<String>,
     /// Equal-length rows of token ids as JSON, e.g. '[[101, 2023, 102]]'.
-    #[arg(long, value_name = "JSON")]
-    pub input_ids: String,
+    #[arg(long, value_name = "JSON", required_unless_present = "inputs")]
+    pub input_ids: Option<String>,
+    /// The inputs as named tensors in a safetensors file, as transformers and diffusers name
+    /// them: input_ids, attention_mask, token_type_ids, decoder_input_ids; a UNet's sample,
+    /// timestep and encoder_hidden_states; a VAE's sample (an image in [-1, 1], or latents to
+    /// decode). Every output is then written under its name (logits or last_hidden_state,
+    /// pooler_output, sample, latent_dist.mean, latent_dist.logvar).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["input_ids", "attention_mask", "token_type_ids", "decoder_input_ids"])]
+    pub inputs: Option<PathBuf>,
     /// Same shape as --input-ids; 1 for real tokens, 0 for padding.
     #[arg(long, value_name = "JSON")]
     pub attention_mask: Option<String>,
@@ -171,7 +187,14 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         )));
     }
     let device = device(a.device)?;
-    let input_ids = parse_matrix("input-ids", &a.input_ids, &device)?;
+    if let Some(file) = &a.inputs {
+        return forward_named(&a, file, &device);
+    }
+    let input_ids = parse_matrix(
+        "input-ids",
+        a.input_ids.as_deref().unwrap_or_default(),
+        &device,
+    )?;
     let check = |name: &str, t: Tensor| -> Result<Tensor> {
         if t.dims() != input_ids.dims() {
             return Err(Error::Data(format!(
@@ -257,9 +280,46 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
+/// `peft forward --inputs FILE`: named tensors in, every named output out.
+fn forward_named(a: &ForwardArgs, file: &Path, device: &Device) -> Result<()> {
+    let inputs = crate::diffusion::inputs_from_file(file, device)?;
+    let opts = LoadOptions {
+        task: a.task_type.map(Into::into),
+        num_labels: a.num_labels,
+        device: device.clone(),
+        seed: 42,
+    };
+    let specs = crate::adapters::parse_specs(&a.adapter)?;
+    let outputs = if specs.is_empty() {
+        let model = models::load(&a.model, &opts)?;
+        peft::no_grad(|| model.outputs(&inputs, false))?
+    } else {
+        let model = crate::adapters::load(&a.model, &specs, opts)?;
+        if model.active_adapters().len() == 1 && a.adapter_names.is_none() {
+            // The adapters live in the layers: the base model's outputs carry them.
+            peft::no_grad(|| model.base_model().outputs(&inputs, false))?
+        } else {
+            return Err(Error::Config(
+                "--inputs with --adapter-names is not offered; run one adapter at a time".into(),
+            ));
+        }
+    };
+    let tensors: Vec<(String, Tensor)> = outputs
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.detach().to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    save_safetensors(&a.out, &tensors)?;
+    for (n, t) in &tensors {
+        tracing::info!("wrote {n} {:?} to {}", t.dims(), a.out.display());
+    }
+    Ok(())
+}
+
 #[derive(Args)]
 pub struct MergeArgs {
-    /// The base model: a Hugging Face model directory or a GGUF file.
+    /// The base model: a Hugging Face model directory, a GGUF file, or a Stable Diffusion
+    /// pipeline folder (then the adapters go into its UNet and text encoder, --weights scaling
+    /// each as diffusers' set_adapters does, and the whole pipeline is written).
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
     /// An adapter directory, or NAME=DIR; repeat to merge a weighted combination of several.
@@ -304,6 +364,16 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         )));
     }
     let specs = crate::adapters::parse_specs(&a.adapter)?;
+    if peft::diffusion::is_pipeline(&a.model) {
+        // diffusers' way: each adapter's update at its weight (set_adapters), then merged.
+        return crate::diffusion::merge_pipeline(
+            &a.model,
+            &specs,
+            a.weights.as_deref(),
+            &a.out,
+            &device(a.device)?,
+        );
+    }
     let combination = a.combination_type.to_peft()?;
     let several = specs.len() > 1 || a.weights.is_some();
     if several && combination.needs_density() && a.density.is_none() {
@@ -361,13 +431,21 @@ pub struct InspectArgs {
 }
 
 pub fn inspect(dir: &Path) -> Result<()> {
-    if dir.join(CONFIG_NAME).exists() {
+    if peft::diffusion::is_pipeline(dir) {
+        // A Stable Diffusion pipeline: each model component in turn.
+        for c in ["unet", "text_encoder", "vae"] {
+            inspect_model(&dir.join(c))?;
+            println!();
+        }
+        Ok(())
+    } else if dir.join(CONFIG_NAME).exists() {
         inspect_adapter(dir)
     } else if dir.join("config.json").exists() || peft::io::gguf::find_gguf(dir)?.is_some() {
         inspect_model(dir)
     } else {
         Err(Error::Config(format!(
-            "{}: neither an adapter (adapter_config.json) nor a model (config.json or a .gguf file)",
+            "{}: neither an adapter (adapter_config.json), a model (config.json or a .gguf file) \
+             nor a diffusers pipeline (model_index.json)",
             dir.display()
         )))
     }
