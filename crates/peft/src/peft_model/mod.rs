@@ -21,7 +21,7 @@ use crate::{Error, Result};
 
 pub use crate::io::KEY_PREFIX;
 pub use crate::io::{ADAPTER_CONFIG_NAME as CONFIG_NAME, ADAPTER_WEIGHTS_NAME as WEIGHTS_NAME};
-pub use load::{load_auto, load_with_adapter, saved_head_classes};
+pub use load::{base_task, load_auto, load_with_adapter, saved_head_classes};
 pub use merge::AdapterDisabled;
 pub use mixed::MixedBatch;
 pub use status::{LayerStatus, ModelStatus, Status};
@@ -334,6 +334,49 @@ impl PeftModel {
         Ok(())
     }
 
+    /// AdapterDrop at inference (AdapterHub's `skip_layers`): the hook points of these layers run
+    /// without adapters, counting layers as AdapterHub does (an encoder-decoder model's decoder
+    /// blocks follow its encoder blocks). `None` or an empty list runs every layer's adapters.
+    pub fn set_skip_layers(&mut self, layers: Option<&[usize]>) -> Result<()> {
+        let dims = self.model.dims();
+        let total = if dims.is_encoder_decoder {
+            dims.num_encoder_layers + dims.num_layers
+        } else {
+            dims.num_layers
+        };
+        let layers = layers.unwrap_or(&[]);
+        if let Some(bad) = layers.iter().find(|l| **l >= total) {
+            return Err(Error::Config(format!(
+                "skip layer {bad} is outside the model's layers 0..{total} ({} has {total} layers)",
+                self.model.info().model_type
+            )));
+        }
+        for module in self.model.modules_mut() {
+            if let crate::layers::ModuleMut::Hook(point) = module {
+                let layer = point.global_layer(dims.num_encoder_layers);
+                point.skipped = layers.contains(&layer);
+            }
+        }
+        Ok(())
+    }
+
+    /// The layers [`PeftModel::set_skip_layers`] skips, in order.
+    pub fn skip_layers(&self) -> Vec<usize> {
+        let enc = self.model.dims().num_encoder_layers;
+        let mut out: Vec<usize> = self
+            .model
+            .modules()
+            .into_iter()
+            .filter_map(|m| match m {
+                crate::layers::ModuleRef::Hook(p) if p.skipped => Some(p.global_layer(enc)),
+                _ => None,
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Removes adapter `name` from every site.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
         let i = self
@@ -408,7 +451,32 @@ impl PeftModel {
         strip_prefix(out, prefix)
     }
 
+    /// The active adapter's own prediction head, if its method brings one.
+    fn output_head(&self) -> Option<&dyn crate::tuners::OutputHead> {
+        if self.disabled {
+            return None;
+        }
+        self.active
+            .iter()
+            .filter_map(|n| self.entry(n))
+            .find_map(|e| e.tuner.head())
+    }
+
     fn forward_prepared(
+        &self,
+        inputs: &Inputs,
+        cache: Option<&mut Cache>,
+        train: bool,
+    ) -> Result<(Tensor, usize)> {
+        let (out, prefix) = self.forward_base(inputs, cache, train)?;
+        match self.output_head() {
+            Some(head) => Ok((head.forward(&out, inputs, train)?, prefix)),
+            None => Ok((out, prefix)),
+        }
+    }
+
+    /// The base model's output with the active adapters, before any head an adapter brings.
+    fn forward_base(
         &self,
         inputs: &Inputs,
         cache: Option<&mut Cache>,

@@ -51,6 +51,12 @@ pub trait TunerConfig: ConfigObject + Debug + Send + Sync {
         Bias::None
     }
 
+    /// Whether the adapter brings its own prediction head ([`Tuner::head`]): the base model is
+    /// then loaded as FEATURE_EXTRACTION.
+    fn brings_head(&self) -> bool {
+        false
+    }
+
     /// The method's part of PEFT's `_check_new_adapter_config`: what a new adapter (`self`,
     /// trained or not) must agree on with the adapters already on the model.
     fn check_new_adapter(&self, _trainable: bool, _existing: &[Existing<'_>]) -> Result<()> {
@@ -184,6 +190,19 @@ pub trait Tuner: Send + Sync {
     fn input_transform(&self) -> Option<&dyn InputTransform> {
         None
     }
+
+    /// A prediction head the adapter brings (AdapterHub's flex heads): the base model runs as
+    /// FEATURE_EXTRACTION and the head turns its last hidden states into the logits. Its tensors
+    /// are among [`Tuner::model_tensors`].
+    fn head(&self) -> Option<&dyn OutputHead> {
+        None
+    }
+}
+
+/// A prediction head an adapter brings, applied after the base model.
+pub trait OutputHead: Send + Sync {
+    /// `hidden`: the base model's last hidden states `[batch, seq, hidden]`.
+    fn forward(&self, hidden: &Tensor, inputs: &Inputs, train: bool) -> Result<Tensor>;
 }
 
 /// The model-level side of an adapter that has none.
