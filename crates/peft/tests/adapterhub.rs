@@ -595,4 +595,13 @@ fn bad_models_layers_and_fusions_are_refused_clearly() {
     .unwrap();
     let e = m.add_adapter("f", fusion).unwrap_err().to_string();
     assert!(e.contains("`zzz` is not on the model"), "{e}");
+    // Fused adapters must sit at the same kinds of point (AdapterHub's common_config_value).
+    m.load_adapter(&fixtures().join("bert/double_seq_bn"), "h", false)
+        .unwrap();
+    let fusion = FusionConfig {
+        adapter_names: vec!["a".into(), "h".into()],
+        ..FusionConfig::preset("dynamic").unwrap()
+    };
+    let e = m.add_adapter("f", fusion).unwrap_err().to_string();
+    assert!(e.contains("`mh_adapter`") && e.contains("`a`"), "{e}");
 }

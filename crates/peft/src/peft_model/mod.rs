@@ -661,6 +661,27 @@ impl PeftModel {
         Ok(sum)
     }
 
+    /// Each active, trained adapter's hook before a training step (AdapterDrop's random layer
+    /// skipping); `seed` makes the step's draws reproducible.
+    pub fn before_train_step(&mut self, seed: u64) -> Result<()> {
+        let model = self.model.as_mut();
+        for e in self.adapters.iter().filter(|e| e.trainable) {
+            if self.active.contains(&e.name) {
+                e.tuner.before_train_step(model, &e.config, seed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`PeftModel::before_train_step`] for evaluation and inference.
+    pub fn after_training(&mut self) -> Result<()> {
+        let model = self.model.as_mut();
+        for e in &self.adapters {
+            e.tuner.after_training(model, &e.config)?;
+        }
+        Ok(())
+    }
+
     /// Each trained adapter's per-step hook, after the optimizer step, with that step's gradients
     /// and the 0-based step number (PEFT's `update_and_allocate(global_step)`, AdaLoRA's rank
     /// allocation). Does nothing for methods without one.

@@ -235,6 +235,9 @@ impl Trainer<'_> {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let n_total: usize = batches.iter().map(|b| b.num_targets).sum();
+                self.model.before_train_step(
+                    args.seed.wrapping_mul(1_000_003) ^ state.global_step as u64,
+                )?;
                 let mut grads: Option<Vec<Option<Tensor>>> = None;
                 let mut step_loss = 0f64;
                 for b in &batches {
@@ -340,6 +343,7 @@ impl Trainer<'_> {
                     Interval::Epoch => epoch_end,
                 };
                 if due(args.eval_strategy, args.eval_steps()) {
+                    self.model.after_training()?;
                     if let Some(m) = self.evaluate()? {
                         say(format!("eval at step {step}: {}", show(&m)));
                         let mut entry =
@@ -391,6 +395,7 @@ impl Trainer<'_> {
             }
         }
         bar.finish_and_clear();
+        self.model.after_training()?;
         if outcome == Outcome::Finished && args.load_best_model_at_end {
             if let Some(best) = &state.best_model_checkpoint {
                 if best.exists() {

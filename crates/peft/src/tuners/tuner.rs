@@ -57,6 +57,9 @@ pub trait TunerConfig: ConfigObject + Debug + Send + Sync {
         false
     }
 
+    /// The class count of the head the adapter brings, when its config leaves it to the data.
+    fn set_num_labels(&mut self, _n: usize) {}
+
     /// The method's part of PEFT's `_check_new_adapter_config`: what a new adapter (`self`,
     /// trained or not) must agree on with the adapters already on the model.
     fn check_new_adapter(&self, _trainable: bool, _existing: &[Existing<'_>]) -> Result<()> {
@@ -174,6 +177,23 @@ pub trait Tuner: Send + Sync {
         _step: usize,
         _grads: &dyn Fn(&Tensor) -> Option<Tensor>,
     ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs before each training step, with the step's seed (AdapterDrop skips a random number
+    /// of the lowest layers' adapters each step).
+    fn before_train_step(
+        &self,
+        _model: &mut dyn Model,
+        _config: &PeftConfig,
+        _seed: u64,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs when training stops or pauses for evaluation: undoes what
+    /// [`Tuner::before_train_step`] set, so evaluation and inference see the whole adapter.
+    fn after_training(&self, _model: &mut dyn Model, _config: &PeftConfig) -> Result<()> {
         Ok(())
     }
 

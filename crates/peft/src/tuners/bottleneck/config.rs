@@ -58,6 +58,8 @@ pub enum ResidualBeforeLn {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeadConfig {
     pub head_type: String,
+    /// 0 in a `[peft]` table: the class count of the training data.
+    #[serde(default)]
     pub num_labels: usize,
     #[serde(default = "one")]
     pub layers: usize,
@@ -104,7 +106,32 @@ impl HeadConfig {
         }
     }
 
+    /// `head_config.json`'s `config` as AdapterHub's head class holds it (a tagging head has no
+    /// `use_pooler` or `bias`).
+    pub fn adapterhub_dict(&self) -> Value {
+        let mut m = match serde_json::to_value(self) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        if self.head_type == "tagging" {
+            m.remove("use_pooler");
+            m.remove("bias");
+        }
+        if self.label2id.is_none() {
+            let map: Map<String, Value> = (0..self.num_labels)
+                .map(|i| (format!("LABEL_{i}"), Value::from(i)))
+                .collect();
+            m.insert("label2id".into(), Value::Object(map));
+        }
+        sorted(m)
+    }
+
     pub fn validate(&self) -> Result<()> {
+        if self.head_type == "tagging" && !self.bias {
+            return Err(config_err!(
+                "a tagging head always has a bias in AdapterHub; set bias = true"
+            ));
+        }
         if !matches!(self.head_type.as_str(), "classification" | "tagging") {
             return Err(config_err!(
                 "head_type `{}` is not supported; supported: classification, tagging",
@@ -119,6 +146,13 @@ impl HeadConfig {
         }
         if self.layers == 0 {
             return Err(config_err!("head `layers` must be at least 1"));
+        }
+        if let Some(p) = self.dropout_prob {
+            if !(0.0..1.0).contains(&p) {
+                return Err(config_err!(
+                    "head `dropout_prob` must be in [0, 1), got {p}"
+                ));
+            }
         }
         if let Some(a) = &self.activation_function {
             super::layer::Act::parse(a)?;
@@ -159,6 +193,10 @@ pub struct BottleneckConfig {
     /// A prediction head trained and saved with the adapter (AdapterHub's flex head); the base
     /// model then runs as FEATURE_EXTRACTION.
     pub head: Option<HeadConfig>,
+    /// AdapterDrop in training: each step, the adapters of a random number of the lowest layers
+    /// (0 to all but the last) are skipped; none at evaluation. Not an AdapterHub config field
+    /// (AdapterHub does this with a trainer callback); written only in PEFT's layout.
+    pub adapter_drop: bool,
     pub base: BaseFields,
 }
 
@@ -315,6 +353,7 @@ impl BottleneckConfig {
             stochastic_depth: 0.0,
             phm: phm_defaults(),
             head: None,
+            adapter_drop: false,
             base: BaseFields::default(),
         }
     }
@@ -349,7 +388,7 @@ impl BottleneckConfig {
         let mut known: Vec<String> = FIELDS.iter().map(|s| s.to_string()).collect();
         known.extend(phm_defaults().keys().cloned());
         known.extend(base_keys.iter().cloned());
-        known.extend(["config", "head", "architecture"].map(String::from));
+        known.extend(["config", "head", "architecture", "adapter_drop"].map(String::from));
         for (k, val) in obj {
             match k.as_str() {
                 "config" | "peft_type" => {}
@@ -360,6 +399,11 @@ impl BottleneckConfig {
                             "AdapterHub architecture {val} is not a bottleneck adapter"
                         ));
                     }
+                }
+                "adapter_drop" => {
+                    out.adapter_drop = val.as_bool().ok_or_else(|| {
+                        config_err!("`adapter_drop` must be true or false, got {val}")
+                    })?;
                 }
                 "head" => {
                     out.head = if val.is_null() {
@@ -516,6 +560,7 @@ impl BottleneckConfig {
             "head".into(),
             serde_json::to_value(&self.head).unwrap_or(Value::Null),
         );
+        m.insert("adapter_drop".into(), self.adapter_drop.into());
         m.insert("peft_type".into(), "BOTTLENECK".into());
         m.insert("peft_version".into(), PEFT_VERSION.into());
         m.insert("inference_mode".into(), true.into());

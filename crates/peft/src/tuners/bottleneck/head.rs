@@ -39,6 +39,11 @@ impl Head {
         device: &Device,
     ) -> Result<Self> {
         config.validate()?;
+        if config.num_labels == 0 {
+            return Err(crate::Error::Config(
+                "the head's `num_labels` is not set (0); give the number of classes".into(),
+            ));
+        }
         let get = |k: &str| model_config.get(k).and_then(|v| v.as_f64());
         let dropout = config
             .dropout_prob

@@ -301,6 +301,18 @@ fn no_point(dir: &Path, key: &str) -> Error {
     ))
 }
 
+/// transformers' `base_model_prefix` of a `model_type`. AdapterHub's fusion loader places keys
+/// that carry it in any model (a bare base model strips it) but keys without it only in a bare
+/// base model, so we always write it.
+fn base_model_prefix(model_type: &str) -> &str {
+    match model_type {
+        "gpt2" | "t5" | "mt5" => "transformer",
+        "llama" | "mistral" | "qwen2" | "opt" => "model",
+        "xlm-roberta" => "roberta",
+        other => other,
+    }
+}
+
 /// AdapterHub's flex-head model class for a `model_type` (what its head loader expects).
 fn adapter_model_class(model_type: &str) -> String {
     let family = match model_type {
@@ -375,6 +387,12 @@ pub trait AdapterHubExt: AdapterHost {
             }
             let path = k.strip_prefix(KEY_PREFIX).unwrap_or(&k);
             let (point, suffix) = split_point(path, &points)?;
+            let prefix = base_model_prefix(&info.model_type);
+            let point = if point.starts_with(&format!("{prefix}.")) {
+                point.to_string()
+            } else {
+                format!("{prefix}.{point}")
+            };
             if ln_before && suffix.starts_with("adapter_norm_before.") {
                 let twin = suffix.replace("adapter_norm_before.", "adapter_down.0.");
                 tensors.push((format!("{point}.{marker}.{hub_name}.{twin}"), t.clone()));
@@ -383,14 +401,8 @@ pub trait AdapterHubExt: AdapterHost {
         }
         adapterhub::write(dir, pair, &json, &tensors)?;
         if let Some(h) = head {
-            let mut head_json = meta(serde_json::to_value(&h).unwrap_or(Value::Null), &hub_name);
+            let mut head_json = meta(h.adapterhub_dict(), &hub_name);
             head_json["model_class"] = adapter_model_class(&info.model_type).into();
-            if h.label2id.is_none() {
-                let map: serde_json::Map<String, Value> = (0..h.num_labels)
-                    .map(|i| (format!("LABEL_{i}"), Value::from(i)))
-                    .collect();
-                head_json["config"]["label2id"] = Value::Object(map);
-            }
             adapterhub::write(dir, HEAD, &head_json, &head_tensors)?;
         }
         Ok(())

@@ -16,7 +16,7 @@ pub use config::{BottleneckConfig, HeadConfig, ReductionFactor, ResidualBeforeLn
 pub use layer::Bottleneck;
 
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use crate::layers::{HookLocation, ModuleMut};
@@ -65,6 +65,13 @@ impl TunerConfig for BottleneckConfig {
     }
     fn brings_head(&self) -> bool {
         self.head.is_some()
+    }
+    fn set_num_labels(&mut self, n: usize) {
+        if let Some(h) = &mut self.head {
+            if h.num_labels == 0 {
+                h.num_labels = n;
+            }
+        }
     }
     fn inject(&mut self, model: &mut dyn Model, ctx: &InjectContext<'_>) -> Result<Injected> {
         self.validate()?;
@@ -139,17 +146,56 @@ impl TunerConfig for BottleneckConfig {
         }
         Ok(Injected {
             modules,
-            tuner: Box::new(BottleneckTuner { head }),
+            tuner: Box::new(BottleneckTuner {
+                head,
+                adapter_drop: self.adapter_drop,
+                layers: total,
+            }),
         })
     }
 }
 
-/// A bottleneck adapter's model-level side: its prediction head, if it brings one.
+/// A bottleneck adapter's model-level side: its prediction head, if it brings one, and
+/// AdapterDrop in training.
 pub struct BottleneckTuner {
     pub head: Option<head::Head>,
+    adapter_drop: bool,
+    /// The model's layers as AdapterHub counts them.
+    layers: usize,
+}
+
+/// Marks the hook points of layers below `k` as skipped (AdapterDrop), or none with 0.
+fn skip_below(model: &mut dyn Model, k: usize) {
+    let enc = model.dims().num_encoder_layers;
+    for m in model.modules_mut() {
+        if let ModuleMut::Hook(point) = m {
+            point.skipped = point.global_layer(enc) < k;
+        }
+    }
 }
 
 impl Tuner for BottleneckTuner {
+    /// AdapterDrop as AdapterHub's AdapterDrop notebook trains it: each step skips the adapters
+    /// of the lowest `k` layers, `k` uniform in `[0, layers − 1)` (0 to 10 for 12 layers).
+    fn before_train_step(
+        &self,
+        model: &mut dyn Model,
+        _config: &PeftConfig,
+        seed: u64,
+    ) -> Result<()> {
+        if self.adapter_drop {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let k = rng.random_range(0..self.layers.saturating_sub(1).max(1));
+            skip_below(model, k);
+        }
+        Ok(())
+    }
+    fn after_training(&self, model: &mut dyn Model, _config: &PeftConfig) -> Result<()> {
+        if self.adapter_drop {
+            skip_below(model, 0);
+        }
+        Ok(())
+    }
     fn model_tensors(&self) -> Vec<ModelTensor> {
         self.head.as_ref().map(|h| h.tensors()).unwrap_or_default()
     }

@@ -471,6 +471,13 @@ impl TunerConfig for FusionConfig {
     fn brings_head(&self) -> bool {
         self.head.is_some()
     }
+    fn set_num_labels(&mut self, n: usize) {
+        if let Some(h) = &mut self.head {
+            if h.num_labels == 0 {
+                h.num_labels = n;
+            }
+        }
+    }
     fn inject(&mut self, model: &mut dyn Model, ctx: &InjectContext<'_>) -> Result<Injected> {
         self.validate()?;
         if self.adapter_names.len() < 2 {
@@ -520,11 +527,22 @@ impl TunerConfig for FusionConfig {
                 self.adapter_names[i]
             )));
         }
-        let common: Vec<HookLocation> = kinds[0]
-            .iter()
-            .copied()
-            .filter(|l| kinds.iter().all(|k| k.contains(l)))
-            .collect();
+        // AdapterHub refuses adapters that differ in a location flag.
+        for l in kinds.iter().flatten() {
+            if let Some(i) = kinds.iter().position(|k| !k.contains(l)) {
+                let key = match l {
+                    HookLocation::Attention => "mh_adapter",
+                    HookLocation::CrossAttention => "cross_adapter",
+                    HookLocation::FeedForward => "output_adapter",
+                };
+                return Err(Error::Adapter(format!(
+                    "all fused adapters must have the same `{key}`: `{}` has no adapter there and \
+                     another has (as AdapterHub requires)",
+                    self.adapter_names[i]
+                )));
+            }
+        }
+        let common: Vec<HookLocation> = kinds[0].clone();
         let head = match &self.head {
             Some(h) => {
                 if info.task != TaskType::FeatureExtraction {
