@@ -116,6 +116,7 @@ impl PeftModel {
                 (config, file, dir.join(WEIGHTS_NAME))
             }
         };
+        let config = resolve_dependencies(config, dir);
         self.load_adapter_from(config, file, &weights_path, name, is_trainable)
     }
 
@@ -275,6 +276,38 @@ impl PeftModel {
         }
         Ok(found.into_iter().map(|(n, _)| n).collect())
     }
+}
+
+/// A saved adapter's dependencies ([`crate::tuners::TunerConfig::depends_on`]) found from its
+/// directory: the copy `save_pretrained` wrote beside it (`<dir>/<name>/`, or `<dir>/../<name>/`
+/// for a non-default adapter), else the recorded directory as it is, or relative to `dir`.
+fn resolve_dependencies(config: PeftConfig, dir: &Path) -> PeftConfig {
+    let deps = config.as_dyn().depends_on();
+    if deps.is_empty() {
+        return config;
+    }
+    let mut json = config.to_adapter_json();
+    let found: Vec<String> = deps
+        .iter()
+        .map(|(name, recorded)| {
+            let candidates = [
+                dir.join(name),
+                dir.parent().map(|p| p.join(name)).unwrap_or_default(),
+                recorded.clone(),
+                dir.join(recorded),
+            ];
+            candidates
+                .into_iter()
+                .find(|c| {
+                    c.join(CONFIG_NAME).exists() || crate::tuners::foreign_format(c).is_some()
+                })
+                .unwrap_or_else(|| recorded.clone())
+                .display()
+                .to_string()
+        })
+        .collect();
+    json["adapters"] = serde_json::json!(found);
+    PeftConfig::from_adapter_json(&json).unwrap_or(config)
 }
 
 fn set_checked(key: &str, var: &Var, t: &Tensor) -> Result<()> {

@@ -176,6 +176,21 @@ impl PeftModel {
                 "an adapter named `{name}` already exists"
             )));
         }
+        // Adapters this one builds on (a fusion's fused adapters), frozen, unless present. The
+        // new adapter stays the active one if it is the first the caller adds.
+        let was_empty = self.adapters.is_empty();
+        let deps = config.as_dyn().depends_on();
+        for (dep, dir) in &deps {
+            let (dep, dir) = (dep.clone(), dir.clone());
+            if self.entry(&dep).is_none() {
+                self.load_adapter(&dir, &dep, false).map_err(|e| {
+                    Error::Adapter(format!(
+                        "adapter `{name}` builds on `{dep}`, which could not be loaded from {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+            }
+        }
         // As PEFT: the task's head joins modules_to_save only when the config names the task
         // (PeftModelForSequenceClassification and friends), not because the model has a head.
         let task_heads = config
@@ -245,6 +260,9 @@ impl PeftModel {
         });
         if first {
             self.active = vec![name.to_string()];
+        }
+        if was_empty && !deps.is_empty() {
+            self.set_adapter(name)?;
         }
         Ok(())
     }

@@ -57,6 +57,12 @@ pub trait TunerConfig: ConfigObject + Debug + Send + Sync {
         false
     }
 
+    /// Adapters this one builds on, by name and saved directory (a fusion's fused adapters): the
+    /// wrapper loads each, frozen, before attaching this one when the model lacks it.
+    fn depends_on(&self) -> Vec<(String, std::path::PathBuf)> {
+        Vec::new()
+    }
+
     /// The class count of the head the adapter brings, when its config leaves it to the data.
     fn set_num_labels(&mut self, _n: usize) {}
 

@@ -14,6 +14,7 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::any::Any;
+use std::path::Path;
 use std::sync::Mutex;
 
 use crate::error::config_err;
@@ -49,6 +50,12 @@ pub struct FusionConfig {
     /// The fused adapters, in order (AdapterHub's `adapter_names`).
     #[serde(default)]
     pub adapter_names: Vec<String>,
+    /// Where the fused adapters are saved (any layout `load_adapter` reads), in the order of
+    /// `adapter_names`: loaded, frozen, before the fusion when the model lacks them. Without
+    /// `adapter_names`, the names are the ones these directories record (AdapterHub's `name`),
+    /// else the directories' own names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<String>,
     #[serde(skip)]
     pub head: Option<HeadConfig>,
     #[serde(skip)]
@@ -83,6 +90,7 @@ impl FusionConfig {
             value_initialized: Value::Bool(true),
             dropout_prob: None,
             adapter_names: Vec::new(),
+            adapters: Vec::new(),
             head: None,
             base: BaseFields::default(),
         };
@@ -134,7 +142,7 @@ impl FusionConfig {
             match k.as_str() {
                 "config" | "peft_type" => {}
                 "peft_version" | "runtime_config" if !strict => {}
-                "adapter_names" => {
+                "adapter_names" | "adapters" => {
                     fields.insert(k.clone(), val.clone());
                 }
                 "head" if !val.is_null() => {
@@ -164,6 +172,21 @@ impl FusionConfig {
         out.head = head;
         out.base = serde_json::from_value(Value::Object(base))
             .map_err(|e| config_err!("AdapterFusion config: {e}"))?;
+        if out.adapter_names.is_empty() {
+            out.adapter_names = out
+                .adapters
+                .iter()
+                .map(|d| saved_name(Path::new(d)))
+                .collect();
+        }
+        if !out.adapters.is_empty() && out.adapters.len() != out.adapter_names.len() {
+            return Err(config_err!(
+                "`adapters` lists {} directories but `adapter_names` {} names; give one \
+                 directory per fused adapter",
+                out.adapters.len(),
+                out.adapter_names.len()
+            ));
+        }
         out.validate()?;
         Ok(out)
     }
@@ -203,6 +226,7 @@ impl FusionConfig {
             _ => Map::new(),
         };
         m.remove("adapter_names");
+        m.remove("adapters");
         sorted(m)
     }
 
@@ -223,6 +247,18 @@ impl FusionConfig {
         m.insert("inference_mode".into(), true.into());
         sorted(m)
     }
+}
+
+/// The name an adapter directory records (AdapterHub's `name`), else the directory's name.
+fn saved_name(dir: &Path) -> String {
+    crate::io::read_json(&dir.join("adapter_config.json"))
+        .ok()
+        .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(String::from))
+        .unwrap_or_else(|| {
+            dir.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
 }
 
 /// [`crate::tuners::Method::parse`] for `ADAPTER_FUSION`.
@@ -470,6 +506,13 @@ impl TunerConfig for FusionConfig {
     }
     fn brings_head(&self) -> bool {
         self.head.is_some()
+    }
+    fn depends_on(&self) -> Vec<(String, std::path::PathBuf)> {
+        self.adapter_names
+            .iter()
+            .cloned()
+            .zip(self.adapters.iter().map(std::path::PathBuf::from))
+            .collect()
     }
     fn set_num_labels(&mut self, n: usize) {
         if let Some(h) = &mut self.head {
