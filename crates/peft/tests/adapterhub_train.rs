@@ -65,7 +65,7 @@ fn trainer<'a>(m: &'a mut PeftModel, train: &'a [Example], out: &Path) -> Traine
         train,
         eval: Some(train),
         label_names: vec![],
-        quiet: true,
+        callback: None,
     }
 }
 
