@@ -4,7 +4,7 @@ For each config in tools/reference/methods/ (LoRA r=8 and the other methods on t
 layers of all-MiniLM-L6-v2, the default job's model), runs `peft bench --peft-config FILE` and
 `bench_train.py --peft-config FILE` in turn, --repeats times each (alternating, best run kept),
 and prints a Markdown table: seq/s and peak RSS of each, each method relative to LoRA in the same
-implementation, and peft-rs relative to PyTorch. Run from the repository root, on a quiet machine,
+implementation, and peft relative to PyTorch. Run from the repository root, on a quiet machine,
 after `cargo build --release`:
 
     python tools/reference/bench_methods.py [--repeats 2] [--steps 20] [--batch 8] [--seq-len 128]
@@ -53,8 +53,8 @@ def main():
         print(m, json.dumps(best), file=sys.stderr, flush=True)
 
     base = rows.get("lora")
-    print("| method | trainable | peft-rs seq/s | vs LoRA | peak MB | vs LoRA | PyTorch seq/s | vs LoRA "
-          "| peak MB | vs LoRA | peft-rs / PyTorch speed | memory |")
+    print("| method | trainable | peft seq/s | vs LoRA | peak MB | vs LoRA | PyTorch seq/s | vs LoRA "
+          "| peak MB | vs LoRA | peft / PyTorch speed | memory |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m, r in rows.items():
         o, t = r["ours"], r["torch"]

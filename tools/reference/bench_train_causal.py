@@ -1,6 +1,6 @@
 """Training-throughput benchmark of PyTorch + PEFT LoRA on SmolLM2-135M-Instruct (CAUSAL_LM, CPU, fp32).
 
-The counterpart of `peft bench --model GGUF --task CAUSAL_LM --target-modules q_proj,v_proj`:
+The counterpart of `peft bench --model GGUF --task-type CAUSAL_LM --target-modules q_proj,v_proj`:
 
   * model: the SmolLM2 GGUF from .assets/smollm2, dequantized to f32 by transformers (needs the
     `gguf` package);

@@ -6,6 +6,7 @@
 //! bench_generate.py), so the two can be put side by side.
 
 use candle_core::{DType, Tensor};
+use clap::Args;
 use peft::generation::{generate, GenerationConfig};
 use peft::models::{self, LoadOptions};
 use peft::peft_model::get_peft_model_with_seed;
@@ -20,30 +21,59 @@ use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::args::{parse_device, DeviceArg, TaskTypeArg, DEVICE_HELP};
+
+#[derive(Args)]
 pub struct BenchArgs {
+    /// A model directory or GGUF file.
+    #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
-    pub task: TaskType,
-    /// LoRA targets; `None`: PEFT's default for the model type.
+    /// The head: SEQ_CLS or CAUSAL_LM for training steps; generation uses the LM head
+    /// (SEQ_2_SEQ_LM for T5) whatever this says.
+    #[arg(long, alias = "task", value_enum, ignore_case = true, default_value_t = TaskTypeArg::SeqCls)]
+    pub task_type: TaskTypeArg,
+    /// Comma-separated LoRA target modules (default: PEFT's for the model type).
+    #[arg(long, value_delimiter = ',', value_name = "NAME,NAME,...")]
     pub target_modules: Option<Vec<String>>,
-    /// A PEFT config (`adapter_config.json` form, any method) to train instead of LoRA r=8.
+    /// A PEFT config JSON (any method, as in adapter_config.json) to train instead of LoRA.
+    #[arg(long, conflicts_with = "target_modules", value_name = "FILE")]
     pub peft_config: Option<PathBuf>,
-    pub batch: usize,
-    pub seq_len: usize,
-    pub steps: usize,
-    pub warmup: usize,
-    /// Time generation of this many new tokens per row instead of training.
+    /// Time generating this many new tokens per row (prompts of --seq-len random ids) instead
+    /// of training.
+    #[arg(long, value_name = "N")]
     pub generate: Option<usize>,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per row (the prompt length with --generate).
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Timed steps (or generation runs; the best run is reported).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
+    pub device: Option<DeviceArg>,
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
-    let device = crate::commands::device()?;
-    let task = match (a.generate, a.task) {
-        (Some(_), TaskType::Seq2SeqLm) | (None, _) => a.task,
+    let task_type = TaskType::from(a.task_type);
+    if a.generate.is_none() && !matches!(task_type, TaskType::SeqCls | TaskType::CausalLm) {
+        return Err(Error::Config(format!(
+            "peft bench trains SEQ_CLS or CAUSAL_LM, not {}",
+            task_type.as_str()
+        )));
+    }
+    let device = crate::args::device(a.device)?;
+    let task = match (a.generate, task_type) {
+        (Some(_), TaskType::Seq2SeqLm) | (None, _) => task_type,
         (Some(_), _) => TaskType::CausalLm,
     };
     let opts = LoadOptions {
         task: Some(task),
-        num_labels: (a.task == TaskType::SeqCls).then_some(2),
+        num_labels: (task_type == TaskType::SeqCls).then_some(2),
         device: device.clone(),
         seed: 0,
     };
@@ -77,7 +107,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             }
         }
         println!(
-            "{{\"impl\":\"peft-rs\",\"mode\":\"generate\",\"tokens_per_s\":{:.2},\"seconds\":{best:.3},\"batch\":{},\"prompt_len\":{},\"new_tokens\":{new_tokens},\"peak_rss_mb\":{:.0}}}",
+            "{{\"impl\":\"peft\",\"mode\":\"generate\",\"tokens_per_s\":{:.2},\"seconds\":{best:.3},\"batch\":{},\"prompt_len\":{},\"new_tokens\":{new_tokens},\"peak_rss_mb\":{:.0}}}",
             (a.batch * new_tokens) as f64 / best,
             a.batch,
             a.seq_len,
@@ -89,7 +119,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let config = match &a.peft_config {
         Some(path) => {
             let mut c = PeftConfig::from_user_json(&peft::io::read_json(path)?)?;
-            c.set_task_type(a.task);
+            c.set_task_type(task_type);
             c
         }
         None => {
@@ -100,7 +130,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 target_modules: a.target_modules.clone().map(ModuleSpec::List),
                 ..Default::default()
             };
-            c.base.task_type = Some(a.task);
+            c.base.task_type = Some(task_type);
             PeftConfig::new(c)
         }
     };
@@ -118,7 +148,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         task_ids: Some(Tensor::zeros(b, DType::U32, &device)?),
         ..Default::default()
     };
-    let labels = match a.task {
+    let labels = match task_type {
         TaskType::SeqCls => {
             let l: Vec<i64> = (0..b).map(|i| (i % 2) as i64).collect();
             Tensor::new(l.as_slice(), &device)?
@@ -137,11 +167,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let start = Instant::now();
         // The loss as the trainer computes it (an input method's virtual positions included).
         let (logits, prefix) = model.forward_with_prefix(&inputs, true)?;
-        let targets = match a.task {
+        let targets = match task_type {
             TaskType::CausalLm => Targets::Tokens(labels.clone()),
             _ => Targets::Class(labels.clone()),
         };
-        let mut loss = adapter_loss(&model, a.task, &logits, prefix, &targets)?;
+        let mut loss = adapter_loss(&model, task_type, &logits, prefix, &targets)?;
         // The method's own loss term and per-step hook (AdaLoRA), as the trainer runs them.
         if let Some(reg) = model.regularization_loss()? {
             loss = (loss + reg)?;
@@ -151,13 +181,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let t_b = start.elapsed().as_secs_f64();
         opt.step(&grads, 1e-4, 1.0)?;
         model.update_and_allocate(step, &grads)?;
-        if std::env::var("PEFT_BENCH_SPLIT").is_ok() {
-            eprintln!(
-                "fwd {t_f:.3} bwd {:.3} opt {:.3}",
-                t_b - t_f,
-                start.elapsed().as_secs_f64() - t_b
-            );
-        }
+        // `peft -v bench`: where each step's time goes.
+        tracing::debug!(
+            "step {step}: fwd {t_f:.3} bwd {:.3} opt {:.3}",
+            t_b - t_f,
+            start.elapsed().as_secs_f64() - t_b
+        );
         device.synchronize()?;
         if step >= a.warmup {
             timed += start.elapsed().as_secs_f64();
@@ -170,8 +199,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .map(|(_, v)| v.as_tensor().elem_count())
         .sum();
     println!(
-        "{{\"impl\":\"peft-rs\",\"method\":\"{method}\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable}}}",
-        a.task.as_str(),
+        "{{\"impl\":\"peft\",\"method\":\"{method}\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable}}}",
+        task_type.as_str(),
         b as f64 / step_s,
         peak_rss_mb()
     );

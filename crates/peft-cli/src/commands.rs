@@ -1,52 +1,164 @@
 //! The subcommands, each a short composition of library calls.
 
 use candle_core::{DType, Device, Tensor};
+use clap::Args;
 use peft::io::{read_json, save_safetensors, Weights};
 use peft::layers::ModuleRef;
 use peft::models::{self, LoadOptions};
 use peft::peft_model::{thousands, CONFIG_NAME, WEIGHTS_NAME};
 use peft::train::config::TrainConfig;
+use peft::train::run::{Evaluation, TrainJob};
+use peft::train::Outcome;
 use peft::{Error, Inputs, LoraModelExt, Result};
 use std::path::{Path, PathBuf};
 
-pub(crate) fn device() -> Result<Device> {
-    #[cfg(feature = "cuda")]
-    {
-        if candle_core::utils::cuda_is_available() {
-            return Ok(Device::new_cuda(0)?);
-        }
-    }
-    Ok(Device::Cpu)
+use crate::args::{
+    device, parse_device, CombinationArg, DeviceArg, MajoritySignArg, TaskTypeArg, DEVICE_HELP,
+};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The job's TOML file: [model] (path, task_type, num_labels), [peft] (adapter_config.json
+    /// fields), [data] and [training] (TrainingArguments names).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Override a config value: `--set training.learning_rate=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from a checkpoint directory, or without a value from the newest
+    /// `checkpoint-N` in output_dir.
+    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "last")]
+    pub resume: Option<String>,
+    #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
+    pub device: Option<DeviceArg>,
 }
 
 /// `peft train`: the config file with `--set` overrides (and `--resume`), Ctrl-C saving a
-/// checkpoint.
-pub fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Result<()> {
-    let mut cfg = TrainConfig::from_toml_file_with(config_path, overrides)?;
-    if resume.is_some() {
-        cfg.training.resume_from_checkpoint = resume;
+/// checkpoint. Prints the trainable-parameter line, then after training the metrics and where
+/// the adapter went; progress and logs go to stderr.
+pub fn train(a: TrainArgs) -> Result<()> {
+    let mut cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
+    if a.resume.is_some() {
+        cfg.training.resume_from_checkpoint = a.resume;
     }
+    let device = device(a.device)?;
     peft::train::install_interrupt_handler()?;
-    peft::train::run::train(&cfg, &device()?)
+    let mut job = TrainJob::prepare(&cfg, &device)?;
+    println!("{}", job.model.trainable_parameters_line());
+    let mut progress = crate::logging::TrainProgress::new(crate::logging::shows_info());
+    let out = job.run(Some(&mut progress))?;
+    drop(progress);
+    let r = &out.report;
+    println!(
+        "trained {} steps ({:.2} epochs) in {:.1} s, {:.1} examples/s, final loss {:.4}",
+        r.steps, r.epochs, r.seconds, r.examples_per_second, r.final_loss
+    );
+    if let Outcome::Interrupted(dir) = &r.outcome {
+        println!("checkpoint saved to {}", dir.display());
+        return Ok(());
+    }
+    if let Some(e) = &out.eval {
+        print_metrics(e);
+    }
+    println!(
+        "adapter saved to {} (metrics.jsonl, curves.png, curves.svg, README.md)",
+        out.output_dir.display()
+    );
+    Ok(())
+}
+
+/// The metrics block `peft train` and `peft eval` print (stdout).
+fn print_metrics(e: &Evaluation) {
+    let n = e.examples;
+    println!("eval metrics ({n} examples):");
+    for (k, v) in &e.metrics {
+        println!("  {k}: {v:.4}");
+    }
+    if let Some(acc) = e.metrics.get("accuracy") {
+        println!("test accuracy: {acc:.4} ({n} examples)");
+    }
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The job's TOML file (as for `peft train`): the model, the data and the batch size.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Adapter directory; default: the config's output_dir.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Override a config value: `--set data.eval_file=test.jsonl` (repeatable).
+    #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+    pub set: Vec<String>,
+    #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
+    pub device: Option<DeviceArg>,
 }
 
 /// `peft eval`: metrics of a trained adapter on the config's evaluation data.
-pub fn eval(config_path: &Path, overrides: &[String], adapter: Option<&Path>) -> Result<()> {
-    let cfg = TrainConfig::from_toml_file_with(config_path, overrides)?;
-    peft::train::run::eval(&cfg, adapter, &device()?).map(|_| ())
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
+    let e = peft::train::run::eval(&cfg, a.adapter.as_deref(), &device(a.device)?)?;
+    tracing::info!("evaluated on {}", e.source);
+    print_metrics(&e);
+    Ok(())
 }
 
+#[derive(Args)]
 pub struct ForwardArgs {
+    /// The base model: a Hugging Face model directory or a GGUF file.
+    #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
+    /// An adapter directory, or NAME=DIR; repeat for several adapters (the first is active).
+    #[arg(long, value_name = "[NAME=]DIR")]
     pub adapter: Vec<String>,
+    /// One adapter name per input row, comma-separated (`__base__`: no adapter): a mixed
+    /// batch, each row through its own adapter.
+    #[arg(long, value_name = "NAME,NAME,...")]
     pub adapter_names: Option<String>,
+    /// Equal-length rows of token ids as JSON, e.g. '[[101, 2023, 102]]'.
+    #[arg(long, value_name = "JSON")]
     pub input_ids: String,
+    /// Same shape as --input-ids; 1 for real tokens, 0 for padding.
+    #[arg(long, value_name = "JSON")]
     pub attention_mask: Option<String>,
+    /// Same shape as --input-ids; segment ids for BERT-style pairs.
+    #[arg(long, value_name = "JSON")]
     pub token_type_ids: Option<String>,
+    /// Encoder-decoder models (T5): the decoder's token ids, equal-length rows as JSON, one
+    /// row per --input-ids row; logits are then [batch, decoder positions, vocab].
+    #[arg(long, value_name = "JSON")]
     pub decoder_input_ids: Option<String>,
-    pub task_type: Option<String>,
+    /// One task id per input row as JSON, e.g. '[0, 2]': PEFT's `task_ids`, for adapters with a
+    /// prompt per task (multitask prompt tuning).
+    #[arg(long, value_name = "JSON")]
+    pub task_ids: Option<String>,
+    /// The head to use when no adapter says (default: from config.json's architectures).
+    #[arg(long, value_enum, ignore_case = true)]
+    pub task_type: Option<TaskTypeArg>,
+    /// Classes of a classification head (default: config.json's).
+    #[arg(long, value_name = "N")]
     pub num_labels: Option<usize>,
+    /// The safetensors FILE to write, holding one f32 tensor `logits` (a file, not a directory).
+    #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
+    pub device: Option<DeviceArg>,
+}
+
+/// Parses `--task-ids '[0, 2]'`: one task id per row of a batch of `rows`.
+pub(crate) fn parse_task_ids(json: &str, rows: usize) -> Result<Vec<u32>> {
+    let ids: Vec<u32> = serde_json::from_str(json).map_err(|e| {
+        Error::Data(format!(
+            "--task-ids: expected a JSON list of non-negative integers, one per row: {e}"
+        ))
+    })?;
+    if ids.len() != rows {
+        return Err(Error::Data(format!(
+            "--task-ids has {} ids for {rows} rows; give one task id per row",
+            ids.len()
+        )));
+    }
+    Ok(ids)
 }
 
 /// Parses `[[1, 2], [3, 4]]` into a `[rows, cols]` u32 tensor; rows must have equal length.
@@ -71,7 +183,14 @@ fn parse_matrix(what: &str, json: &str, device: &Device) -> Result<Tensor> {
 }
 
 pub fn forward(a: ForwardArgs) -> Result<()> {
-    let device = device()?;
+    if a.out.is_dir() {
+        return Err(Error::Config(format!(
+            "--out {}: is a directory; `peft forward` writes a safetensors file, e.g. --out {}",
+            a.out.display(),
+            a.out.join("logits.safetensors").display()
+        )));
+    }
+    let device = device(a.device)?;
     let input_ids = parse_matrix("input-ids", &a.input_ids, &device)?;
     let check = |name: &str, t: Tensor| -> Result<Tensor> {
         if t.dims() != input_ids.dims() {
@@ -120,11 +239,19 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
                 Ok(d)
             })
             .transpose()?,
+        task_ids: a
+            .task_ids
+            .as_deref()
+            .map(|t| {
+                let ids = parse_task_ids(t, input_ids.dim(0)?)?;
+                Ok::<_, Error>(Tensor::new(ids.as_slice(), &device)?)
+            })
+            .transpose()?,
         input_ids: Some(input_ids.clone()),
         ..Default::default()
     };
     let opts = LoadOptions {
-        task: a.task_type.as_deref().map(str::parse).transpose()?,
+        task: a.task_type.map(Into::into),
         num_labels: a.num_labels,
         device,
         seed: 42,
@@ -154,33 +281,71 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         &a.out,
         &[("logits".to_string(), logits.detach().to_dtype(DType::F32)?)],
     )?;
-    println!("wrote logits {:?} to {}", logits.dims(), a.out.display());
+    tracing::info!("wrote logits {:?} to {}", logits.dims(), a.out.display());
     Ok(())
 }
 
+#[derive(Args)]
 pub struct MergeArgs {
+    /// The base model: a Hugging Face model directory or a GGUF file.
+    #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
+    /// An adapter directory, or NAME=DIR; repeat to merge a weighted combination of several.
+    #[arg(long, required = true, value_name = "[NAME=]DIR")]
     pub adapter: Vec<String>,
+    /// One weight per adapter, comma-separated (default: 1 each); negative subtracts.
+    #[arg(long, value_name = "W,W,...", allow_hyphen_values = true)]
     pub weights: Option<String>,
-    pub combination_type: String,
+    /// How several adapters combine (PEFT's add_weighted_adapter).
+    #[arg(long, value_enum, default_value_t = CombinationArg::Svd)]
+    pub combination_type: CombinationArg,
+    /// Rank of the _svd combinations (default: the largest input rank).
+    #[arg(long, value_name = "R")]
     pub svd_rank: Option<usize>,
+    /// Quantile at which _svd factors are clamped.
+    #[arg(long, value_name = "Q")]
     pub svd_clamp: Option<f64>,
+    /// Fraction of entries TIES / DARE / magnitude pruning keep (needed by those).
+    #[arg(long, value_name = "D")]
     pub density: Option<f64>,
-    pub majority_sign_method: String,
+    /// TIES sign election.
+    #[arg(long, value_enum, default_value_t = MajoritySignArg::Total)]
+    pub majority_sign_method: MajoritySignArg,
+    /// Seed of DARE's random masks.
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The model DIRECTORY to write (created if missing): config.json, model.safetensors and
+    /// the tokenizer files, loadable by transformers.
+    #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
+    pub device: Option<DeviceArg>,
 }
 
 /// Merges one adapter, or a weighted combination of several (PEFT's `add_weighted_adapter`
 /// followed by `merge_and_unload`), into the base model.
 pub fn merge(a: MergeArgs) -> Result<()> {
+    if a.out.exists() && !a.out.is_dir() {
+        return Err(Error::Config(format!(
+            "--out {}: is a file; `peft merge` writes a model directory",
+            a.out.display()
+        )));
+    }
     let specs = crate::adapters::parse_specs(&a.adapter)?;
+    let combination = a.combination_type.to_peft()?;
+    let several = specs.len() > 1 || a.weights.is_some();
+    if several && combination.needs_density() && a.density.is_none() {
+        return Err(Error::Config(format!(
+            "--combination-type {} needs --density (the fraction of entries kept, e.g. 0.5)",
+            a.combination_type.name()
+        )));
+    }
     let opts = LoadOptions {
-        device: device()?,
+        device: device(a.device)?,
         ..Default::default()
     };
     let mut peft_model = crate::adapters::load(&a.model, &specs, opts)?;
-    if specs.len() > 1 || a.weights.is_some() {
+    if several {
         let weights: Vec<f64> = match &a.weights {
             Some(w) => w
                 .split(',')
@@ -193,27 +358,34 @@ pub fn merge(a: MergeArgs) -> Result<()> {
             None => vec![1.0; specs.len()],
         };
         let wopts = peft::tuners::lora::weighted::WeightedOptions {
-            combination_type: a.combination_type.parse()?,
+            combination_type: combination,
             svd_rank: a.svd_rank,
             svd_clamp: a.svd_clamp,
             density: a.density,
-            majority_sign_method: a.majority_sign_method.parse()?,
+            majority_sign_method: a.majority_sign_method.into(),
             seed: a.seed,
         };
         let names: Vec<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
         let combined = "__weighted__";
         peft_model.add_weighted_adapter(&names, &weights, combined, &wopts)?;
         peft_model.set_adapter(combined)?;
-        println!(
+        tracing::info!(
             "combined {} with weights {weights:?} ({})",
             names.join(", "),
-            a.combination_type
+            a.combination_type.name()
         );
     }
     let merged = peft_model.merge_and_unload()?;
     models::save_pretrained(merged.as_ref(), &a.out)?;
-    println!("merged model written to {}", a.out.display());
+    tracing::info!("merged model written to {}", a.out.display());
     Ok(())
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// An adapter directory (adapter_config.json), a model directory (config.json) or a GGUF
+    /// file or a directory holding one.
+    pub dir: PathBuf,
 }
 
 pub fn inspect(dir: &Path) -> Result<()> {

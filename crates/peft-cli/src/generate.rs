@@ -1,6 +1,7 @@
-//! `peft generate`: tokenize, generate (streaming the first prompt's text as it comes), report
-//! throughput.
+//! `peft generate`: tokenize, generate (streaming the first prompt's text to stdout as it comes),
+//! report throughput (a log line on stderr).
 
+use clap::Args;
 use peft::generation::{generate_stream as run_generate, GenerationConfig, SamplingConfig};
 use peft::io::tokenizer::Tokenizer;
 use peft::models::{self, LoadOptions};
@@ -10,22 +11,62 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::args::{parse_device, DeviceArg, DEVICE_HELP};
+
+#[derive(Args)]
 pub struct GenerateArgs {
+    /// Model directory, .gguf file, or directory holding one; default: the adapter's
+    /// base_model_name_or_path (a local path or the Hugging Face cache).
+    #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
+    /// An adapter directory, or NAME=DIR; repeat for several adapters (the first is active).
+    #[arg(long, value_name = "[NAME=]DIR")]
     pub adapter: Vec<String>,
+    /// One adapter name per prompt, comma-separated (`__base__`: no adapter).
+    #[arg(long, value_name = "NAME,NAME,...")]
     pub adapter_names: Option<String>,
+    /// The prompt; repeat for a batch (left-padded, generated together).
+    #[arg(long = "prompt", required = true, value_name = "TEXT")]
     pub prompts: Vec<String>,
+    /// New tokens per prompt at most.
+    #[arg(long, default_value_t = 128, value_name = "N")]
     pub max_new_tokens: usize,
+    /// Sample instead of greedy decoding.
+    #[arg(long)]
     pub do_sample: bool,
+    /// Sampling temperature (with --do-sample).
+    #[arg(long, default_value_t = 1.0, value_name = "T")]
     pub temperature: f32,
+    /// Sampling keeps the k most likely tokens (transformers' default 50; 0: off).
+    #[arg(long, default_value_t = 50, value_name = "K")]
     pub top_k: usize,
+    /// Sampling keeps the smallest set of tokens whose probabilities sum to P (1: off).
+    #[arg(long, default_value_t = 1.0, value_name = "P")]
     pub top_p: f32,
+    /// Divides the logits of tokens already in the sequence (CTRL's penalty; 1: off).
+    #[arg(long, default_value_t = 1.0, value_name = "R")]
     pub repetition_penalty: f32,
+    /// Stop a sequence once its text contains this; repeatable.
+    #[arg(long, value_name = "TEXT")]
     pub stop: Vec<String>,
+    /// Format each prompt as a user message with the model's chat template.
+    #[arg(long)]
     pub chat: bool,
+    /// System message for --chat.
+    #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also print the generated token ids of each prompt as a JSON line.
+    #[arg(long)]
     pub print_ids: bool,
+    /// One task id per prompt as JSON, e.g. '[0, 2]': PEFT's `task_ids`, for adapters with a
+    /// prompt per task (multitask prompt tuning).
+    #[arg(long, value_name = "JSON")]
+    pub task_ids: Option<String>,
+    #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
+    pub device: Option<DeviceArg>,
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
@@ -81,7 +122,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         } else {
             TaskType::CausalLm
         }),
-        device: super::commands::device()?,
+        device: crate::args::device(a.device)?,
         ..Default::default()
     };
     let cfg = GenerationConfig {
@@ -95,6 +136,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         },
         stop_strings: a.stop.clone(),
         seed: a.seed,
+        task_ids: a
+            .task_ids
+            .as_deref()
+            .map(|t| crate::commands::parse_task_ids(t, prompts.len()))
+            .transpose()?,
         ..Default::default()
     };
     let stream = a.prompts.len() == 1;
@@ -161,7 +207,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         );
     }
     let n: usize = out.tokens.iter().map(Vec::len).sum();
-    eprintln!(
+    tracing::info!(
         "generated {n} tokens for {} prompt(s) in {seconds:.2} s: {:.1} tokens/s (finish: {:?})",
         prompts.len(),
         n as f64 / seconds.max(1e-9),

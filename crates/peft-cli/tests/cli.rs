@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{matrix, max_diff, peft, tensor};
+use common::{matrix, max_diff, peft, tensor, write_word_tokenizer};
 
 fn fixtures() -> PathBuf {
     common::peft_fixtures().join("bert")
@@ -222,44 +222,6 @@ logging_steps = 2
     );
     let (ok, text) = peft(&["inspect", out_dir.to_str().unwrap()]);
     assert!(ok && text.contains("lora_A.weight [4, 32]"), "{text}");
-}
-
-/// A WordLevel tokenizer.json over the fixture vocabulary (ids 0..1000), with BERT's special
-/// tokens at BERT's places and a [CLS] ... [SEP] template.
-fn write_word_tokenizer(path: &Path) {
-    let mut vocab = serde_json::Map::new();
-    for (i, t) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"].iter().enumerate() {
-        vocab.insert(t.to_string(), (i as u32).into());
-    }
-    for i in 4..1000u32 {
-        let word = match i {
-            4 => "good".to_string(),
-            5 => "bad".to_string(),
-            6 => "meh".to_string(),
-            _ => format!("token{}", i - 7),
-        };
-        vocab.insert(word, i.into());
-    }
-    let tok = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}, {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
-            "special_tokens": {
-                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
-                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}
-            }
-        },
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
-    std::fs::write(path, serde_json::to_string(&tok).unwrap()).unwrap();
 }
 
 /// A seq2seq model: `--decoder-input-ids` feeds the decoder and the logits are PEFT's

@@ -181,7 +181,7 @@ fn main() -> peft::Result<()> {
                 train: &data,
                 eval: None,
                 label_names: Vec::new(),
-                quiet: true,
+                callback: None,
             };
             t.train()?;
             m.save_pretrained(&dir.join("adapter"))?;

@@ -6,6 +6,7 @@
 
 use peft::candle::{Device, Tensor};
 use peft::io::tokenizer::Tokenizer;
+use peft::train::callback::TrainerEvent;
 use peft::train::config::{Interval, TrainingArguments};
 use peft::train::data::{CollateOptions, Example, PaddingSide, Target};
 use peft::train::Trainer;
@@ -95,6 +96,11 @@ fn main() -> peft::Result<()> {
         });
     }
     let load0 = loadavg();
+    let mut log = |e: &TrainerEvent<'_>| {
+        if let TrainerEvent::Log(s) = e {
+            println!("step {}/{}  loss {:.4}", s.step, s.total_steps, s.loss);
+        }
+    };
     let start = Instant::now();
     let report = Trainer {
         model: &mut model,
@@ -119,7 +125,7 @@ fn main() -> peft::Result<()> {
         train: &examples,
         eval: None,
         label_names: Vec::new(),
-        quiet: false,
+        callback: Some(&mut log),
     }
     .train()?;
     let train_s = start.elapsed().as_secs_f64();

@@ -185,7 +185,7 @@ fn training_moves_every_trainable_tensor_and_no_base_weight() {
                 train: &data,
                 eval: None,
                 label_names: Vec::new(),
-                quiet: true,
+                callback: None,
             };
             let report = t.train().unwrap_or_else(|e| panic!("{rel} {what}: {e}"));
             assert!(report.final_loss.is_finite(), "{rel} {what}");
@@ -221,7 +221,7 @@ fn resuming_p_tuning_restores_its_encoder() {
             train: &data,
             eval: None,
             label_names: Vec::new(),
-            quiet: true,
+            callback: None,
         };
         t.train().unwrap();
         snapshot(&m)

@@ -151,7 +151,7 @@ fn run(
         label_names: (0..5)
             .map(|i| ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"][i].to_string())
             .collect(),
-        quiet: true,
+        callback: None,
     };
     let r = t.train().unwrap();
     if r.outcome == Outcome::Finished {
@@ -349,7 +349,7 @@ fn a_non_finite_loss_stops_the_run_and_names_the_last_checkpoint() {
         train: &data,
         eval: None,
         label_names: vec![],
-        quiet: true,
+        callback: None,
     };
     let e = t.train().expect_err("the loss overflows").to_string();
     assert!(

@@ -277,8 +277,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         .map(|v| v.clone())
         .unwrap_or_default();
     if !initialized.is_empty() {
-        eprintln!(
-            "note: {} not in the checkpoint; initialised randomly (train it, or load an adapter that saves it)",
+        tracing::warn!(
+            "{} not in the checkpoint; initialised randomly (train it, or load an adapter that saves it)",
             initialized.join(", ")
         );
     }

@@ -31,13 +31,13 @@ pub fn write_model_card(
     let _ = writeln!(s, "---\nbase_model: {base}\nlibrary_name: peft\ntags:");
     let _ = writeln!(
         s,
-        "- base_model:adapter:{base}\n- {}\n- peft-rs\n---\n",
+        "- base_model:adapter:{base}\n- {}\n- peft\n---\n",
         method.to_lowercase()
     );
     let _ = writeln!(s, "# Model Card for {} adapter of {base}\n", method);
     let _ = writeln!(
         s,
-        "A {method} adapter for `{}` ({task}), trained with peft-rs. It loads with PEFT:\n",
+        "A {method} adapter for `{}` ({task}), trained with `peft` (Rust). It loads with PEFT:\n",
         model.base_model().info().architecture
     );
     let _ = writeln!(
@@ -82,7 +82,7 @@ pub fn write_model_card(
     }
     let _ = writeln!(
         s,
-        "\n### Framework versions\n\n- peft-rs {}",
+        "\n### Framework versions\n\n- peft (Rust) {}",
         env!("CARGO_PKG_VERSION")
     );
     crate::io::write_atomic(&dir.join("README.md"), s.as_bytes())

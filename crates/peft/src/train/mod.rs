@@ -2,12 +2,14 @@
 //!
 //! - [`config`]: the TOML config (`[model]`, `[peft]`, `[data]`, `[training]`) and `--set` overrides.
 //! - [`data`]: JSONL / CSV / Parquet rows → per-task examples → padded batches.
-//! - [`trainer`]: the loop (accumulation, clipping, schedule, logging, evaluation, checkpoints).
+//! - [`trainer`]: the loop (accumulation, clipping, schedule, logging, evaluation, checkpoints);
+//!   [`callback`]: the events it reports to whoever shows progress (the library prints nothing).
 //! - [`optim`], [`schedule`]: AdamW and the learning-rate schedules, as torch / transformers.
 //! - [`eval`], [`metrics`]: task losses and metrics; [`checkpoint`]: save / resume.
 //! - [`plot`], [`card`]: curves and the adapter's model card.
 //! - [`run`]: everything above from a config file, as `peft train` / `peft eval` run it.
 
+pub mod callback;
 pub mod card;
 pub mod checkpoint;
 pub mod config;
@@ -20,6 +22,7 @@ pub mod run;
 pub mod schedule;
 pub mod trainer;
 
+pub use callback::{StepInfo, TrainerCallback, TrainerEvent};
 pub use config::{TrainConfig, TrainingArguments};
 pub use eval::{causal_lm_loss, classification_loss, evaluate, task_loss, EvalOptions};
 pub use trainer::{

@@ -1,17 +1,19 @@
 //! A whole job from a [`TrainConfig`]: read and tokenise the data, load the model with the head
 //! the task needs, wrap it with the adapter, train (or only evaluate), save. `peft train` and
-//! `peft eval` are these two functions.
+//! `peft eval` are these two functions. Nothing here prints: progress goes to a
+//! [`TrainerCallback`], results are returned, and notes are `tracing` events.
 
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 
+use super::callback::TrainerCallback;
 use super::config::TrainConfig;
 use super::data::{
     build_examples, read_records, split_validation, CollateOptions, Example, LabelSet, TaskData,
 };
 use super::eval::{evaluate, EvalOptions};
 use super::metrics::Metrics;
-use super::trainer::{Outcome, Trainer};
+use super::trainer::{Outcome, TrainReport, Trainer};
 use crate::io::tokenizer::Tokenizer;
 use crate::models::{self, LoadOptions, TaskType};
 use crate::peft_model::{get_peft_model_with_seed, PeftModel, CONFIG_NAME};
@@ -161,89 +163,133 @@ fn labels_for_head(cfg: &TrainConfig) -> Result<Option<LabelSet>> {
     )))
 }
 
-/// `peft train`: trains, evaluates, and saves the adapter, model card and curves in
-/// `output_dir`.
-pub fn train(cfg: &TrainConfig, device: &Device) -> Result<()> {
-    let task = task_of(cfg);
-    let tok = Tokenizer::for_model(&cfg.model.path)?;
-    let head_labels = labels_for_head(cfg)?;
-    let model = load_base(cfg, head_labels.as_ref(), device)?;
-    let mut prepared = prepare(cfg, model.as_ref(), &tok)?;
-    if let (Some(h), Some(l)) = (&head_labels, &mut prepared.labels) {
-        l.num_labels = l.num_labels.max(h.num_labels);
-    }
-    let mut peft_config = cfg.peft.clone();
-    if peft_config.task_type().is_none() {
-        // The [model] table already says the task; PEFT needs it to train and save the head.
-        peft_config.set_task_type(task);
-    }
-    let mut peft_model =
-        get_peft_model_with_seed(model, peft_config, "default", cfg.training.seed)?;
-    println!("{}", peft_model.trainable_parameters_line());
-    println!(
-        "training on {} examples ({}){}",
-        prepared.train.len(),
-        match &prepared.labels {
-            Some(l) => format!("{} labels", l.num_labels),
-            None => task.as_str().to_string(),
-        },
-        if prepared.eval.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ", evaluating on {} ({})",
-                prepared.eval.len(),
-                prepared.eval_source
-            )
-        }
-    );
-    let names = label_names(&prepared);
-    let mut trainer = Trainer {
-        model: &mut peft_model,
-        args: cfg.training.clone(),
-        collate: prepared.collate,
-        train: &prepared.train,
-        eval: (!prepared.eval.is_empty()).then_some(prepared.eval.as_slice()),
-        label_names: names,
-        quiet: false,
-    };
-    let report = trainer.train()?;
-    println!(
-        "trained {} steps ({:.2} epochs) in {:.1} s, {:.1} examples/s, final loss {:.4}",
-        report.steps, report.epochs, report.seconds, report.examples_per_second, report.final_loss
-    );
-    if let Outcome::Interrupted(dir) = &report.outcome {
-        println!("checkpoint saved to {}", dir.display());
-        return Ok(());
-    }
-    let metrics = trainer.evaluate()?;
-    if let Some(m) = &metrics {
-        print_metrics(m, prepared.eval.len());
-    }
-    trainer.save_final(&report, metrics.as_ref())?;
-    if let Some(m) = &metrics {
-        let path = cfg.training.output_dir.join("eval_results.json");
-        super::checkpoint::write_json(&path, m)?;
-    }
-    println!(
-        "adapter saved to {} (metrics.jsonl, curves.png, curves.svg, README.md)",
-        cfg.training.output_dir.display()
-    );
-    Ok(())
+/// A training job ready to run: the base model with the task's head, wrapped with the
+/// config's adapter, and the tokenised data. [`TrainJob::prepare`] then [`TrainJob::run`] is what
+/// `peft train` does; in between, [`PeftModel::trainable_parameters_line`] on `model` says what
+/// will train.
+pub struct TrainJob {
+    pub config: TrainConfig,
+    pub model: PeftModel,
+    pub data: Prepared,
 }
 
-pub fn print_metrics(m: &Metrics, n: usize) {
-    println!("eval metrics ({n} examples):");
-    for (k, v) in m {
-        println!("  {k}: {v:.4}");
+/// An evaluation of an adapter.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub metrics: Metrics,
+    /// How many examples were evaluated.
+    pub examples: usize,
+    /// Where they came from (the eval file, or the held-out part of the train file).
+    pub source: String,
+}
+
+/// What [`TrainJob::run`] did.
+#[derive(Debug, Clone)]
+pub struct TrainOutput {
+    pub report: TrainReport,
+    /// The final evaluation; `None` without evaluation data, or when the run was interrupted.
+    pub eval: Option<Evaluation>,
+    /// `output_dir`: the adapter, its model card, `metrics.jsonl`, `curves.png` / `curves.svg`
+    /// and `eval_results.json` (unless the run was interrupted: then only the checkpoint in
+    /// `report.outcome`).
+    pub output_dir: PathBuf,
+}
+
+impl TrainJob {
+    /// Reads and tokenises the data, loads the model with the head the task needs, and adds the
+    /// adapter of the `[peft]` table.
+    pub fn prepare(cfg: &TrainConfig, device: &Device) -> Result<TrainJob> {
+        let task = task_of(cfg);
+        let tok = Tokenizer::for_model(&cfg.model.path)?;
+        let head_labels = labels_for_head(cfg)?;
+        let model = load_base(cfg, head_labels.as_ref(), device)?;
+        let mut prepared = prepare(cfg, model.as_ref(), &tok)?;
+        if let (Some(h), Some(l)) = (&head_labels, &mut prepared.labels) {
+            l.num_labels = l.num_labels.max(h.num_labels);
+        }
+        let mut peft_config = cfg.peft.clone();
+        if peft_config.task_type().is_none() {
+            // The [model] table already says the task; PEFT needs it to train and save the head.
+            peft_config.set_task_type(task);
+        }
+        let peft_model =
+            get_peft_model_with_seed(model, peft_config, "default", cfg.training.seed)?;
+        tracing::info!(
+            "training on {} examples ({}){}",
+            prepared.train.len(),
+            match &prepared.labels {
+                Some(l) => format!("{} labels", l.num_labels),
+                None => task.as_str().to_string(),
+            },
+            if prepared.eval.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", evaluating on {} ({})",
+                    prepared.eval.len(),
+                    prepared.eval_source
+                )
+            }
+        );
+        Ok(TrainJob {
+            config: cfg.clone(),
+            model: peft_model,
+            data: prepared,
+        })
     }
-    if let Some(acc) = m.get("accuracy") {
-        println!("test accuracy: {acc:.4} ({n} examples)");
+
+    /// Trains (reporting to `callback`; `None`: silently), evaluates, and saves the adapter,
+    /// model card, curves and `eval_results.json` in `output_dir`. An interrupted run (Ctrl-C)
+    /// returns after its checkpoint, without the final evaluation and save.
+    pub fn run(&mut self, callback: Option<&mut dyn TrainerCallback>) -> Result<TrainOutput> {
+        let names = label_names(&self.data);
+        let output_dir = self.config.training.output_dir.clone();
+        let mut trainer = Trainer {
+            model: &mut self.model,
+            args: self.config.training.clone(),
+            collate: self.data.collate,
+            train: &self.data.train,
+            eval: (!self.data.eval.is_empty()).then_some(self.data.eval.as_slice()),
+            label_names: names,
+            // Reborrowed for the trainer's (shorter) lifetime.
+            callback: callback.map(|c| -> &mut dyn TrainerCallback { c }),
+        };
+        let report = trainer.train()?;
+        if let Outcome::Interrupted(_) = &report.outcome {
+            return Ok(TrainOutput {
+                report,
+                eval: None,
+                output_dir,
+            });
+        }
+        let metrics = trainer.evaluate()?;
+        trainer.save_final(&report, metrics.as_ref())?;
+        if let Some(m) = &metrics {
+            super::checkpoint::write_json(&output_dir.join("eval_results.json"), m)?;
+        }
+        Ok(TrainOutput {
+            report,
+            eval: metrics.map(|metrics| Evaluation {
+                metrics,
+                examples: self.data.eval.len(),
+                source: self.data.eval_source.clone(),
+            }),
+            output_dir,
+        })
     }
+}
+
+/// `peft train`: [`TrainJob::prepare`], then [`TrainJob::run`].
+pub fn train(
+    cfg: &TrainConfig,
+    device: &Device,
+    callback: Option<&mut dyn TrainerCallback>,
+) -> Result<TrainOutput> {
+    TrainJob::prepare(cfg, device)?.run(callback)
 }
 
 /// `peft eval`: the metrics of an adapter (default: the one in `output_dir`) on the eval data.
-pub fn eval(cfg: &TrainConfig, adapter: Option<&Path>, device: &Device) -> Result<Metrics> {
+pub fn eval(cfg: &TrainConfig, adapter: Option<&Path>, device: &Device) -> Result<Evaluation> {
     let dir: PathBuf = adapter
         .map(Path::to_path_buf)
         .unwrap_or_else(|| cfg.training.output_dir.clone());
@@ -277,6 +323,9 @@ pub fn eval(cfg: &TrainConfig, adapter: Option<&Path>, device: &Device) -> Resul
             max_answer_length: 30,
         },
     )?;
-    print_metrics(&m, prepared.eval.len());
-    Ok(m)
+    Ok(Evaluation {
+        metrics: m,
+        examples: prepared.eval.len(),
+        source: prepared.eval_source,
+    })
 }

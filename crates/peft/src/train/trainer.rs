@@ -5,7 +5,6 @@
 //! on Ctrl-C or a non-finite loss.
 
 use candle_core::{DType, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::io::Write;
@@ -13,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use super::callback::{StepInfo, TrainerCallback, TrainerEvent};
 use super::checkpoint::{self, TrainerState};
 use super::config::{Interval, TrainingArguments};
 use super::data::{collate, CollateOptions, Example};
@@ -26,13 +26,15 @@ use crate::{ops, Error, Result};
 static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Installs a SIGINT (Ctrl-C) handler that asks a running [`Trainer`] to save a checkpoint and
-/// stop after the current step. A second Ctrl-C exits at once.
+/// stop after the current step (said as a `tracing` warning). A second Ctrl-C exits at once.
 pub fn install_interrupt_handler() -> Result<()> {
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+        tracing::warn!(
+            "interrupted: saving a checkpoint after this step (Ctrl-C again to quit now)"
+        );
     })
     .map_err(|e| Error::Training(format!("cannot install the Ctrl-C handler: {e}")))
 }
@@ -73,8 +75,16 @@ pub struct Trainer<'a> {
     pub eval: Option<&'a [Example]>,
     /// TOKEN_CLS tag names for entity F1.
     pub label_names: Vec<String>,
-    /// No progress bar and no log lines (tests); metrics.jsonl is still written.
-    pub quiet: bool,
+    /// Receives every step, log, evaluation and checkpoint (to draw progress); `None`: silent.
+    /// metrics.jsonl is written either way.
+    pub callback: Option<&'a mut dyn TrainerCallback>,
+}
+
+/// Sends `event` to the callback, if there is one.
+fn emit(callback: &mut Option<&mut dyn TrainerCallback>, event: TrainerEvent<'_>) {
+    if let Some(cb) = callback {
+        cb.on_event(&event);
+    }
 }
 
 impl Trainer<'_> {
@@ -146,6 +156,7 @@ impl Trainer<'_> {
             ..Default::default()
         };
         ops::seed_dropout(args.seed);
+        let mut resumed_from = None;
         if let Some(spec) = &args.resume_from_checkpoint {
             let dir = checkpoint::resolve_resume(spec, &out_dir)?;
             let (s, sch) = checkpoint::read_state(&dir)?;
@@ -154,12 +165,13 @@ impl Trainer<'_> {
             ops::restore_dropout(s.seed, s.dropout_draws);
             schedule = sch;
             state = s;
-            println!(
+            tracing::info!(
                 "resuming from {} (step {}, epoch {:.2})",
                 dir.display(),
                 state.global_step,
                 state.epoch
             );
+            resumed_from = Some(dir);
         }
         let metrics_path = out_dir.join("metrics.jsonl");
         if state.global_step == 0 {
@@ -182,28 +194,14 @@ impl Trainer<'_> {
         for _ in 0..state.epochs_started.saturating_sub(1) {
             next_order(&mut rng);
         }
-        let bar = if self.quiet {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(total as u64)
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        emit(
+            &mut self.callback,
+            TrainerEvent::Begin {
+                total_steps: total,
+                start_step: state.global_step,
+                resumed_from: resumed_from.as_deref(),
+            },
         );
-        bar.set_position(state.global_step as u64);
-        let say = |line: String| {
-            // A hidden bar (output not a terminal) swallows println; logs must still appear.
-            if bar.is_hidden() {
-                if !self.quiet {
-                    println!("{line}");
-                }
-            } else {
-                bar.println(line);
-            }
-        };
         let start = Instant::now();
         let (mut seen, mut window_loss, mut window_n, mut last_loss) =
             (0usize, 0f64, 0usize, f64::NAN);
@@ -258,7 +256,6 @@ impl Trainer<'_> {
                     }
                     let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     if !loss_v.is_finite() {
-                        bar.abandon();
                         let last = checkpoint::list_checkpoints(&out_dir).pop();
                         return Err(Error::Training(format!(
                             "the loss became {loss_v} at step {}; lower learning_rate (or check \
@@ -319,24 +316,26 @@ impl Trainer<'_> {
                 window_loss += step_loss;
                 window_n += 1;
                 last_loss = step_loss;
-                bar.set_position(state.global_step as u64);
                 let rate = seen as f64 / start.elapsed().as_secs_f64();
-                bar.set_message(format!(
-                    "epoch {:.2} loss {step_loss:.4} lr {lr:.2e} {rate:.1} ex/s",
-                    state.epoch
-                ));
                 let step = state.global_step;
+                let mut info = StepInfo {
+                    step,
+                    total_steps: total,
+                    epoch: state.epoch,
+                    loss: step_loss,
+                    learning_rate: lr,
+                    grad_norm: norm,
+                    examples_per_second: rate,
+                };
+                emit(&mut self.callback, TrainerEvent::Step(&info));
                 if args.logging_steps > 0 && step.is_multiple_of(args.logging_steps) {
                     let entry = serde_json::json!({
                         "step": step, "epoch": round4(state.epoch),
                         "loss": window_loss / window_n as f64, "learning_rate": lr,
                         "grad_norm": norm, "examples_per_second": rate,
                     });
-                    say(format!(
-                        "step {step}/{total}  epoch {:.2}  loss {:.4}  lr {lr:.3e}  {rate:.1} ex/s",
-                        state.epoch,
-                        window_loss / window_n as f64
-                    ));
+                    info.loss = window_loss / window_n as f64;
+                    emit(&mut self.callback, TrainerEvent::Log(&info));
                     log(&metrics_path, &mut state, entry)?;
                     window_loss = 0.0;
                     window_n = 0;
@@ -349,7 +348,10 @@ impl Trainer<'_> {
                 };
                 if due(args.eval_strategy, args.eval_steps()) {
                     if let Some(m) = self.evaluate()? {
-                        say(format!("eval at step {step}: {}", show(&m)));
+                        emit(
+                            &mut self.callback,
+                            TrainerEvent::Evaluate { step, metrics: &m },
+                        );
                         let mut entry =
                             serde_json::json!({"step": step, "epoch": round4(state.epoch)});
                         for (k, v) in &m {
@@ -377,36 +379,47 @@ impl Trainer<'_> {
                 if due(args.save_strategy, args.save_steps) || stop {
                     let t = Instant::now();
                     let dir = checkpoint::save(&out_dir, self.model, &opt, &schedule, &state)?;
-                    say(format!(
-                        "saved {} in {:.3} s",
-                        dir.display(),
-                        t.elapsed().as_secs_f64()
-                    ));
+                    emit(
+                        &mut self.callback,
+                        TrainerEvent::Save {
+                            step,
+                            dir: &dir,
+                            seconds: t.elapsed().as_secs_f64(),
+                        },
+                    );
                     checkpoint::rotate(
                         &out_dir,
                         args.save_total_limit,
                         state.best_model_checkpoint.as_deref(),
                     )?;
                     if stop {
-                        say(format!(
-                            "stopped at step {step}; resume with --resume {}",
-                            dir.display()
-                        ));
+                        emit(
+                            &mut self.callback,
+                            TrainerEvent::Interrupted {
+                                step,
+                                checkpoint: &dir,
+                            },
+                        );
                         outcome = Outcome::Interrupted(dir);
                         break 'outer;
                     }
                 }
             }
         }
-        bar.finish_and_clear();
         if outcome == Outcome::Finished && args.load_best_model_at_end {
             if let Some(best) = &state.best_model_checkpoint {
                 if best.exists() {
                     checkpoint::load_trainable(self.model, best)?;
-                    say(format!("loaded the best checkpoint {}", best.display()));
+                    emit(&mut self.callback, TrainerEvent::LoadedBest { dir: best });
                 }
             }
         }
+        emit(
+            &mut self.callback,
+            TrainerEvent::End {
+                steps: state.global_step,
+            },
+        );
         let seconds = start.elapsed().as_secs_f64();
         Ok(TrainReport {
             steps: state.global_step,
@@ -420,7 +433,10 @@ impl Trainer<'_> {
         })
     }
 
-    /// After training: the adapter in `output_dir`, a model card, and the curves.
+    /// After training: the adapter in `output_dir`, a model card, and the curves. `eval`, the
+    /// final evaluation, goes into the card and, unless the run already logged an evaluation
+    /// at its last step, into metrics.jsonl (as transformers' `Trainer.evaluate` logs it), so
+    /// the curves show it even when `eval_strategy` is `no`.
     pub fn save_final(&self, report: &TrainReport, eval: Option<&Metrics>) -> Result<()> {
         let dir = &self.args.output_dir;
         self.model.save_pretrained(dir)?;
@@ -432,9 +448,30 @@ impl Trainer<'_> {
             report.steps,
             eval,
         )?;
-        let history = read_history(&dir.join("metrics.jsonl"));
+        let metrics_path = dir.join("metrics.jsonl");
+        let mut history = read_history(&metrics_path);
+        if let Some(m) = eval {
+            let logged = history.iter().any(|h| {
+                h.get("step").and_then(|s| s.as_u64()) == Some(report.steps as u64)
+                    && h.as_object()
+                        .is_some_and(|o| o.keys().any(|k| k.starts_with("eval_")))
+            });
+            if !logged && !m.is_empty() {
+                let mut entry =
+                    serde_json::json!({"step": report.steps, "epoch": round4(report.epochs)});
+                for (k, v) in m {
+                    entry[format!("eval_{k}")] = serde_json::json!(v);
+                }
+                append_line(&metrics_path, &entry)?;
+                history.push(entry);
+            }
+        }
         let panels = super::plot::curves_from_history(&history, &self.args.best_metric());
-        super::plot::write_curves(&dir.join("curves"), &panels)
+        let title = match dir.file_name() {
+            Some(name) => format!("Training curves: {}", name.to_string_lossy()),
+            None => "Training curves".to_string(),
+        };
+        super::plot::write_curves(&dir.join("curves"), &title, &panels)
     }
 }
 
@@ -442,23 +479,21 @@ fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
 
-fn show(m: &Metrics) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k} {v:.4}"))
-        .collect::<Vec<_>>()
-        .join("  ")
-}
-
 /// Appends `entry` to `metrics.jsonl` and the state's log history.
 fn log(path: &Path, state: &mut TrainerState, entry: serde_json::Value) -> Result<()> {
+    append_line(path, &entry)?;
+    state.log_history.push(entry);
+    Ok(())
+}
+
+/// Appends one JSON line to `path`.
+fn append_line(path: &Path, entry: &serde_json::Value) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    writeln!(f, "{entry}").map_err(|e| Error::io(path, e))?;
-    state.log_history.push(entry);
-    Ok(())
+    writeln!(f, "{entry}").map_err(|e| Error::io(path, e))
 }
 
 /// The entries of a `metrics.jsonl`, skipping unreadable lines.

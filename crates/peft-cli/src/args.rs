@@ -1,0 +1,197 @@
+//! Values the command line takes from a fixed set (clap `ValueEnum`s, so `--help` lists them and
+//! a bad one is refused before anything loads), and `--device`.
+
+use candle_core::Device;
+use clap::ValueEnum;
+use peft::tuners::lora::weighted::{CombinationType, MajoritySign};
+use peft::{Error, Result, TaskType};
+
+/// PEFT's task types, spelled as PEFT spells them (any case accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TaskTypeArg {
+    /// Sequence classification (a classifier on the pooled or last token).
+    #[value(name = "SEQ_CLS")]
+    SeqCls,
+    /// Token classification (one label per token, e.g. NER).
+    #[value(name = "TOKEN_CLS")]
+    TokenCls,
+    /// Causal language modelling (decoder-only models).
+    #[value(name = "CAUSAL_LM")]
+    CausalLm,
+    /// Sequence-to-sequence language modelling (T5).
+    #[value(name = "SEQ_2_SEQ_LM")]
+    Seq2SeqLm,
+    /// Extractive question answering (start/end logits).
+    #[value(name = "QUESTION_ANS")]
+    QuestionAns,
+    /// The last hidden states, no head.
+    #[value(name = "FEATURE_EXTRACTION")]
+    FeatureExtraction,
+}
+
+impl From<TaskTypeArg> for TaskType {
+    fn from(t: TaskTypeArg) -> TaskType {
+        match t {
+            TaskTypeArg::SeqCls => TaskType::SeqCls,
+            TaskTypeArg::TokenCls => TaskType::TokenCls,
+            TaskTypeArg::CausalLm => TaskType::CausalLm,
+            TaskTypeArg::Seq2SeqLm => TaskType::Seq2SeqLm,
+            TaskTypeArg::QuestionAns => TaskType::QuestionAns,
+            TaskTypeArg::FeatureExtraction => TaskType::FeatureExtraction,
+        }
+    }
+}
+
+/// `combination_type` of PEFT's `add_weighted_adapter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum CombinationArg {
+    /// Weighted sum of the A and B factors (adapters of equal rank).
+    Linear,
+    /// Concatenate the factors (rank = sum of the ranks).
+    Cat,
+    /// Weighted sum of the full deltas, refactored by SVD.
+    Svd,
+    /// TIES merging (trim to --density, elect signs, disjoint mean).
+    Ties,
+    /// TIES on the full deltas, refactored by SVD.
+    TiesSvd,
+    /// DARE: random drop to --density and rescale, then a weighted sum.
+    DareLinear,
+    /// DARE drop, then TIES sign election.
+    DareTies,
+    /// dare_linear on the full deltas, refactored by SVD.
+    DareLinearSvd,
+    /// dare_ties on the full deltas, refactored by SVD.
+    DareTiesSvd,
+    /// Keep the --density largest-magnitude entries, then a weighted sum.
+    MagnitudePrune,
+    /// magnitude_prune on the full deltas, refactored by SVD.
+    MagnitudePruneSvd,
+}
+
+impl CombinationArg {
+    /// The name PEFT uses.
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+
+    /// The library's value (the names are PEFT's on both sides).
+    pub fn to_peft(self) -> Result<CombinationType> {
+        self.name().parse()
+    }
+}
+
+/// TIES' `majority_sign_method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MajoritySignArg {
+    /// The sign of the sum of the values.
+    Total,
+    /// The more frequent sign.
+    Frequency,
+}
+
+impl From<MajoritySignArg> for MajoritySign {
+    fn from(m: MajoritySignArg) -> MajoritySign {
+        match m {
+            MajoritySignArg::Total => MajoritySign::Total,
+            MajoritySignArg::Frequency => MajoritySign::Frequency,
+        }
+    }
+}
+
+/// `--device`: where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    /// A GPU by its CUDA index.
+    Cuda(usize),
+}
+
+/// The help text of every `--device`.
+pub const DEVICE_HELP: &str = "Where the model runs: cpu, cuda (GPU 0) or cuda:N [default: cuda:0 \
+     when this peft is built with --features cuda and a GPU is present, else cpu]";
+
+/// Parses `cpu`, `cuda` or `cuda:N` (clap value parser). A CUDA device in a build without the
+/// `cuda` feature is refused here, before anything loads.
+pub fn parse_device(s: &str) -> std::result::Result<DeviceArg, String> {
+    let d = match s.trim().to_ascii_lowercase().as_str() {
+        "cpu" => DeviceArg::Cpu,
+        "cuda" | "gpu" => DeviceArg::Cuda(0),
+        other => match other.strip_prefix("cuda:") {
+            Some(n) => DeviceArg::Cuda(n.parse().map_err(|_| {
+                format!("`{n}` is not a GPU index; expected cpu, cuda or cuda:N (N = 0, 1, ...)")
+            })?),
+            None => return Err("expected cpu, cuda or cuda:N (N = 0, 1, ...)".into()),
+        },
+    };
+    if matches!(d, DeviceArg::Cuda(_)) && !cfg!(feature = "cuda") {
+        return Err("this peft was built without CUDA support; rebuild it with \
+             `cargo build --release -p peft-cli --features cuda` (needs the CUDA toolkit), or use \
+             --device cpu"
+            .into());
+    }
+    Ok(d)
+}
+
+/// The device of `--device`, or by default the first GPU when there is one (and this build
+/// has CUDA), else the CPU.
+pub fn device(arg: Option<DeviceArg>) -> Result<Device> {
+    match arg {
+        Some(DeviceArg::Cpu) => Ok(Device::Cpu),
+        Some(DeviceArg::Cuda(n)) => cuda(n),
+        None => {
+            if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
+                cuda(0)
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+    }
+}
+
+fn cuda(n: usize) -> Result<Device> {
+    if !cfg!(feature = "cuda") {
+        return Err(Error::Config(
+            "--device cuda: this peft was built without CUDA support; rebuild it with \
+             `--features cuda`, or use --device cpu"
+                .into(),
+        ));
+    }
+    Device::new_cuda(n).map_err(|e| {
+        Error::Config(format!(
+            "--device cuda:{n}: cannot open GPU {n} ({e}); `nvidia-smi -L` lists this \
+             machine's GPUs, numbered from 0"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_syntax() {
+        assert_eq!(parse_device("cpu"), Ok(DeviceArg::Cpu));
+        assert_eq!(parse_device("CPU"), Ok(DeviceArg::Cpu));
+        assert!(parse_device("tpu").is_err());
+        assert!(parse_device("cuda:x")
+            .unwrap_err()
+            .contains("not a GPU index"));
+        if cfg!(feature = "cuda") {
+            assert_eq!(parse_device("cuda"), Ok(DeviceArg::Cuda(0)));
+            assert_eq!(parse_device("cuda:3"), Ok(DeviceArg::Cuda(3)));
+        } else {
+            assert!(parse_device("cuda:1").unwrap_err().contains("without CUDA"));
+        }
+    }
+
+    #[test]
+    fn every_combination_type_is_the_library_s() {
+        for c in CombinationArg::value_variants() {
+            assert_eq!(c.to_peft().unwrap().as_str(), c.name());
+        }
+    }
+}
