@@ -42,8 +42,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         cfg.training.resume_from_checkpoint = a.resume;
     }
     let device = device(a.device)?;
-    peft::train::install_interrupt_handler()?;
     let mut job = TrainJob::prepare(&cfg, &device)?;
+    peft::train::install_interrupt_handler(job.stop.clone())?;
     println!("{}", job.model.trainable_parameters_line());
     let mut progress = crate::logging::TrainProgress::new(crate::logging::shows_info());
     let out = job.run(Some(&mut progress))?;

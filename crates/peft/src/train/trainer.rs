@@ -10,6 +10,7 @@ use rand::SeedableRng;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::callback::{StepInfo, TrainerCallback, TrainerEvent};
@@ -23,25 +24,45 @@ use super::schedule::{warmup_steps, Schedule};
 use crate::peft_model::PeftModel;
 use crate::{ops, Error, Result};
 
-static STOP: AtomicBool = AtomicBool::new(false);
+/// A request to stop a run after its current step, with a checkpoint to resume from. Each
+/// trainer owns one, so runs in one process (tests, servers) never stop each other; clones share
+/// the flag, so a Ctrl-C handler or another thread can hold one.
+#[derive(Debug, Clone, Default)]
+pub struct StopSignal(Arc<AtomicBool>);
 
-/// Installs a SIGINT (Ctrl-C) handler that asks a running [`Trainer`] to save a checkpoint and
-/// stop after the current step (said as a `tracing` warning). A second Ctrl-C exits at once.
-pub fn install_interrupt_handler() -> Result<()> {
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
+impl StopSignal {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the run to save a checkpoint and stop after the current step.
+    pub fn request(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Reads and clears the request (a resumed run starts without it).
+    fn take(&self) -> bool {
+        self.0.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// Installs a SIGINT (Ctrl-C) handler that requests `stop` (said as a `tracing` warning), so the
+/// run saves a checkpoint and stops after the current step. A second Ctrl-C exits at once.
+pub fn install_interrupt_handler(stop: StopSignal) -> Result<()> {
+    ctrlc::set_handler(move || {
+        if stop.is_requested() {
             std::process::exit(130);
         }
+        stop.request();
         tracing::warn!(
             "interrupted: saving a checkpoint after this step (Ctrl-C again to quit now)"
         );
     })
     .map_err(|e| Error::Training(format!("cannot install the Ctrl-C handler: {e}")))
-}
-
-/// Asks the running trainer to stop as Ctrl-C does (or clears the request).
-pub fn request_stop(stop: bool) {
-    STOP.store(stop, Ordering::SeqCst);
 }
 
 /// How a run ended.
@@ -78,6 +99,8 @@ pub struct Trainer<'a> {
     /// Receives every step, log, evaluation and checkpoint (to draw progress); `None`: silent.
     /// metrics.jsonl is written either way.
     pub callback: Option<&'a mut dyn TrainerCallback>,
+    /// Checked after every optimizer step; see [`install_interrupt_handler`].
+    pub stop: StopSignal,
 }
 
 /// Sends `event` to the callback, if there is one.
@@ -375,7 +398,7 @@ impl Trainer<'_> {
                         last_eval = Some(m);
                     }
                 }
-                let stop = STOP.swap(false, Ordering::SeqCst);
+                let stop = self.stop.take();
                 if due(args.save_strategy, args.save_steps) || stop {
                     let t = Instant::now();
                     let dir = checkpoint::save(&out_dir, self.model, &opt, &schedule, &state)?;
