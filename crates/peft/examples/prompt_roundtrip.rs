@@ -182,6 +182,7 @@ fn main() -> peft::Result<()> {
                 eval: None,
                 label_names: Vec::new(),
                 callback: None,
+                stop: Default::default(),
             };
             t.train()?;
             m.save_pretrained(&dir.join("adapter"))?;

@@ -126,6 +126,7 @@ fn main() -> peft::Result<()> {
         eval: None,
         label_names: Vec::new(),
         callback: Some(&mut log),
+        stop: Default::default(),
     }
     .train()?;
     let train_s = start.elapsed().as_secs_f64();

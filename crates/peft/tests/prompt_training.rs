@@ -186,6 +186,7 @@ fn training_moves_every_trainable_tensor_and_no_base_weight() {
                 eval: None,
                 label_names: Vec::new(),
                 callback: None,
+                stop: Default::default(),
             };
             let report = t.train().unwrap_or_else(|e| panic!("{rel} {what}: {e}"));
             assert!(report.final_loss.is_finite(), "{rel} {what}");
@@ -222,6 +223,7 @@ fn resuming_p_tuning_restores_its_encoder() {
             eval: None,
             label_names: Vec::new(),
             callback: None,
+            stop: Default::default(),
         };
         t.train().unwrap();
         snapshot(&m)

@@ -27,7 +27,7 @@ use crate::tuners::prompt_learning::{
     load_key, rng, Kind, PromptEncoder, PromptLearningFields, PromptTuner, EMBEDDING_KEY,
     PROMPT_EMBEDDINGS,
 };
-use crate::tuners::prompt_tuning::{check_text_init, initial_table, PromptTuningInit};
+use crate::tuners::prompt_tuning::{check_text_init, initial_table, InitText, PromptTuningInit};
 use crate::tuners::tuner::set_checked;
 use crate::tuners::{InjectContext, Injected, MethodKind, ModelTensor, TunerConfig};
 use crate::{Error, Result};
@@ -88,7 +88,7 @@ impl Default for MultitaskPromptTuningConfig {
 }
 
 impl MultitaskPromptTuningInit {
-    fn from_source(self) -> bool {
+    fn reads_source_tasks(self) -> bool {
         matches!(
             self,
             Self::AverageSourceTasks | Self::ExactSourceTask | Self::OnlySourceShared
@@ -114,7 +114,7 @@ impl ConfigFields for MultitaskPromptTuningConfig {
                 self.num_ranks
             ));
         }
-        if self.prompt_tuning_init.from_source()
+        if self.prompt_tuning_init.reads_source_tasks()
             && self.prompt_tuning_init_state_dict_path.is_none()
         {
             return Err(config_err!(
@@ -279,21 +279,19 @@ impl TunerConfig for MultitaskPromptTuningConfig {
             (true, MultitaskPromptTuningInit::Text) => initial_table(
                 model,
                 PromptTuningInit::Text,
-                self.prompt_tuning_init_text.as_deref(),
-                self.tokenizer_name_or_path.as_deref(),
-                self.tokenizer_kwargs.as_ref(),
-                rows,
-                d,
+                InitText {
+                    text: self.prompt_tuning_init_text.as_deref(),
+                    tokenizer: self.tokenizer_name_or_path.as_deref(),
+                    tokenizer_kwargs: self.tokenizer_kwargs.as_ref(),
+                },
+                (rows, d),
                 ctx.seed,
             )?,
             (true, MultitaskPromptTuningInit::SampleVocab) => initial_table(
                 model,
                 PromptTuningInit::SampleVocab,
-                None,
-                None,
-                None,
-                rows,
-                d,
+                InitText::default(),
+                (rows, d),
                 ctx.seed,
             )?,
             (true, _) => normal(rows, d, 1.0, &mut rng(ctx.seed), device)?,
@@ -310,7 +308,7 @@ impl TunerConfig for MultitaskPromptTuningConfig {
                 .as_tensor()
                 .reshape((t, r, d))?,
         )?;
-        if fresh && init.from_source() {
+        if fresh && init.reads_source_tasks() {
             let path = self
                 .prompt_tuning_init_state_dict_path
                 .clone()

@@ -121,19 +121,30 @@ impl PromptTuningConfig {
     }
 }
 
+/// Where a TEXT init's token ids come from: the config's `prompt_tuning_init_text`,
+/// `tokenizer_name_or_path` and `tokenizer_kwargs`.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct InitText<'a> {
+    pub text: Option<&'a str>,
+    pub tokenizer: Option<&'a str>,
+    pub tokenizer_kwargs: Option<&'a Map<String, Value>>,
+}
+
 /// The initial `[rows, d]` table of prompt tuning (and multitask prompt tuning's shared prompt):
 /// RANDOM standard normal, TEXT the word embeddings of the init text's ids, SAMPLE_VOCAB those of
 /// ids drawn uniformly from the vocabulary.
 pub(crate) fn initial_table(
     model: &dyn Model,
     init: PromptTuningInit,
-    text: Option<&str>,
-    tokenizer: Option<&str>,
-    tokenizer_kwargs: Option<&Map<String, Value>>,
-    rows: usize,
-    width: usize,
+    source: InitText<'_>,
+    (rows, width): (usize, usize),
     seed: u64,
 ) -> Result<Var> {
+    let InitText {
+        text,
+        tokenizer,
+        tokenizer_kwargs,
+    } = source;
     let mut r = rng(seed);
     let vocab = model.dims().vocab_size;
     match init {
@@ -193,11 +204,12 @@ impl TunerConfig for PromptTuningConfig {
             initial_table(
                 model,
                 self.prompt_tuning_init,
-                self.prompt_tuning_init_text.as_deref(),
-                self.tokenizer_name_or_path.as_deref(),
-                self.tokenizer_kwargs.as_ref(),
-                rows,
-                width,
+                InitText {
+                    text: self.prompt_tuning_init_text.as_deref(),
+                    tokenizer: self.tokenizer_name_or_path.as_deref(),
+                    tokenizer_kwargs: self.tokenizer_kwargs.as_ref(),
+                },
+                (rows, width),
                 ctx.seed,
             )?
         } else {
