@@ -79,6 +79,7 @@ fn examples(task: TaskType, n: usize, classes: i64) -> Vec<Example> {
                 _ => Target::Class(rng.random_range(0..classes)),
             };
             Example {
+                task_id: None,
                 token_type_ids: vec![0; ids.len()],
                 input_ids: ids,
                 target,
@@ -495,6 +496,7 @@ fn every_task_trains_through_the_loop() {
                     _ => Target::Tokens(ids.iter().map(|&x| x as i64).collect()),
                 };
                 Example {
+                    task_id: None,
                     token_type_ids: vec![0; ids.len()],
                     input_ids: ids,
                     target,

@@ -17,7 +17,7 @@ use super::callback::{StepInfo, TrainerCallback, TrainerEvent};
 use super::checkpoint::{self, TrainerState};
 use super::config::{Interval, TrainingArguments};
 use super::data::{collate, CollateOptions, Example};
-use super::eval::{evaluate, task_loss, EvalOptions};
+use super::eval::{adapter_loss, evaluate, targets_with_prefix, EvalOptions};
 use super::metrics::Metrics;
 use super::optim::{clip_scale, norm_of, AdamW, AdamWParams};
 use super::schedule::{warmup_steps, Schedule};
@@ -255,15 +255,23 @@ impl Trainer<'_> {
                         collate(&ex, &self.collate, &device)
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let n_total: usize = batches.iter().map(|b| b.num_targets).sum();
+                // With an input method's virtual tokens in front, a causal LM also predicts each
+                // row's first label (PEFT's label padding).
+                let prefix = self.model.virtual_tokens();
+                let task = self.collate.task;
+                let counts = batches
+                    .iter()
+                    .map(|b| targets_with_prefix(task, &b.targets, b.num_targets, prefix))
+                    .collect::<Result<Vec<_>>>()?;
+                let n_total: usize = counts.iter().sum();
                 let mut grads: Option<Vec<Option<Tensor>>> = None;
                 let mut step_loss = 0f64;
-                for b in &batches {
-                    if b.num_targets == 0 {
+                for (b, &count) in batches.iter().zip(&counts) {
+                    if count == 0 {
                         continue;
                     }
-                    let logits = self.model.forward_aligned(&b.inputs, true)?;
-                    let mut loss = task_loss(self.collate.task, &logits, &b.targets)?;
+                    let (logits, prefix) = self.model.forward_with_prefix(&b.inputs, true)?;
+                    let mut loss = adapter_loss(self.model, task, &logits, prefix, &b.targets)?;
                     // Method-specific terms (AdaLoRA's orthogonal regularisation), as PEFT adds
                     // them to the task loss.
                     if let Some(reg) = self.model.regularization_loss()? {
@@ -287,7 +295,7 @@ impl Trainer<'_> {
                             }
                         )));
                     }
-                    let share = b.num_targets as f64 / n_total as f64;
+                    let share = count as f64 / n_total as f64;
                     step_loss += loss_v * share;
                     let loss = if share != 1.0 { (loss * share)? } else { loss };
                     let g = opt.gradients(&loss.backward()?);
