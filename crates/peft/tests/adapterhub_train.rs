@@ -38,6 +38,7 @@ fn examples(n: usize) -> Vec<Example> {
                 token_type_ids: vec![0; len],
                 target: Target::Class((ids[1] % 2) as i64),
                 input_ids: ids,
+                task_id: None,
             }
         })
         .collect()
@@ -66,6 +67,7 @@ fn trainer<'a>(m: &'a mut PeftModel, train: &'a [Example], out: &Path) -> Traine
         eval: Some(train),
         label_names: vec![],
         callback: None,
+        stop: Default::default(),
     }
 }
 

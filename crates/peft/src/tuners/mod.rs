@@ -8,6 +8,7 @@
 pub mod adalora;
 pub mod bottleneck;
 pub mod config;
+pub mod cpt;
 pub mod fusion;
 pub mod ia3;
 pub mod inject;
@@ -15,6 +16,11 @@ pub mod loha;
 pub mod lokr;
 pub mod lora;
 pub mod lycoris;
+pub mod multitask_prompt_tuning;
+pub mod p_tuning;
+pub mod prefix_tuning;
+pub mod prompt_learning;
+pub mod prompt_tuning;
 pub mod targets;
 pub mod tuner;
 pub mod vera;
@@ -70,6 +76,11 @@ pub const METHODS: &[Method] = &[
         peft_type: "ADAPTER_FUSION",
         parse: fusion::parse,
     },
+    Method::of::<prompt_tuning::PromptTuningConfig>(),
+    Method::of::<p_tuning::PromptEncoderConfig>(),
+    Method::of::<prefix_tuning::PrefixTuningConfig>(),
+    Method::of::<multitask_prompt_tuning::MultitaskPromptTuningConfig>(),
+    Method::of::<cpt::CptConfig>(),
 ];
 
 /// An adapter directory layout besides PEFT's that `PeftModel::load_adapter` reads as it is.

@@ -87,17 +87,15 @@ impl Head {
     pub fn tensors(&self) -> Vec<ModelTensor> {
         let mut out = Vec::new();
         for (i, l) in &self.layers {
-            out.push(ModelTensor {
-                key: format!("{}{i}.weight", self.prefix),
-                var: l.weight.clone(),
-                is_parameter: true,
-            });
+            out.push(ModelTensor::parameter(
+                format!("{}{i}.weight", self.prefix),
+                &l.weight,
+            ));
             if let Some(b) = &l.bias {
-                out.push(ModelTensor {
-                    key: format!("{}{i}.bias", self.prefix),
-                    var: b.clone(),
-                    is_parameter: true,
-                });
+                out.push(ModelTensor::parameter(
+                    format!("{}{i}.bias", self.prefix),
+                    b,
+                ));
             }
         }
         out
