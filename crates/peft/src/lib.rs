@@ -31,7 +31,10 @@ pub use peft_model::{
 pub use train::optim::{AdamW, AdamWParams};
 pub use train::{causal_lm_loss, classification_loss};
 pub use tuners::adalora::AdaLoraConfig;
+pub use tuners::bottleneck::hub::AdapterHubExt;
+pub use tuners::bottleneck::{BottleneckConfig, HeadConfig};
 pub use tuners::cpt::CptConfig;
+pub use tuners::fusion::FusionConfig;
 pub use tuners::ia3::Ia3Config;
 pub use tuners::loha::LohaConfig;
 pub use tuners::lokr::LokrConfig;

@@ -6,6 +6,7 @@ pub mod bert;
 pub mod decoder;
 pub mod gpt2;
 pub mod llama;
+pub mod nezha;
 pub mod opt;
 pub mod t5;
 mod t5_heads;
@@ -247,6 +248,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             dir,
             opts,
         )?),
+        "nezha" => Box::new(nezha::load(&weights, &init, config.clone(), dir, opts)?),
         "llama" | "mistral" | "qwen2" => Box::new(llama::Llama::load(
             &weights,
             &init,
@@ -266,7 +268,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         other => {
             return Err(Error::Config(format!(
                 "unsupported model_type `{other}` in {}; supported: bert, gpt2, llama, mistral, \
-                 mt5, opt, qwen2, roberta, t5, xlm-roberta",
+                 mt5, nezha, opt, qwen2, roberta, t5, xlm-roberta",
                 config_path.display()
             )))
         }

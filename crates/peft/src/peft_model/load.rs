@@ -101,9 +101,27 @@ impl PeftModel {
         Ok(())
     }
 
-    /// Loads the adapter in `dir` as `name`. Every tensor the config implies must be in the file
-    /// with the model's shape, and the file must hold nothing the model cannot place.
+    /// Loads the adapter in `dir` as `name`: a PEFT adapter directory, or one in a foreign layout
+    /// the tuners read ([`crate::tuners::FORMATS`]: AdapterHub's adapters, fusions and heads),
+    /// told apart by its files. Every tensor the config implies must be in the file with the
+    /// model's shape, and the file must hold nothing the model cannot place.
     pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool) -> Result<()> {
+        let (config, file, weights_path) = match crate::tuners::foreign_format(dir) {
+            Some(format) => {
+                let (config, file) = (format.read)(dir, self.model.as_ref(), name)?;
+                tracing::debug!("{}: {} adapter directory", dir.display(), format.name);
+                (config, file, dir.to_path_buf())
+            }
+            None => {
+                let (config, file) = self.read_peft_dir(dir)?;
+                (config, file, dir.join(WEIGHTS_NAME))
+            }
+        };
+        let config = resolve_dependencies(config, dir);
+        self.load_adapter_from(config, file, &weights_path, name, is_trainable)
+    }
+
+    fn read_peft_dir(&self, dir: &Path) -> Result<(PeftConfig, HashMap<String, Tensor>)> {
         let config_path = dir.join(CONFIG_NAME);
         if !config_path.exists() {
             return Err(Error::io(
@@ -122,7 +140,19 @@ impl PeftModel {
                 dir.display()
             )));
         }
-        let mut file = load_safetensors(&weights_path, self.model.device())?;
+        let file = load_safetensors(&weights_path, self.model.device())?;
+        Ok((config, file))
+    }
+
+    /// Attaches adapter `name` with `config` and sets its tensors from `file`.
+    fn load_adapter_from(
+        &mut self,
+        config: PeftConfig,
+        mut file: HashMap<String, Tensor>,
+        weights_path: &Path,
+        name: &str,
+        is_trainable: bool,
+    ) -> Result<()> {
         let first = self.adapters.is_empty();
         self.inject(name, config, is_trainable, true)?;
         let mut expected = self.adapter_vars(name);
@@ -226,14 +256,7 @@ impl PeftModel {
         let (_, first) = adapters
             .first()
             .ok_or_else(|| Error::Adapter("no adapter given".into()))?;
-        let config =
-            PeftConfig::from_adapter_json(&crate::io::read_json(&first.join(CONFIG_NAME))?)?;
-        if opts.task.is_none() {
-            opts.task = config.task_type();
-        }
-        if opts.num_labels.is_none() {
-            opts.num_labels = saved_head_classes(first)?;
-        }
+        base_task(first, &mut opts)?;
         let mut m = PeftModel::wrap(crate::models::load(model_dir, &opts)?, 0);
         for (name, dir) in adapters {
             m.load_adapter(dir, name, false)?;
@@ -270,6 +293,38 @@ impl PeftModel {
     }
 }
 
+/// A saved adapter's dependencies ([`crate::tuners::TunerConfig::depends_on`]) found from its
+/// directory: the copy `save_pretrained` wrote beside it (`<dir>/<name>/`, or `<dir>/../<name>/`
+/// for a non-default adapter), else the recorded directory as it is, or relative to `dir`.
+fn resolve_dependencies(config: PeftConfig, dir: &Path) -> PeftConfig {
+    let deps = config.as_dyn().depends_on();
+    if deps.is_empty() {
+        return config;
+    }
+    let mut json = config.to_adapter_json();
+    let found: Vec<String> = deps
+        .iter()
+        .map(|(name, recorded)| {
+            let candidates = [
+                dir.join(name),
+                dir.parent().map(|p| p.join(name)).unwrap_or_default(),
+                recorded.clone(),
+                dir.join(recorded),
+            ];
+            candidates
+                .into_iter()
+                .find(|c| {
+                    c.join(CONFIG_NAME).exists() || crate::tuners::foreign_format(c).is_some()
+                })
+                .unwrap_or_else(|| recorded.clone())
+                .display()
+                .to_string()
+        })
+        .collect();
+    json["adapters"] = serde_json::json!(found);
+    PeftConfig::from_adapter_json(&json).unwrap_or(config)
+}
+
 /// Loads the base model in `model_dir` with the head the adapter in `adapter_dir` was trained
 /// for (its `task_type`, and the class count of its saved classifier), then the adapter on top,
 /// frozen. The counterpart of `AutoPeftModelFor...from_pretrained` for a known base directory.
@@ -278,15 +333,32 @@ pub fn load_with_adapter(
     adapter_dir: &Path,
     mut opts: crate::LoadOptions,
 ) -> Result<PeftModel> {
-    let config = PeftConfig::from_adapter_json(&read_json(&adapter_dir.join(CONFIG_NAME))?)?;
-    if opts.task.is_none() {
-        opts.task = config.task_type();
+    base_task(adapter_dir, &mut opts)?;
+    let model = crate::models::load(model_dir, &opts)?;
+    PeftModel::from_pretrained(model, adapter_dir, Default::default())
+}
+
+/// The head the base model needs under the adapter in `adapter_dir`, unless `opts` names one:
+/// the adapter's `task_type` and saved classifier size (PEFT), the task its own layout records
+/// (foreign layouts), or FEATURE_EXTRACTION when the adapter brings its own prediction head.
+pub fn base_task(adapter_dir: &Path, opts: &mut crate::LoadOptions) -> Result<()> {
+    if opts.task.is_some() {
+        return Ok(());
     }
+    if let Some(format) = crate::tuners::foreign_format(adapter_dir) {
+        opts.task = (format.task)(adapter_dir)?;
+        return Ok(());
+    }
+    let config = PeftConfig::from_adapter_json(&read_json(&adapter_dir.join(CONFIG_NAME))?)?;
+    if config.brings_head() {
+        opts.task = Some(crate::models::TaskType::FeatureExtraction);
+        return Ok(());
+    }
+    opts.task = config.task_type();
     if opts.num_labels.is_none() {
         opts.num_labels = saved_head_classes(adapter_dir)?;
     }
-    let model = crate::models::load(model_dir, &opts)?;
-    PeftModel::from_pretrained(model, adapter_dir, Default::default())
+    Ok(())
 }
 
 /// Rows of a classification head saved in an adapter (`modules_to_save`), if there is one.
