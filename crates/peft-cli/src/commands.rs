@@ -43,7 +43,6 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 "--resume: a DreamBooth run starts from the adapter in its config".into(),
             ));
         }
-        peft::train::install_interrupt_handler()?;
         return crate::diffusion::train_dreambooth(&a.config, &a.set, a.device);
     }
     let mut cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
@@ -51,8 +50,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         cfg.training.resume_from_checkpoint = a.resume;
     }
     let device = device(a.device)?;
-    peft::train::install_interrupt_handler()?;
     let mut job = TrainJob::prepare(&cfg, &device)?;
+    peft::train::install_interrupt_handler(job.stop.clone())?;
     println!("{}", job.model.trainable_parameters_line());
     let mut progress = crate::logging::TrainProgress::new(crate::logging::shows_info());
     let out = job.run(Some(&mut progress))?;
@@ -96,6 +95,9 @@ pub struct EvalArgs {
     /// Adapter directory; default: the config's output_dir.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// AdapterDrop: evaluate with these layers running without their adapters, e.g. 0,1,2.
+    #[arg(long, value_name = "L,L,...", value_delimiter = ',')]
+    pub skip_layers: Vec<usize>,
     /// Override a config value: `--set data.eval_file=test.jsonl` (repeatable).
     #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
     pub set: Vec<String>,
@@ -106,7 +108,12 @@ pub struct EvalArgs {
 /// `peft eval`: metrics of a trained adapter on the config's evaluation data.
 pub fn eval(a: EvalArgs) -> Result<()> {
     let cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
-    let e = peft::train::run::eval(&cfg, a.adapter.as_deref(), &device(a.device)?)?;
+    let e = peft::train::run::eval_skipping(
+        &cfg,
+        a.adapter.as_deref(),
+        &device(a.device)?,
+        &a.skip_layers,
+    )?;
     tracing::info!("evaluated on {}", e.source);
     print_metrics(&e);
     Ok(())
@@ -144,6 +151,19 @@ pub struct ForwardArgs {
     /// row per --input-ids row; logits are then [batch, decoder positions, vocab].
     #[arg(long, value_name = "JSON")]
     pub decoder_input_ids: Option<String>,
+    /// An AdapterFusion directory (AdapterHub's `adapter_fusion_config.json`, or a PEFT-layout
+    /// ADAPTER_FUSION adapter) over the --adapter NAME=DIR adapters it names: runs
+    /// Fuse(adapters), with the head saved beside the fusion if there is one.
+    #[arg(long, value_name = "DIR")]
+    pub fusion: Option<PathBuf>,
+    /// AdapterDrop: run these layers without their adapters, e.g. 0,1,2 (AdapterHub's
+    /// skip_layers; an encoder-decoder model's decoder layers follow its encoder layers).
+    #[arg(long, value_name = "L,L,...", value_delimiter = ',')]
+    pub skip_layers: Vec<usize>,
+    /// One task id per input row as JSON, e.g. '[0, 2]': PEFT's `task_ids`, for adapters with a
+    /// prompt per task (multitask prompt tuning).
+    #[arg(long, value_name = "JSON")]
+    pub task_ids: Option<String>,
     /// The head to use when no adapter says (default: from config.json's architectures).
     #[arg(long, value_enum, ignore_case = true)]
     pub task_type: Option<TaskTypeArg>,
@@ -155,6 +175,22 @@ pub struct ForwardArgs {
     pub out: PathBuf,
     #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Option<DeviceArg>,
+}
+
+/// Parses `--task-ids '[0, 2]'`: one task id per row of a batch of `rows`.
+pub(crate) fn parse_task_ids(json: &str, rows: usize) -> Result<Vec<u32>> {
+    let ids: Vec<u32> = serde_json::from_str(json).map_err(|e| {
+        Error::Data(format!(
+            "--task-ids: expected a JSON list of non-negative integers, one per row: {e}"
+        ))
+    })?;
+    if ids.len() != rows {
+        return Err(Error::Data(format!(
+            "--task-ids has {} ids for {rows} rows; give one task id per row",
+            ids.len()
+        )));
+    }
+    Ok(ids)
 }
 
 /// Parses `[[1, 2], [3, 4]]` into a `[rows, cols]` u32 tensor; rows must have equal length.
@@ -242,10 +278,18 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
                 Ok(d)
             })
             .transpose()?,
+        task_ids: a
+            .task_ids
+            .as_deref()
+            .map(|t| {
+                let ids = parse_task_ids(t, input_ids.dim(0)?)?;
+                Ok::<_, Error>(Tensor::new(ids.as_slice(), &device)?)
+            })
+            .transpose()?,
         input_ids: Some(input_ids.clone()),
         ..Default::default()
     };
-    let opts = LoadOptions {
+    let mut opts = LoadOptions {
         task: a.task_type.map(Into::into),
         num_labels: a.num_labels,
         device,
@@ -253,6 +297,15 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     };
     let specs = crate::adapters::parse_specs(&a.adapter)?;
     let rows = input_ids.dim(0)?;
+    if specs.is_empty() && (a.fusion.is_some() || !a.skip_layers.is_empty()) {
+        return Err(Error::Config(
+            "--fusion and --skip-layers act on adapters: pass --adapter [NAME=]DIR".into(),
+        ));
+    }
+    if let Some(f) = &a.fusion {
+        // The fusion decides the base model's head (its own head, or the fused adapters').
+        peft::peft_model::base_task(f, &mut opts)?;
+    }
     let logits = match (specs.is_empty(), &a.adapter_names) {
         (true, Some(_)) => {
             return Err(Error::Config(
@@ -261,7 +314,14 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         }
         (true, None) => models::load(&a.model, &opts)?.forward(&inputs, false)?,
         (false, names) => {
-            let model = crate::adapters::load(&a.model, &specs, opts)?;
+            let mut model = crate::adapters::load(&a.model, &specs, opts)?;
+            if let Some(f) = &a.fusion {
+                model.load_adapter(f, "fusion", false)?;
+                model.set_adapter("fusion")?;
+            }
+            if !a.skip_layers.is_empty() {
+                model.set_skip_layers(Some(&a.skip_layers))?;
+            }
             match names {
                 Some(list) => {
                     let names = crate::adapters::parse_row_names(list);
@@ -438,6 +498,8 @@ pub fn inspect(dir: &Path) -> Result<()> {
             println!();
         }
         Ok(())
+    } else if peft::tuners::foreign_format(dir).is_some() {
+        inspect_adapterhub(dir)
     } else if dir.join(CONFIG_NAME).exists() {
         inspect_adapter(dir)
     } else if dir.join("config.json").exists() || peft::io::gguf::find_gguf(dir)?.is_some() {
@@ -449,6 +511,33 @@ pub fn inspect(dir: &Path) -> Result<()> {
             dir.display()
         )))
     }
+}
+
+/// An AdapterHub directory: its adapter or fusion, and the head saved with it.
+fn inspect_adapterhub(dir: &Path) -> Result<()> {
+    use peft::io::adapterhub::{read, ADAPTER, FUSION, HEAD};
+    println!("adapter: {} (AdapterHub layout)", dir.display());
+    let mut total = 0;
+    for (what, pair) in [("fusion", FUSION), ("adapter", ADAPTER), ("head", HEAD)] {
+        let Some(saved) = read(dir, pair, &Device::Cpu)? else {
+            continue;
+        };
+        println!("{what} ({}):", pair.config);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&saved.json).unwrap_or_default()
+        );
+        let mut names: Vec<&String> = saved.tensors.keys().collect();
+        names.sort();
+        println!("{what} tensors ({}):", names.len());
+        for n in names {
+            let t = &saved.tensors[n];
+            total += t.elem_count();
+            println!("  {n} {:?} {:?}", t.dims(), t.dtype());
+        }
+    }
+    println!("parameters: {}", thousands(total));
+    Ok(())
 }
 
 fn inspect_adapter(dir: &Path) -> Result<()> {

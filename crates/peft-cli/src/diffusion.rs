@@ -240,6 +240,7 @@ pub fn train_dreambooth(config: &Path, set: &[String], dev: Option<DeviceArg>) -
         bar.set_message("generating class images");
     })?;
     bar.finish_and_clear();
+    peft::train::install_interrupt_handler(job.stop.clone())?;
     if job.generated_class_images > 0 {
         tracing::info!(
             "generated {} class images in {}",

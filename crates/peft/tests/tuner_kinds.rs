@@ -120,6 +120,12 @@ fn architectures() -> Vec<(
             &["attention.output.dense"][..],
         ),
         (
+            "nezha/models/seq_cls",
+            TaskType::SeqCls,
+            &["output.dense"][..],
+            &["attention.output.dense"][..],
+        ),
+        (
             "decoder/models/gpt2",
             TaskType::CausalLm,
             &["mlp.c_proj"],
@@ -358,6 +364,7 @@ impl Tuner for Prefix {
             key: "prompt_embeddings".into(),
             var: self.prompt.clone(),
             is_parameter: true,
+            frozen: false,
         }]
     }
     fn input_transform(&self) -> Option<&dyn InputTransform> {

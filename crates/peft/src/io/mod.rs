@@ -1,5 +1,6 @@
 //! Files: Hugging Face model directories, PEFT adapter directories, safetensors, atomic writes.
 
+pub mod adapterhub;
 pub mod chat;
 pub mod clip_tokenizer;
 pub mod gguf;

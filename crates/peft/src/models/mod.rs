@@ -7,6 +7,7 @@ pub mod clip;
 pub mod decoder;
 pub mod gpt2;
 pub mod llama;
+pub mod nezha;
 pub mod opt;
 pub mod t5;
 mod t5_heads;
@@ -106,6 +107,9 @@ pub struct Inputs {
     pub timestep: Option<Tensor>,
     /// The UNet's text conditioning `[batch, seq, cross_attention_dim]`.
     pub encoder_hidden_states: Option<Tensor>,
+    /// PEFT's `task_ids`: one task index per row (`[batch]`, u32), for adapters that hold one
+    /// prompt per task (multitask prompt tuning). Models ignore it.
+    pub task_ids: Option<Tensor>,
 }
 
 impl Inputs {
@@ -300,6 +304,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             dir,
             opts,
         )?),
+        "nezha" => Box::new(nezha::load(&weights, &init, config.clone(), dir, opts)?),
         "llama" | "mistral" | "qwen2" => Box::new(llama::Llama::load(
             &weights,
             &init,
@@ -326,7 +331,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         other => {
             return Err(Error::Config(format!(
                 "unsupported model_type `{other}` in {}; supported: bert, clip_text_model, gpt2, \
-                 llama, mistral, mt5, opt, qwen2, roberta, t5, xlm-roberta (and diffusers' \
+                 llama, mistral, mt5, nezha, opt, qwen2, roberta, t5, xlm-roberta (and diffusers' \
                  UNet2DConditionModel and AutoencoderKL)",
                 config_path.display()
             )))

@@ -2,12 +2,13 @@
 //! `adapter_model.safetensors` (keys `base_model.model.<module path>.<tensor>`), the default
 //! adapter in the directory and others in `<dir>/<name>/`.
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
 use super::{bias_key, modules_to_save_root, PeftModel, CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
 use crate::io::{load_safetensors, read_json, save_safetensors, write_atomic};
+use crate::tuners::tuner::set_checked;
 use crate::tuners::{Bias, PeftConfig};
 use crate::{Error, Result};
 
@@ -100,9 +101,33 @@ impl PeftModel {
         Ok(())
     }
 
-    /// Loads the adapter in `dir` as `name`. Every tensor the config implies must be in the file
-    /// with the model's shape, and the file must hold nothing the model cannot place.
+    /// Loads the adapter in `dir` as `name`: a PEFT adapter directory, or one in a foreign layout
+    /// the tuners read ([`crate::tuners::FORMATS`]: AdapterHub's adapters, fusions and heads),
+    /// told apart by its files. Every tensor the config implies must be in the file with the
+    /// model's shape, and the file must hold nothing the model cannot place.
     pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool) -> Result<()> {
+        let (config, file, weights_path) = match crate::tuners::foreign_format(dir) {
+            Some(format) => {
+                let (config, file) = (format.read)(dir, self.model.as_ref(), name)?;
+                tracing::debug!("{}: {} adapter directory", dir.display(), format.name);
+                (config, file, dir.to_path_buf())
+            }
+            None => {
+                let (config, file) = self.read_peft_dir(dir)?;
+                (config, file, dir.join(WEIGHTS_NAME))
+            }
+        };
+        let config = resolve_dependencies(config, dir);
+        self.load_adapter_state(
+            name,
+            config,
+            file,
+            is_trainable,
+            &weights_path.display().to_string(),
+        )
+    }
+
+    fn read_peft_dir(&self, dir: &Path) -> Result<(PeftConfig, HashMap<String, Tensor>)> {
         let config_path = dir.join(CONFIG_NAME);
         if !config_path.exists() {
             return Err(Error::io(
@@ -122,18 +147,12 @@ impl PeftModel {
             )));
         }
         let file = load_safetensors(&weights_path, self.model.device())?;
-        self.load_adapter_state(
-            name,
-            config,
-            file,
-            is_trainable,
-            &weights_path.display().to_string(),
-        )
+        Ok((config, file))
     }
 
     /// Attaches adapter `name` described by `config` and fills it from `state`, whose keys are
     /// PEFT's (`base_model.model.<module path>.<tensor>`): what [`PeftModel::load_adapter`] does
-    /// once the files are read, for adapters that come from other formats (diffusers' and
+    /// once the files are read, also for adapters that come from other formats (diffusers' and
     /// kohya's LoRA files). Every tensor the config implies must be there with the model's shape,
     /// and nothing else; `source` names where the tensors came from in the error.
     pub fn load_adapter_state(
@@ -156,40 +175,44 @@ impl PeftModel {
             })
             .collect();
         let first = self.adapters.is_empty();
-        self.inject(name, config, is_trainable)?;
+        self.inject(name, config, is_trainable, true)?;
         let mut expected = self.adapter_vars(name);
-        if let Some(e) = self.entry(name) {
-            expected.extend(e.tuner.model_tensors().into_iter().map(|t| (t.key, t.var)));
-        }
         // Trained biases are part of the adapter too: `bias` = all / lora_only.
         let bias = self.entry(name).map_or(Bias::None, |e| e.config.bias());
         let mut missing = Vec::new();
-        let mut mismatch = None;
         for (key, var) in expected.drain(..) {
             match file.remove(&key) {
                 Some(t) => {
                     if let Err(e) = set_checked(&key, &var, &t) {
-                        mismatch = Some(e);
-                        break;
+                        self.delete_adapter(name)?;
+                        return Err(match e {
+                            Error::ShapeMismatch {
+                                name: key,
+                                expected,
+                                found,
+                            } => Error::Adapter(format!(
+                                "{source} does not fit this model: tensor `{key}` has shape \
+                                 {found:?} but the model's layer needs {expected:?} (an adapter \
+                                 trained on a model of another size?)"
+                            )),
+                            e => e,
+                        });
                     }
                 }
                 None => missing.push(key),
             }
         }
-        if let Some(e) = mismatch {
-            self.delete_adapter(name)?;
-            return Err(match e {
-                Error::ShapeMismatch {
-                    name: key,
-                    expected,
-                    found,
-                } => Error::Adapter(format!(
-                    "{source} does not fit this model: tensor `{key}` has shape {found:?} but the \
-                     model's layer needs {expected:?} (an adapter trained on a model of another \
-                     size?)"
-                )),
-                e => e,
-            });
+        // The method's model-level tensors, read its own way.
+        let own = match self.adapters.iter_mut().find(|a| a.name == name) {
+            Some(e) => e.tuner.load_tensors(&mut file),
+            None => Ok(Vec::new()),
+        };
+        match own {
+            Ok(m) => missing.extend(m),
+            Err(e) => {
+                self.delete_adapter(name)?;
+                return Err(e);
+            }
         }
         if bias != Bias::None {
             let (biases, rest): (HashMap<_, _>, HashMap<_, _>) = std::mem::take(&mut file)
@@ -264,14 +287,7 @@ impl PeftModel {
         let (_, first) = adapters
             .first()
             .ok_or_else(|| Error::Adapter("no adapter given".into()))?;
-        let config =
-            PeftConfig::from_adapter_json(&crate::io::read_json(&first.join(CONFIG_NAME))?)?;
-        if opts.task.is_none() {
-            opts.task = config.task_type();
-        }
-        if opts.num_labels.is_none() {
-            opts.num_labels = saved_head_classes(first)?;
-        }
+        base_task(first, &mut opts)?;
         let mut m = PeftModel::wrap(crate::models::load(model_dir, &opts)?, 0);
         for (name, dir) in adapters {
             m.load_adapter(dir, name, false)?;
@@ -308,16 +324,36 @@ impl PeftModel {
     }
 }
 
-fn set_checked(key: &str, var: &Var, t: &Tensor) -> Result<()> {
-    if var.dims() != t.dims() {
-        return Err(Error::ShapeMismatch {
-            name: key.to_string(),
-            expected: var.dims().to_vec(),
-            found: t.dims().to_vec(),
-        });
+/// A saved adapter's dependencies ([`crate::tuners::TunerConfig::depends_on`]) found from its
+/// directory: the copy `save_pretrained` wrote beside it (`<dir>/<name>/`, or `<dir>/../<name>/`
+/// for a non-default adapter), else the recorded directory as it is, or relative to `dir`.
+fn resolve_dependencies(config: PeftConfig, dir: &Path) -> PeftConfig {
+    let deps = config.as_dyn().depends_on();
+    if deps.is_empty() {
+        return config;
     }
-    var.set(&t.to_dtype(var.dtype())?)?;
-    Ok(())
+    let mut json = config.to_adapter_json();
+    let found: Vec<String> = deps
+        .iter()
+        .map(|(name, recorded)| {
+            let candidates = [
+                dir.join(name),
+                dir.parent().map(|p| p.join(name)).unwrap_or_default(),
+                recorded.clone(),
+                dir.join(recorded),
+            ];
+            candidates
+                .into_iter()
+                .find(|c| {
+                    c.join(CONFIG_NAME).exists() || crate::tuners::foreign_format(c).is_some()
+                })
+                .unwrap_or_else(|| recorded.clone())
+                .display()
+                .to_string()
+        })
+        .collect();
+    json["adapters"] = serde_json::json!(found);
+    PeftConfig::from_adapter_json(&json).unwrap_or(config)
 }
 
 /// Loads the base model in `model_dir` with the head the adapter in `adapter_dir` was trained
@@ -328,15 +364,32 @@ pub fn load_with_adapter(
     adapter_dir: &Path,
     mut opts: crate::LoadOptions,
 ) -> Result<PeftModel> {
-    let config = PeftConfig::from_adapter_json(&read_json(&adapter_dir.join(CONFIG_NAME))?)?;
-    if opts.task.is_none() {
-        opts.task = config.task_type();
+    base_task(adapter_dir, &mut opts)?;
+    let model = crate::models::load(model_dir, &opts)?;
+    PeftModel::from_pretrained(model, adapter_dir, Default::default())
+}
+
+/// The head the base model needs under the adapter in `adapter_dir`, unless `opts` names one:
+/// the adapter's `task_type` and saved classifier size (PEFT), the task its own layout records
+/// (foreign layouts), or FEATURE_EXTRACTION when the adapter brings its own prediction head.
+pub fn base_task(adapter_dir: &Path, opts: &mut crate::LoadOptions) -> Result<()> {
+    if opts.task.is_some() {
+        return Ok(());
     }
+    if let Some(format) = crate::tuners::foreign_format(adapter_dir) {
+        opts.task = (format.task)(adapter_dir)?;
+        return Ok(());
+    }
+    let config = PeftConfig::from_adapter_json(&read_json(&adapter_dir.join(CONFIG_NAME))?)?;
+    if config.brings_head() {
+        opts.task = Some(crate::models::TaskType::FeatureExtraction);
+        return Ok(());
+    }
+    opts.task = config.task_type();
     if opts.num_labels.is_none() {
         opts.num_labels = saved_head_classes(adapter_dir)?;
     }
-    let model = crate::models::load(model_dir, &opts)?;
-    PeftModel::from_pretrained(model, adapter_dir, Default::default())
+    Ok(())
 }
 
 /// Rows of a classification head saved in an adapter (`modules_to_save`), if there is one.

@@ -20,8 +20,11 @@ use crate::tuners::{AdapterHost, Bias, Existing, InjectContext, MethodKind, Peft
 use crate::{Error, Result};
 
 pub use crate::io::KEY_PREFIX;
+/// The key prefix of `modules_to_save` tensors of input-method adapters, which PEFT saves from
+/// the unwrapped model (`base_model.classifier.weight`).
+pub const INPUT_KEY_PREFIX: &str = "base_model.";
 pub use crate::io::{ADAPTER_CONFIG_NAME as CONFIG_NAME, ADAPTER_WEIGHTS_NAME as WEIGHTS_NAME};
-pub use load::{load_auto, load_with_adapter, saved_head_classes};
+pub use load::{base_task, load_auto, load_with_adapter, saved_head_classes};
 pub use merge::AdapterDisabled;
 pub use mixed::MixedBatch;
 pub use status::{LayerStatus, ModelStatus, Status};
@@ -179,14 +182,35 @@ impl PeftModel {
 
     /// Adds a trainable adapter. Like PEFT, it does not become active unless it is the first.
     pub fn add_adapter(&mut self, name: &str, config: impl Into<PeftConfig>) -> Result<()> {
-        self.inject(name, config.into(), true)
+        self.inject(name, config.into(), true, false)
     }
 
-    fn inject(&mut self, name: &str, mut config: PeftConfig, trainable: bool) -> Result<()> {
+    fn inject(
+        &mut self,
+        name: &str,
+        mut config: PeftConfig,
+        trainable: bool,
+        from_file: bool,
+    ) -> Result<()> {
         if self.entry(name).is_some() {
             return Err(Error::Adapter(format!(
                 "an adapter named `{name}` already exists"
             )));
+        }
+        // Adapters this one builds on (a fusion's fused adapters), frozen, unless present. The
+        // new adapter stays the active one if it is the first the caller adds.
+        let was_empty = self.adapters.is_empty();
+        let deps = config.as_dyn().depends_on();
+        for (dep, dir) in &deps {
+            let (dep, dir) = (dep.clone(), dir.clone());
+            if self.entry(&dep).is_none() {
+                self.load_adapter(&dir, &dep, false).map_err(|e| {
+                    Error::Adapter(format!(
+                        "adapter `{name}` builds on `{dep}`, which could not be loaded from {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+            }
         }
         // As PEFT: the task's head joins modules_to_save only when the config names the task
         // (PeftModelForSequenceClassification and friends), not because the model has a head.
@@ -222,6 +246,7 @@ impl PeftModel {
             modules_to_save: &modules_to_save,
             seed,
             trainable,
+            from_file,
         };
         let injected = config.as_dyn_mut().inject(self.model.as_mut(), &ctx)?;
         let bias = config.bias();
@@ -257,6 +282,9 @@ impl PeftModel {
         });
         if first {
             self.active = vec![name.to_string()];
+        }
+        if was_empty && !deps.is_empty() {
+            self.set_adapter(name)?;
         }
         Ok(())
     }
@@ -368,6 +396,49 @@ impl PeftModel {
         Ok(())
     }
 
+    /// AdapterDrop at inference (AdapterHub's `skip_layers`): the hook points of these layers run
+    /// without adapters, counting layers as AdapterHub does (an encoder-decoder model's decoder
+    /// blocks follow its encoder blocks). `None` or an empty list runs every layer's adapters.
+    pub fn set_skip_layers(&mut self, layers: Option<&[usize]>) -> Result<()> {
+        let dims = self.model.dims();
+        let total = if dims.is_encoder_decoder {
+            dims.num_encoder_layers + dims.num_layers
+        } else {
+            dims.num_layers
+        };
+        let layers = layers.unwrap_or(&[]);
+        if let Some(bad) = layers.iter().find(|l| **l >= total) {
+            return Err(Error::Config(format!(
+                "skip layer {bad} is outside the model's layers 0..{total} ({} has {total} layers)",
+                self.model.info().model_type
+            )));
+        }
+        for module in self.model.modules_mut() {
+            if let crate::layers::ModuleMut::Hook(point) = module {
+                let layer = point.global_layer(dims.num_encoder_layers);
+                point.skipped = layers.contains(&layer);
+            }
+        }
+        Ok(())
+    }
+
+    /// The layers [`PeftModel::set_skip_layers`] skips, in order.
+    pub fn skip_layers(&self) -> Vec<usize> {
+        let enc = self.model.dims().num_encoder_layers;
+        let mut out: Vec<usize> = self
+            .model
+            .modules()
+            .into_iter()
+            .filter_map(|m| match m {
+                crate::layers::ModuleRef::Hook(p) if p.skipped => Some(p.global_layer(enc)),
+                _ => None,
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Removes adapter `name` from every site.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
         let i = self
@@ -442,7 +513,56 @@ impl PeftModel {
         strip_prefix(out, prefix)
     }
 
+    /// The active adapter's own prediction head, if its method brings one.
+    fn output_head(&self) -> Option<&dyn crate::tuners::OutputHead> {
+        if self.disabled {
+            return None;
+        }
+        self.active
+            .iter()
+            .filter_map(|n| self.entry(n))
+            .find_map(|e| e.tuner.head())
+    }
+
+    /// [`PeftModel::forward`] and the number of positions the active input method put in front of
+    /// the output's sequence axis (0 without one). A loss over token labels pads them with that
+    /// many -100 in front, as PEFT does (see [`PeftModel::method_loss`] for methods with their
+    /// own loss).
+    pub fn forward_with_prefix(&self, inputs: &Inputs, train: bool) -> Result<(Tensor, usize)> {
+        self.forward_prepared(inputs, None, train)
+    }
+
+    /// The active input method's own loss, if it replaces the task's (CPT), from the logits of
+    /// [`PeftModel::forward_with_prefix`] and the batch's token labels (`[batch, seq]`, -100
+    /// ignored).
+    pub fn method_loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Option<Tensor>> {
+        match self.input_transform() {
+            Some(t) => t.loss(logits, labels),
+            None => Ok(None),
+        }
+    }
+
+    /// Positions the active input method puts in front of every sequence (0 without one): they
+    /// count against the model's context window.
+    pub fn virtual_tokens(&self) -> usize {
+        self.input_transform().map_or(0, |t| t.virtual_tokens())
+    }
+
     fn forward_prepared(
+        &self,
+        inputs: &Inputs,
+        cache: Option<&mut Cache>,
+        train: bool,
+    ) -> Result<(Tensor, usize)> {
+        let (out, prefix) = self.forward_base(inputs, cache, train)?;
+        match self.output_head() {
+            Some(head) => Ok((head.forward(&out, inputs, train)?, prefix)),
+            None => Ok((out, prefix)),
+        }
+    }
+
+    /// The base model's output with the active adapters, before any head an adapter brings.
+    fn forward_base(
         &self,
         inputs: &Inputs,
         cache: Option<&mut Cache>,
@@ -499,7 +619,7 @@ impl PeftModel {
                     .tuner
                     .model_tensors()
                     .into_iter()
-                    .filter(|t| t.is_parameter)
+                    .filter(|t| t.is_parameter && !t.frozen)
                     .map(|t| (t.key, t.var)),
             );
         }
@@ -524,21 +644,32 @@ impl PeftModel {
     /// Every tensor adapter `name` holds in the model's sites and `modules_to_save` copies,
     /// under its PEFT key (no adapter name in the key).
     fn adapter_vars(&self, name: &str) -> Vec<(String, Var)> {
+        let prefix = self.key_prefix(name);
         let mut out = Vec::new();
         for module in self.model.modules() {
             let tensors = module
                 .site()
                 .and_then(|s| s.adapters().adapter(name).map(|a| a.tensors()));
             for (suffix, var) in tensors.unwrap_or_default() {
-                out.push((format!("{KEY_PREFIX}{}.{suffix}", module.name()), var));
+                out.push((format!("{prefix}{}.{suffix}", module.name()), var));
             }
             for p in module.params() {
                 if let Some(v) = p.copy(name) {
-                    out.push((format!("{KEY_PREFIX}{}", p.name), v.clone()));
+                    out.push((format!("{prefix}{}", p.name), v.clone()));
                 }
             }
         }
         out
+    }
+
+    /// What PEFT puts before a module path in the keys of adapter `name`: `base_model.model.`
+    /// when the method wraps the model in its tuner model (every method that adapts layers),
+    /// `base_model.` for input methods, which leave the model as it is.
+    fn key_prefix(&self, name: &str) -> &'static str {
+        match self.entry(name).map(|e| e.config.kind()) {
+            Some(MethodKind::Input) => INPUT_KEY_PREFIX,
+            _ => KEY_PREFIX,
+        }
     }
 
     /// `(trainable, all)` parameter counts as PEFT's `get_nb_trainable_parameters` counts them:
@@ -627,6 +758,27 @@ impl PeftModel {
         Ok(sum)
     }
 
+    /// Each active, trained adapter's hook before a training step (AdapterDrop's random layer
+    /// skipping); `seed` makes the step's draws reproducible.
+    pub fn before_train_step(&mut self, seed: u64) -> Result<()> {
+        let model = self.model.as_mut();
+        for e in self.adapters.iter().filter(|e| e.trainable) {
+            if self.active.contains(&e.name) {
+                e.tuner.before_train_step(model, &e.config, seed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`PeftModel::before_train_step`] for evaluation and inference.
+    pub fn after_training(&mut self) -> Result<()> {
+        let model = self.model.as_mut();
+        for e in &self.adapters {
+            e.tuner.after_training(model, &e.config)?;
+        }
+        Ok(())
+    }
+
     /// Each trained adapter's per-step hook, after the optimizer step, with that step's gradients
     /// and the 0-based step number (PEFT's `update_and_allocate(global_step)`, AdaLoRA's rank
     /// allocation). Does nothing for methods without one.
@@ -668,7 +820,7 @@ impl AdapterHost for PeftModel {
         PeftModel::peft_config_mut(self, name)
     }
     fn add_frozen_adapter(&mut self, name: &str, config: PeftConfig) -> Result<()> {
-        self.inject(name, config, false)
+        self.inject(name, config, false, false)
     }
     fn delete_adapter(&mut self, name: &str) -> Result<()> {
         PeftModel::delete_adapter(self, name)
@@ -687,6 +839,9 @@ impl Generate for PeftModel {
     }
     fn forward_with_cache(&self, inputs: &Inputs, cache: Option<&mut Cache>) -> Result<Tensor> {
         PeftModel::forward_with_cache(self, inputs, cache, false)
+    }
+    fn virtual_tokens(&self) -> usize {
+        PeftModel::virtual_tokens(self)
     }
 }
 

@@ -11,6 +11,7 @@
 
 use candle_core::{Tensor, Var};
 use std::any::Any;
+use std::collections::HashMap;
 use std::fmt::Debug;
 
 use super::config::{BaseFields, Bias};
@@ -25,7 +26,8 @@ pub enum MethodKind {
     Layer,
     /// Runs at the hook points of each block (bottleneck adapters, AdapterFusion).
     Hook,
-    /// Holds model-level state and rewrites the inputs (prompt tuning, p-tuning, prefix tuning).
+    /// Holds model-level state and rewrites the inputs (prompt tuning, p-tuning, prefix tuning,
+    /// multitask prompt tuning, CPT).
     Input,
 }
 
@@ -50,6 +52,21 @@ pub trait TunerConfig: ConfigObject + Debug + Send + Sync {
     fn bias(&self) -> Bias {
         Bias::None
     }
+
+    /// Whether the adapter brings its own prediction head ([`Tuner::head`]): the base model is
+    /// then loaded as FEATURE_EXTRACTION.
+    fn brings_head(&self) -> bool {
+        false
+    }
+
+    /// Adapters this one builds on, by name and saved directory (a fusion's fused adapters): the
+    /// wrapper loads each, frozen, before attaching this one when the model lacks it.
+    fn depends_on(&self) -> Vec<(String, std::path::PathBuf)> {
+        Vec::new()
+    }
+
+    /// The class count of the head the adapter brings, when its config leaves it to the data.
+    fn set_num_labels(&mut self, _n: usize) {}
 
     /// The method's part of PEFT's `_check_new_adapter_config`: what a new adapter (`self`,
     /// trained or not) must agree on with the adapters already on the model.
@@ -111,6 +128,10 @@ pub struct InjectContext<'a> {
     pub seed: u64,
     /// Whether the adapter will be trained.
     pub trainable: bool,
+    /// Whether its weights are read from an adapter file right after (`from_pretrained`,
+    /// `load_adapter`): an initialisation that the file overwrites (a tokenizer to read, a source
+    /// adapter to average) can be skipped.
+    pub from_file: bool,
 }
 
 /// What attaching an adapter produced: the adapted module (site) names and its model-level side.
@@ -138,6 +159,21 @@ pub struct ModelTensor {
     /// A parameter, trained when its adapter is and counted in the totals (soft prompts), or a
     /// buffer, only saved and loaded (VeRA's projections), as PEFT registers them.
     pub is_parameter: bool,
+    /// A parameter that is counted in the totals but never trained (CPT's frozen copy of the
+    /// token embeddings its prompt starts from: PEFT's `requires_grad = False`).
+    pub frozen: bool,
+}
+
+impl ModelTensor {
+    /// A trainable parameter saved under `key`.
+    pub fn parameter(key: impl Into<String>, var: &Var) -> Self {
+        Self {
+            key: key.into(),
+            var: var.clone(),
+            is_parameter: true,
+            frozen: false,
+        }
+    }
 }
 
 /// An attached adapter's model-level side. Every hook has a default that does nothing, so a
@@ -171,6 +207,39 @@ pub trait Tuner: Send + Sync {
         Ok(())
     }
 
+    /// Runs before each training step, with the step's seed (AdapterDrop skips a random number
+    /// of the lowest layers' adapters each step).
+    fn before_train_step(
+        &self,
+        _model: &mut dyn Model,
+        _config: &PeftConfig,
+        _seed: u64,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs when training stops or pauses for evaluation: undoes what
+    /// [`Tuner::before_train_step`] set, so evaluation and inference see the whole adapter.
+    fn after_training(&self, _model: &mut dyn Model, _config: &PeftConfig) -> Result<()> {
+        Ok(())
+    }
+
+    /// Sets the adapter's model-level tensors from an adapter file, taking the keys it owns out of
+    /// `file`; returns the keys it needed and did not find. By default each tensor of
+    /// [`Tuner::model_tensors`] is read under its own key, with its shape checked. Methods that
+    /// save something other than what they hold (prompt learning saves its encoder's output)
+    /// read it their own way.
+    fn load_tensors(&mut self, file: &mut HashMap<String, Tensor>) -> Result<Vec<String>> {
+        let mut missing = Vec::new();
+        for t in self.model_tensors() {
+            match file.remove(&t.key) {
+                Some(v) => set_checked(&t.key, &t.var, &v)?,
+                None => missing.push(t.key),
+            }
+        }
+        Ok(missing)
+    }
+
     /// The last change to the tensors about to be saved (AdaLoRA drops pruned ranks).
     fn state_dict_to_save(
         &self,
@@ -184,6 +253,19 @@ pub trait Tuner: Send + Sync {
     fn input_transform(&self) -> Option<&dyn InputTransform> {
         None
     }
+
+    /// A prediction head the adapter brings (AdapterHub's flex heads): the base model runs as
+    /// FEATURE_EXTRACTION and the head turns its last hidden states into the logits. Its tensors
+    /// are among [`Tuner::model_tensors`].
+    fn head(&self) -> Option<&dyn OutputHead> {
+        None
+    }
+}
+
+/// A prediction head an adapter brings, applied after the base model.
+pub trait OutputHead: Send + Sync {
+    /// `hidden`: the base model's last hidden states `[batch, seq, hidden]`.
+    fn forward(&self, hidden: &Tensor, inputs: &Inputs, train: bool) -> Result<Tensor>;
 }
 
 /// The model-level side of an adapter that has none.
@@ -201,6 +283,34 @@ pub trait InputTransform: Send + Sync {
         cache: Option<&mut Cache>,
         train: bool,
     ) -> Result<Prepared>;
+
+    /// Positions the method puts in front of every sequence (virtual tokens, or a key/value
+    /// prefix): they count against the model's context window, so generation leaves room for
+    /// them.
+    fn virtual_tokens(&self) -> usize {
+        0
+    }
+
+    /// A loss that replaces the task's own (CPT's weighted loss over its prompt's labels), from the
+    /// logits the model returned for `prepared` (positions the method put in front included) and
+    /// the batch's token labels as the data gave them (`[batch, seq]`, i64, -100 ignored).
+    /// `None`: the task's loss, on labels padded with -100 in front (what PEFT does).
+    fn loss(&self, _logits: &Tensor, _labels: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// Sets `var` from a tensor read from a file, after checking its shape.
+pub fn set_checked(key: &str, var: &Var, t: &Tensor) -> Result<()> {
+    if var.dims() != t.dims() {
+        return Err(crate::Error::ShapeMismatch {
+            name: key.to_string(),
+            expected: var.dims().to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    var.set(&t.to_dtype(var.dtype())?)?;
+    Ok(())
 }
 
 /// A batch as an input method rewrote it.
