@@ -14,10 +14,12 @@ use crate::Result;
 
 mod attention;
 mod fused;
+mod quant;
 mod scale;
 
 pub use attention::attention_merged_heads;
 pub use fused::gelu_erf;
+pub use quant::quant_linear;
 pub use scale::scale_columns;
 
 /// Whether the fused CPU kernels (f32 on the CPU) serve these tensors.

@@ -224,3 +224,65 @@ fn bad_quantization_input_is_named() {
         .to_string();
     assert!(e.contains(prefix), "{e}");
 }
+
+/// `Linear4bit` / `Linear8bitLt` on bitsandbytes' CPU backend: our banded product and its input
+/// gradient against theirs (bf16 layers compute in bf16 there, in f32 over bf16 values here).
+#[test]
+fn quantized_linear_forward_and_input_gradient_match_bitsandbytes() {
+    use peft::candle::Var;
+    use peft::quant::QuantWeight;
+    let t = fixtures();
+    let check = |what: &str,
+                 w: &QuantWeight,
+                 x: &Tensor,
+                 y: &Tensor,
+                 gy: &Tensor,
+                 gx: &Tensor,
+                 tol: f32| {
+        let xv = Var::from_tensor(x).unwrap();
+        let ours = peft::ops::quant_linear(xv.as_tensor(), w, None).unwrap();
+        let scale = f32s(y).iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = max_diff(&f32s(&ours), &f32s(y));
+        assert!(d <= tol * scale.max(1.0), "{what}: forward differs by {d}");
+        let grads = (ours * gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let ours_gx = grads.get(xv.as_tensor()).expect("input gradient");
+        let scale = f32s(gx).iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = max_diff(&f32s(ours_gx), &f32s(gx));
+        assert!(
+            d <= tol * scale.max(1.0),
+            "{what}: input gradient differs by {d}"
+        );
+    };
+    for (tag, s, dtype, _, _) in cases() {
+        let q = Quant4::from_state_dict(&format!("{tag}.weight"), &t)
+            .unwrap()
+            .unwrap();
+        let w = QuantWeight::bnb4(q).unwrap();
+        // The input as the layer sees it: in the compute dtype.
+        let x = t[&format!("{s}.x")]
+            .to_dtype(dtype)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+        let get = |k: &str| t[&format!("{tag}.{k}")].clone();
+        check(&tag, &w, &x, &get("y"), &get("grad_y"), &get("grad_x"), tol);
+    }
+    for s in SHAPES {
+        let w = &t[&format!("{s}.weight")];
+        let (rows, cols) = w.dims2().unwrap();
+        let q = QuantWeight::Int8(std::sync::Arc::new(
+            Int8Rows::quantize(&f32s(w), rows, cols).unwrap(),
+        ));
+        let get = |k: &str| t[&format!("{s}.{k}")].clone();
+        check(
+            &format!("{s} int8"),
+            &q,
+            &get("x"),
+            &get("int8.y"),
+            &get("int8.grad_y"),
+            &get("int8.grad_x"),
+            1e-5,
+        );
+    }
+}
