@@ -16,6 +16,7 @@ pub mod layers;
 pub mod models;
 pub mod ops;
 pub mod peft_model;
+pub mod quant;
 pub mod train;
 pub mod tuners;
 
