@@ -11,6 +11,7 @@ mod bench;
 mod commands;
 mod generate;
 mod logging;
+mod serve;
 
 // Training allocates and frees large activation buffers every step; glibc returns those to the
 // kernel each time and pays page faults to get them back. mimalloc keeps them.
@@ -69,6 +70,9 @@ enum Command {
     /// method of --peft-config) on fixed-length random batches, or with --generate the speed of
     /// greedy generation; prints one JSON line.
     Bench(bench::BenchArgs),
+    /// Serve a base model and its adapters over HTTP: OpenAI-compatible completions and chat
+    /// (continuous batching across adapters), embeddings and /predict for encoders, /metrics.
+    Serve(serve::ServeArgs),
 }
 
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h, v2): -1 keeps freed memory mapped.
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect(&a.dir),
         Command::Generate(a) => generate::generate(a),
         Command::Bench(a) => bench::run(&a),
+        Command::Serve(a) => serve::serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

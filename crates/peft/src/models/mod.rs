@@ -7,6 +7,7 @@ pub mod decoder;
 pub mod gpt2;
 pub mod llama;
 pub mod opt;
+pub mod pooling;
 pub mod t5;
 mod t5_heads;
 

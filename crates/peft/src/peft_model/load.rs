@@ -103,25 +103,22 @@ impl PeftModel {
     /// Loads the adapter in `dir` as `name`. Every tensor the config implies must be in the file
     /// with the model's shape, and the file must hold nothing the model cannot place.
     pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool) -> Result<()> {
-        let config_path = dir.join(CONFIG_NAME);
-        if !config_path.exists() {
-            return Err(Error::io(
-                &config_path,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "not an adapter directory (no adapter_config.json)",
-                ),
-            ));
-        }
-        let config = PeftConfig::from_adapter_json(&read_json(&config_path)?)?;
-        let weights_path = dir.join(WEIGHTS_NAME);
-        if !weights_path.exists() && dir.join("adapter_model.bin").exists() {
-            return Err(Error::Adapter(format!(
-                "{}: only adapter_model.bin (pickle) found; re-save it with safe_serialization=True",
-                dir.display()
-            )));
-        }
-        let mut file = load_safetensors(&weights_path, self.model.device())?;
+        let files = AdapterFiles::read(dir, self.model.device())?;
+        self.add_adapter_files(&files, name, is_trainable)
+    }
+
+    /// Puts an adapter already read from disk on the model as `name` (what
+    /// [`PeftModel::load_adapter`] does after reading): a server keeps [`AdapterFiles`] in memory
+    /// and adds or deletes adapters without touching the disk again.
+    pub fn add_adapter_files(
+        &mut self,
+        files: &AdapterFiles,
+        name: &str,
+        is_trainable: bool,
+    ) -> Result<()> {
+        let config = files.config.clone();
+        let weights_path = files.dir.join(WEIGHTS_NAME);
+        let mut file = files.tensors.clone();
         let first = self.adapters.is_empty();
         self.inject(name, config, is_trainable)?;
         let mut expected = self.adapter_vars(name);
@@ -252,6 +249,54 @@ impl PeftModel {
             self.load_adapter(path, name, is_trainable)?;
         }
         Ok(found.into_iter().map(|(n, _)| n).collect())
+    }
+}
+
+/// An adapter directory read into memory: its config and its tensors (on the device they were read
+/// for), not yet on any model.
+#[derive(Clone)]
+pub struct AdapterFiles {
+    pub config: PeftConfig,
+    pub tensors: HashMap<String, Tensor>,
+    /// Where it was read from.
+    pub dir: std::path::PathBuf,
+}
+
+impl AdapterFiles {
+    /// Reads `adapter_config.json` and `adapter_model.safetensors` from `dir`.
+    pub fn read(dir: &Path, device: &candle_core::Device) -> Result<Self> {
+        let config_path = dir.join(CONFIG_NAME);
+        if !config_path.exists() {
+            return Err(Error::io(
+                &config_path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not an adapter directory (no adapter_config.json)",
+                ),
+            ));
+        }
+        let config = PeftConfig::from_adapter_json(&read_json(&config_path)?)?;
+        let weights_path = dir.join(WEIGHTS_NAME);
+        if !weights_path.exists() && dir.join("adapter_model.bin").exists() {
+            return Err(Error::Adapter(format!(
+                "{}: only adapter_model.bin (pickle) found; re-save it with safe_serialization=True",
+                dir.display()
+            )));
+        }
+        let tensors = load_safetensors(&weights_path, device)?;
+        Ok(Self {
+            config,
+            tensors,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Bytes the tensors take.
+    pub fn size_in_bytes(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
     }
 }
 

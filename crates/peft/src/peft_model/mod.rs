@@ -21,7 +21,7 @@ use crate::{Error, Result};
 
 pub use crate::io::KEY_PREFIX;
 pub use crate::io::{ADAPTER_CONFIG_NAME as CONFIG_NAME, ADAPTER_WEIGHTS_NAME as WEIGHTS_NAME};
-pub use load::{load_auto, load_with_adapter, saved_head_classes};
+pub use load::{load_auto, load_with_adapter, saved_head_classes, AdapterFiles};
 pub use merge::AdapterDisabled;
 pub use mixed::MixedBatch;
 pub use status::{LayerStatus, ModelStatus, Status};
@@ -97,6 +97,12 @@ impl PeftModel {
             seed,
             disabled: false,
         }
+    }
+
+    /// `model` with no adapter yet: adapters come later ([`PeftModel::load_adapter`],
+    /// [`PeftModel::add_adapter`]), as a server that loads them at run time needs.
+    pub fn without_adapters(model: Box<dyn Model>) -> Self {
+        Self::wrap(model, 0)
     }
 
     /// Loads the adapter in `dir` onto `model` (PEFT's `PeftModel.from_pretrained`): as
