@@ -35,6 +35,7 @@ def main():
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        config.architectures = ["LlamaForCausalLM"]  # llama.cpp's converter needs it
         config.save_pretrained(base_dir)
         AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(base_dir)
     for i in range(a.count):
