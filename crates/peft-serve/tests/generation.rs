@@ -450,6 +450,23 @@ fn adapter_paths_stay_inside_the_adapter_root() {
             .contains("adapter root"));
     }
     assert_eq!(load("missing".into()).status, 404);
+    // An adapter that trains the base biases would change every other adapter's outputs.
+    let model = peft::models::load(&tiny_llama(), &LoadOptions::default()).unwrap();
+    let biased = LoraConfig {
+        target_modules: Some(ModuleSpec::List(vec!["q_proj".into()])),
+        bias: peft::tuners::lora::Bias::All,
+        ..Default::default()
+    };
+    get_peft_model_with_seed(model, biased, "default", 1)
+        .unwrap()
+        .save_pretrained(&root.join("biased"))
+        .unwrap();
+    let r = load("biased".into());
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("biases"));
     let r = load("good".into());
     assert_eq!(r.status, 200, "{}", r.body);
     let r = post(

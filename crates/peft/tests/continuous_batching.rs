@@ -257,3 +257,65 @@ fn sampling_is_per_request_and_cancel_frees_the_slot() {
         .iter()
         .any(|e| matches!(e, Event::Token { id, .. } if *id == ids[2])));
 }
+
+/// The batched low-rank path of mixed batches pads every adapter's rank to the largest with
+/// zeros: adapters of ranks 2 and 8 on the same layers (and one on a layer the others lack), with
+/// a bare row among them, give each row the logits of its adapter run alone.
+#[test]
+fn mixed_ranks_in_one_batch_equal_each_adapter_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let specs: [(&str, u64, usize, &[&str]); 3] = [
+        ("r2", 4, 2, &["q_proj", "v_proj"]),
+        ("r8", 5, 8, &["q_proj", "v_proj", "o_proj"]),
+        ("k", 6, 3, &["k_proj"]),
+    ];
+    let mut pm = PeftModel::without_adapters(load());
+    for (name, seed, r, targets) in specs {
+        let d = tmp.path().join(name);
+        let cfg = LoraConfig {
+            r,
+            ..lora(targets, false)
+        };
+        get_peft_model_with_seed(load(), cfg, "default", seed)
+            .unwrap()
+            .save_pretrained(&d)
+            .unwrap();
+        pm.load_adapter(&d, name, false).unwrap();
+    }
+    let names: Vec<String> = ["r8", BASE, "r2", "k", "r8"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let ids: Vec<u32> = (0..names.len() * 6)
+        .map(|i| (i as u32 * 7 + 3) % 60)
+        .collect();
+    let inputs = peft::Inputs {
+        input_ids: Some(
+            candle_core::Tensor::from_vec(ids, (names.len(), 6), &candle_core::Device::Cpu)
+                .unwrap(),
+        ),
+        ..Default::default()
+    };
+    let mixed = pm.forward_mixed(&inputs, &names).unwrap();
+    for (i, name) in names.iter().enumerate() {
+        let alone = if name == BASE {
+            let d = pm.disable_adapter().unwrap();
+            d.forward(&inputs, false).unwrap()
+        } else {
+            pm.set_adapter(name).unwrap();
+            pm.forward(&inputs, false).unwrap()
+        };
+        let (g, a) = (mixed.get(i).unwrap(), alone.get(i).unwrap());
+        let diff = (g - &a)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "row {i} ({name}): max difference {diff}");
+    }
+}

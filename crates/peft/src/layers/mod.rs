@@ -16,6 +16,7 @@ pub mod rotary;
 
 pub use adapter::{
     Adapter, AdapterList, AdapterSite, Adapters, EmbeddingAdapter, LinearAdapter, LinearBase,
+    LowRank,
 };
 pub use cache::{Cache, KeyValue};
 pub use embedding::Embedding;
