@@ -17,7 +17,8 @@ import subprocess
 import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-METHODS = ["lora", "dora", "adalora", "loha", "lokr", "ia3", "vera"]
+METHODS = ["lora", "dora", "adalora", "loha", "lokr", "ia3", "vera", "prompt_tuning", "p_tuning", "prefix_tuning",
+           "multitask_prompt_tuning"]
 
 
 def last_json(cmd):

@@ -119,7 +119,9 @@ def main():
 
     def step(i):
         sl = [(i * args.batch + j) % n_rows for j in range(args.batch)]
-        out = model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], labels=labels[sl])
+        # task_ids (all task 0) reach multitask prompt tuning; the other methods ignore them.
+        out = model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], labels=labels[sl],
+                    task_ids=torch.zeros(len(sl), dtype=torch.long, device=dev))
         out.loss.backward()
         opt.step()
         if adalora:

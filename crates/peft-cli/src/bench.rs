@@ -10,6 +10,8 @@ use clap::Args;
 use peft::generation::{generate, GenerationConfig};
 use peft::models::{self, LoadOptions};
 use peft::peft_model::get_peft_model_with_seed;
+use peft::train::data::Targets;
+use peft::train::eval::adapter_loss;
 use peft::train::optim::{AdamW, AdamWParams};
 use peft::tuners::lora::LoraConfig;
 use peft::tuners::targets::ModuleSpec;
@@ -142,6 +144,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let inputs = Inputs {
         input_ids: Some(ids.clone()),
         attention_mask: Some(Tensor::ones((b, t), DType::U32, &device)?),
+        // Task 0 for every row: multitask prompt tuning needs task ids, other methods ignore them.
+        task_ids: Some(Tensor::zeros(b, DType::U32, &device)?),
         ..Default::default()
     };
     let labels = match task_type {
@@ -161,11 +165,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let mut timed = 0.0;
     for step in 0..a.warmup + a.steps {
         let start = Instant::now();
-        let logits = model.forward(&inputs, true)?;
-        let mut loss = match task_type {
-            TaskType::CausalLm => peft::train::causal_lm_loss(&logits, &labels)?,
-            _ => peft::train::classification_loss(&logits, &labels)?,
+        // The loss as the trainer computes it (an input method's virtual positions included).
+        let (logits, prefix) = model.forward_with_prefix(&inputs, true)?;
+        let targets = match task_type {
+            TaskType::CausalLm => Targets::Tokens(labels.clone()),
+            _ => Targets::Class(labels.clone()),
         };
+        let mut loss = adapter_loss(&model, task_type, &logits, prefix, &targets)?;
         // The method's own loss term and per-step hook (AdaLoRA), as the trainer runs them.
         if let Some(reg) = model.regularization_loss()? {
             loss = (loss + reg)?;

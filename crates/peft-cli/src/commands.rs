@@ -42,8 +42,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         cfg.training.resume_from_checkpoint = a.resume;
     }
     let device = device(a.device)?;
-    peft::train::install_interrupt_handler()?;
     let mut job = TrainJob::prepare(&cfg, &device)?;
+    peft::train::install_interrupt_handler(job.stop.clone())?;
     println!("{}", job.model.trainable_parameters_line());
     let mut progress = crate::logging::TrainProgress::new(crate::logging::shows_info());
     let out = job.run(Some(&mut progress))?;
@@ -128,6 +128,10 @@ pub struct ForwardArgs {
     /// row per --input-ids row; logits are then [batch, decoder positions, vocab].
     #[arg(long, value_name = "JSON")]
     pub decoder_input_ids: Option<String>,
+    /// One task id per input row as JSON, e.g. '[0, 2]': PEFT's `task_ids`, for adapters with a
+    /// prompt per task (multitask prompt tuning).
+    #[arg(long, value_name = "JSON")]
+    pub task_ids: Option<String>,
     /// The head to use when no adapter says (default: from config.json's architectures).
     #[arg(long, value_enum, ignore_case = true)]
     pub task_type: Option<TaskTypeArg>,
@@ -139,6 +143,22 @@ pub struct ForwardArgs {
     pub out: PathBuf,
     #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Option<DeviceArg>,
+}
+
+/// Parses `--task-ids '[0, 2]'`: one task id per row of a batch of `rows`.
+pub(crate) fn parse_task_ids(json: &str, rows: usize) -> Result<Vec<u32>> {
+    let ids: Vec<u32> = serde_json::from_str(json).map_err(|e| {
+        Error::Data(format!(
+            "--task-ids: expected a JSON list of non-negative integers, one per row: {e}"
+        ))
+    })?;
+    if ids.len() != rows {
+        return Err(Error::Data(format!(
+            "--task-ids has {} ids for {rows} rows; give one task id per row",
+            ids.len()
+        )));
+    }
+    Ok(ids)
 }
 
 /// Parses `[[1, 2], [3, 4]]` into a `[rows, cols]` u32 tensor; rows must have equal length.
@@ -217,6 +237,14 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
                     )));
                 }
                 Ok(d)
+            })
+            .transpose()?,
+        task_ids: a
+            .task_ids
+            .as_deref()
+            .map(|t| {
+                let ids = parse_task_ids(t, input_ids.dim(0)?)?;
+                Ok::<_, Error>(Tensor::new(ids.as_slice(), &device)?)
             })
             .transpose()?,
         input_ids: Some(input_ids.clone()),

@@ -61,6 +61,10 @@ pub struct GenerateArgs {
     /// Also print the generated token ids of each prompt as a JSON line.
     #[arg(long)]
     pub print_ids: bool,
+    /// One task id per prompt as JSON, e.g. '[0, 2]': PEFT's `task_ids`, for adapters with a
+    /// prompt per task (multitask prompt tuning).
+    #[arg(long, value_name = "JSON")]
+    pub task_ids: Option<String>,
     #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Option<DeviceArg>,
 }
@@ -132,6 +136,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         },
         stop_strings: a.stop.clone(),
         seed: a.seed,
+        task_ids: a
+            .task_ids
+            .as_deref()
+            .map(|t| crate::commands::parse_task_ids(t, prompts.len()))
+            .transpose()?,
         ..Default::default()
     };
     let stream = a.prompts.len() == 1;

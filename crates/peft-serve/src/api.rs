@@ -1308,8 +1308,7 @@ async fn run_generation(st: Arc<Shared>, mut slot: Slot, job: Job0, flavor: Flav
                 } else if s.flavor == Flavor::Chat {
                     chat_logprobs(&s.st, &lp)
                 } else {
-                    let v = completion_logprobs(&s.st, &lp, s.offsets[i]);
-                    v
+                    completion_logprobs(&s.st, &lp, s.offsets[i])
                 };
                 s.offsets[i] += delta.len();
                 let choice = if s.flavor == Flavor::Chat {

@@ -31,11 +31,16 @@ pub use peft_model::{
 pub use train::optim::{AdamW, AdamWParams};
 pub use train::{causal_lm_loss, classification_loss};
 pub use tuners::adalora::AdaLoraConfig;
+pub use tuners::cpt::CptConfig;
 pub use tuners::ia3::Ia3Config;
 pub use tuners::loha::LohaConfig;
 pub use tuners::lokr::LokrConfig;
 pub use tuners::lora::weighted::{CombinationType, WeightedOptions};
 pub use tuners::lora::{LoraConfig, LoraModelExt};
+pub use tuners::multitask_prompt_tuning::MultitaskPromptTuningConfig;
+pub use tuners::p_tuning::PromptEncoderConfig;
+pub use tuners::prefix_tuning::PrefixTuningConfig;
+pub use tuners::prompt_tuning::PromptTuningConfig;
 pub use tuners::targets::ModuleSpec;
 pub use tuners::vera::VeraConfig;
 pub use tuners::{Bias, PeftConfig, TunerConfig};

@@ -31,6 +31,15 @@ fn method_examples_match_their_pytorch_configs() {
             "minilm-rotten-tomatoes-adalora.toml",
             "adalora-400-steps.json",
         ),
+        (
+            "minilm-rotten-tomatoes-prompt-tuning.toml",
+            "prompt_tuning.json",
+        ),
+        ("minilm-rotten-tomatoes-p-tuning.toml", "p_tuning.json"),
+        (
+            "minilm-rotten-tomatoes-prefix-tuning.toml",
+            "prefix_tuning.json",
+        ),
     ] {
         let cfg = TrainConfig::from_toml_file(&repo().join("examples").join(example)).unwrap();
         // The run takes the task from `[model]`, as the JSON names it.

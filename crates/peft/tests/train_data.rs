@@ -43,6 +43,7 @@ fn v2(t: &Tensor) -> Vec<Vec<i64>> {
 
 fn ex(ids: &[u32], target: Target) -> Example {
     Example {
+        task_id: None,
         input_ids: ids.to_vec(),
         token_type_ids: vec![0; ids.len()],
         target,
@@ -189,6 +190,7 @@ fn token_cls_labels_go_to_the_first_sub_word() {
         Target::Tokens(vec![-100, 1, -100, -100, 0, 2, -100])
     );
     let short = Example {
+        task_id: None,
         input_ids: vec![101, 3000, 102],
         token_type_ids: vec![0; 3],
         target: Target::Tokens(vec![-100, 0, -100]),

@@ -8,7 +8,7 @@ use peft::models::{self, LoadOptions};
 use peft::peft_model::{get_peft_model_with_seed, PeftModel, WEIGHTS_NAME};
 use peft::train::config::{Interval, TrainingArguments};
 use peft::train::data::{CollateOptions, Example, PaddingSide, Target};
-use peft::train::{request_stop, Outcome, Trainer};
+use peft::train::{Outcome, StopSignal, Trainer};
 use peft::tuners::lora::LoraConfig;
 use peft::tuners::targets::ModuleSpec;
 use peft::tuners::BaseFields;
@@ -79,6 +79,7 @@ fn examples(task: TaskType, n: usize, classes: i64) -> Vec<Example> {
                 _ => Target::Class(rng.random_range(0..classes)),
             };
             Example {
+                task_id: None,
                 token_type_ids: vec![0; ids.len()],
                 input_ids: ids,
                 target,
@@ -141,6 +142,17 @@ fn run(
     train: &[Example],
     eval: Option<&[Example]>,
 ) -> peft::train::TrainReport {
+    run_until(m, a, task, train, eval, StopSignal::new())
+}
+
+fn run_until(
+    m: &mut PeftModel,
+    a: TrainingArguments,
+    task: TaskType,
+    train: &[Example],
+    eval: Option<&[Example]>,
+    stop: StopSignal,
+) -> peft::train::TrainReport {
     let mut t = Trainer {
         model: m,
         args: a,
@@ -151,6 +163,7 @@ fn run(
             .map(|i| ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"][i].to_string())
             .collect(),
         callback: None,
+        stop,
     };
     let r = t.train().unwrap();
     if r.outcome == Outcome::Finished {
@@ -233,8 +246,16 @@ fn resumed_and_interrupted_runs_end_with_the_uninterrupted_adapter() {
     c.output_dir = out.clone();
     c.save_strategy = Interval::No;
     let mut m = model(&dir, TaskType::SeqCls, 0.1);
-    request_stop(true);
-    let r = run(&mut m, c.clone(), TaskType::SeqCls, &data, Some(&eval));
+    let stop = StopSignal::new();
+    stop.request(); // as the Ctrl-C handler does
+    let r = run_until(
+        &mut m,
+        c.clone(),
+        TaskType::SeqCls,
+        &data,
+        Some(&eval),
+        stop,
+    );
     assert_eq!(r.outcome, Outcome::Interrupted(out.join("checkpoint-1")));
     assert_eq!(r.steps, 1);
     c.resume_from_checkpoint = Some(out.join("checkpoint-1").display().to_string());
@@ -349,6 +370,7 @@ fn a_non_finite_loss_stops_the_run_and_names_the_last_checkpoint() {
         eval: None,
         label_names: vec![],
         callback: None,
+        stop: StopSignal::new(),
     };
     let e = t.train().expect_err("the loss overflows").to_string();
     assert!(
@@ -474,6 +496,7 @@ fn every_task_trains_through_the_loop() {
                     _ => Target::Tokens(ids.iter().map(|&x| x as i64).collect()),
                 };
                 Example {
+                    task_id: None,
                     token_type_ids: vec![0; ids.len()],
                     input_ids: ids,
                     target,

@@ -358,6 +358,7 @@ impl Tuner for Prefix {
             key: "prompt_embeddings".into(),
             var: self.prompt.clone(),
             is_parameter: true,
+            frozen: false,
         }]
     }
     fn input_transform(&self) -> Option<&dyn InputTransform> {

@@ -22,6 +22,11 @@ pub trait Generate {
     fn dims(&self) -> ModelDims;
     fn device(&self) -> &Device;
     fn forward_with_cache(&self, inputs: &Inputs, cache: Option<&mut Cache>) -> Result<Tensor>;
+    /// Positions put in front of every sequence besides the prompt's own (an input method's
+    /// virtual tokens): they take room in the context window.
+    fn virtual_tokens(&self) -> usize {
+        0
+    }
 }
 
 impl<T: Model + ?Sized> Generate for T {
@@ -49,6 +54,9 @@ pub struct GenerationConfig {
     pub stop_strings: Vec<String>,
     /// Seeds the sampler: the same seed, prompts and model give the same tokens.
     pub seed: u64,
+    /// PEFT's `task_ids`, one per prompt, for adapters with a prompt per task (multitask prompt
+    /// tuning).
+    pub task_ids: Option<Vec<u32>>,
 }
 
 impl Default for GenerationConfig {
@@ -60,6 +68,7 @@ impl Default for GenerationConfig {
             pad_token_id: None,
             stop_strings: Vec::new(),
             seed: 0,
+            task_ids: None,
         }
     }
 }
@@ -113,7 +122,8 @@ fn run(
 ) -> Result<Generated> {
     let dims = model.dims();
     let device = model.device().clone();
-    check(prompts, cfg, tokenizer, &dims)?;
+    let virtual_tokens = model.virtual_tokens();
+    check(prompts, cfg, tokenizer, &dims, virtual_tokens)?;
     let b = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let eos = if cfg.eos_token_ids.is_empty() {
@@ -128,7 +138,9 @@ fn run(
         .unwrap_or(0);
     // Decoder-only models see the prompt in their window; encoder-decoder decoders start empty.
     let budget = match dims.max_positions {
-        Some(max) if !dims.is_encoder_decoder => cfg.max_new_tokens.min(max - longest),
+        Some(max) if !dims.is_encoder_decoder => {
+            cfg.max_new_tokens.min(max - longest - virtual_tokens)
+        }
         Some(max) => cfg.max_new_tokens.min(max.saturating_sub(1)),
         None => cfg.max_new_tokens,
     };
@@ -174,9 +186,14 @@ fn run(
         })
         .collect();
 
+    let task_ids = match &cfg.task_ids {
+        Some(t) => Some(Tensor::from_vec(t.clone(), (b,), &device)?),
+        None => None,
+    };
     let mut cache = Cache::default();
     let mut first = Inputs {
         logits_to_keep: 1,
+        task_ids: task_ids.clone(),
         ..Default::default()
     };
     let enc_mask = if any_padding {
@@ -254,6 +271,7 @@ fn run(
                 attention_mask: inputs.attention_mask.take(),
                 decoder_input_ids: Some(new),
                 logits_to_keep: 1,
+                task_ids: task_ids.clone(),
                 ..Default::default()
             }
         } else {
@@ -273,6 +291,7 @@ fn run(
                 },
                 position_ids: Some(Tensor::from_vec(pos, (b, 1), &device)?),
                 logits_to_keep: 1,
+                task_ids: task_ids.clone(),
                 ..Default::default()
             }
         };
@@ -292,9 +311,19 @@ fn check(
     cfg: &GenerationConfig,
     tokenizer: Option<&Tokenizer>,
     dims: &ModelDims,
+    virtual_tokens: usize,
 ) -> Result<()> {
     if prompts.is_empty() {
         return Err(Error::Data("generate: no prompts given".into()));
+    }
+    if let Some(t) = &cfg.task_ids {
+        if t.len() != prompts.len() {
+            return Err(Error::Data(format!(
+                "generate: {} task_ids for {} prompts; give one task id per prompt",
+                t.len(),
+                prompts.len()
+            )));
+        }
     }
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(Error::Data(format!(
@@ -319,10 +348,15 @@ fn check(
         } else {
             max - 1
         };
-        if longest > limit {
+        if longest + virtual_tokens > limit {
+            let virt = if virtual_tokens > 0 {
+                format!(" plus the adapter's {virtual_tokens} virtual tokens")
+            } else {
+                String::new()
+            };
             return Err(Error::Data(format!(
-                "prompt of {longest} tokens does not fit the model's context window of {max} \
-                 positions{}; shorten the prompt",
+                "prompt of {longest} tokens{virt} does not fit the model's context window of \
+                 {max} positions{}; shorten the prompt",
                 if dims.is_encoder_decoder {
                     ""
                 } else {

@@ -96,6 +96,9 @@ pub struct Inputs {
     /// Language-model heads compute logits for only the last this-many positions; 0 means all
     /// (transformers' `logits_to_keep`). Generation uses 1.
     pub logits_to_keep: usize,
+    /// PEFT's `task_ids`: one task index per row (`[batch]`, u32), for adapters that hold one
+    /// prompt per task (multitask prompt tuning). Models ignore it.
+    pub task_ids: Option<Tensor>,
 }
 
 impl Inputs {

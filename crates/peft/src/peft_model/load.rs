@@ -2,12 +2,13 @@
 //! `adapter_model.safetensors` (keys `base_model.model.<module path>.<tensor>`), the default
 //! adapter in the directory and others in `<dir>/<name>/`.
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
 use super::{bias_key, modules_to_save_root, PeftModel, CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
 use crate::io::{load_safetensors, read_json, save_safetensors, write_atomic};
+use crate::tuners::tuner::set_checked;
 use crate::tuners::{Bias, PeftConfig};
 use crate::{Error, Result};
 
@@ -120,18 +121,32 @@ impl PeftModel {
         let weights_path = files.dir.join(WEIGHTS_NAME);
         let mut file = files.tensors.clone();
         let first = self.adapters.is_empty();
-        self.inject(name, config, is_trainable)?;
+        self.inject(name, config, is_trainable, true)?;
         let mut expected = self.adapter_vars(name);
-        if let Some(e) = self.entry(name) {
-            expected.extend(e.tuner.model_tensors().into_iter().map(|t| (t.key, t.var)));
-        }
         // Trained biases are part of the adapter too: `bias` = all / lora_only.
         let bias = self.entry(name).map_or(Bias::None, |e| e.config.bias());
         let mut missing = Vec::new();
         for (key, var) in expected.drain(..) {
             match file.remove(&key) {
-                Some(t) => set_checked(&key, &var, &t)?,
+                Some(t) => {
+                    if let Err(e) = set_checked(&key, &var, &t) {
+                        self.delete_adapter(name)?;
+                        return Err(e);
+                    }
+                }
                 None => missing.push(key),
+            }
+        }
+        // The method's model-level tensors, read its own way.
+        let own = match self.adapters.iter_mut().find(|a| a.name == name) {
+            Some(e) => e.tuner.load_tensors(&mut file),
+            None => Ok(Vec::new()),
+        };
+        match own {
+            Ok(m) => missing.extend(m),
+            Err(e) => {
+                self.delete_adapter(name)?;
+                return Err(e);
             }
         }
         if bias != Bias::None {
@@ -298,18 +313,6 @@ impl AdapterFiles {
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum()
     }
-}
-
-fn set_checked(key: &str, var: &Var, t: &Tensor) -> Result<()> {
-    if var.dims() != t.dims() {
-        return Err(Error::ShapeMismatch {
-            name: key.to_string(),
-            expected: var.dims().to_vec(),
-            found: t.dims().to_vec(),
-        });
-    }
-    var.set(&t.to_dtype(var.dtype())?)?;
-    Ok(())
 }
 
 /// Loads the base model in `model_dir` with the head the adapter in `adapter_dir` was trained

@@ -20,6 +20,9 @@ use crate::tuners::{AdapterHost, Bias, Existing, InjectContext, MethodKind, Peft
 use crate::{Error, Result};
 
 pub use crate::io::KEY_PREFIX;
+/// The key prefix of `modules_to_save` tensors of input-method adapters, which PEFT saves from
+/// the unwrapped model (`base_model.classifier.weight`).
+pub const INPUT_KEY_PREFIX: &str = "base_model.";
 pub use crate::io::{ADAPTER_CONFIG_NAME as CONFIG_NAME, ADAPTER_WEIGHTS_NAME as WEIGHTS_NAME};
 pub use load::{load_auto, load_with_adapter, saved_head_classes, AdapterFiles};
 pub use merge::AdapterDisabled;
@@ -173,10 +176,16 @@ impl PeftModel {
 
     /// Adds a trainable adapter. Like PEFT, it does not become active unless it is the first.
     pub fn add_adapter(&mut self, name: &str, config: impl Into<PeftConfig>) -> Result<()> {
-        self.inject(name, config.into(), true)
+        self.inject(name, config.into(), true, false)
     }
 
-    fn inject(&mut self, name: &str, mut config: PeftConfig, trainable: bool) -> Result<()> {
+    fn inject(
+        &mut self,
+        name: &str,
+        mut config: PeftConfig,
+        trainable: bool,
+        from_file: bool,
+    ) -> Result<()> {
         if self.entry(name).is_some() {
             return Err(Error::Adapter(format!(
                 "an adapter named `{name}` already exists"
@@ -216,6 +225,7 @@ impl PeftModel {
             modules_to_save: &modules_to_save,
             seed,
             trainable,
+            from_file,
         };
         let injected = config.as_dyn_mut().inject(self.model.as_mut(), &ctx)?;
         let bias = config.bias();
@@ -414,6 +424,30 @@ impl PeftModel {
         strip_prefix(out, prefix)
     }
 
+    /// [`PeftModel::forward`] and the number of positions the active input method put in front of
+    /// the output's sequence axis (0 without one). A loss over token labels pads them with that
+    /// many -100 in front, as PEFT does (see [`PeftModel::method_loss`] for methods with their
+    /// own loss).
+    pub fn forward_with_prefix(&self, inputs: &Inputs, train: bool) -> Result<(Tensor, usize)> {
+        self.forward_prepared(inputs, None, train)
+    }
+
+    /// The active input method's own loss, if it replaces the task's (CPT), from the logits of
+    /// [`PeftModel::forward_with_prefix`] and the batch's token labels (`[batch, seq]`, -100
+    /// ignored).
+    pub fn method_loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Option<Tensor>> {
+        match self.input_transform() {
+            Some(t) => t.loss(logits, labels),
+            None => Ok(None),
+        }
+    }
+
+    /// Positions the active input method puts in front of every sequence (0 without one): they
+    /// count against the model's context window.
+    pub fn virtual_tokens(&self) -> usize {
+        self.input_transform().map_or(0, |t| t.virtual_tokens())
+    }
+
     fn forward_prepared(
         &self,
         inputs: &Inputs,
@@ -471,7 +505,7 @@ impl PeftModel {
                     .tuner
                     .model_tensors()
                     .into_iter()
-                    .filter(|t| t.is_parameter)
+                    .filter(|t| t.is_parameter && !t.frozen)
                     .map(|t| (t.key, t.var)),
             );
         }
@@ -496,21 +530,32 @@ impl PeftModel {
     /// Every tensor adapter `name` holds in the model's sites and `modules_to_save` copies,
     /// under its PEFT key (no adapter name in the key).
     fn adapter_vars(&self, name: &str) -> Vec<(String, Var)> {
+        let prefix = self.key_prefix(name);
         let mut out = Vec::new();
         for module in self.model.modules() {
             let tensors = module
                 .site()
                 .and_then(|s| s.adapters().adapter(name).map(|a| a.tensors()));
             for (suffix, var) in tensors.unwrap_or_default() {
-                out.push((format!("{KEY_PREFIX}{}.{suffix}", module.name()), var));
+                out.push((format!("{prefix}{}.{suffix}", module.name()), var));
             }
             for p in module.params() {
                 if let Some(v) = p.copy(name) {
-                    out.push((format!("{KEY_PREFIX}{}", p.name), v.clone()));
+                    out.push((format!("{prefix}{}", p.name), v.clone()));
                 }
             }
         }
         out
+    }
+
+    /// What PEFT puts before a module path in the keys of adapter `name`: `base_model.model.`
+    /// when the method wraps the model in its tuner model (every method that adapts layers),
+    /// `base_model.` for input methods, which leave the model as it is.
+    fn key_prefix(&self, name: &str) -> &'static str {
+        match self.entry(name).map(|e| e.config.kind()) {
+            Some(MethodKind::Input) => INPUT_KEY_PREFIX,
+            _ => KEY_PREFIX,
+        }
     }
 
     /// `(trainable, all)` parameter counts as PEFT's `get_nb_trainable_parameters` counts them:
@@ -640,7 +685,7 @@ impl AdapterHost for PeftModel {
         PeftModel::peft_config_mut(self, name)
     }
     fn add_frozen_adapter(&mut self, name: &str, config: PeftConfig) -> Result<()> {
-        self.inject(name, config, false)
+        self.inject(name, config, false, false)
     }
     fn delete_adapter(&mut self, name: &str) -> Result<()> {
         PeftModel::delete_adapter(self, name)
@@ -659,6 +704,9 @@ impl Generate for PeftModel {
     }
     fn forward_with_cache(&self, inputs: &Inputs, cache: Option<&mut Cache>) -> Result<Tensor> {
         PeftModel::forward_with_cache(self, inputs, cache, false)
+    }
+    fn virtual_tokens(&self) -> usize {
+        PeftModel::virtual_tokens(self)
     }
 }
 

@@ -76,6 +76,20 @@ impl PeftModel {
     /// PEFT's `get_layer_status`: every adapter layer and `modules_to_save` wrapper, in module
     /// order.
     pub fn layer_status(&self) -> Result<Vec<LayerStatus>> {
+        // As PEFT, which raises a TypeError: input methods leave the model's layers alone.
+        if let Some(e) = self
+            .adapters
+            .iter()
+            .find(|e| e.config.kind() == crate::tuners::MethodKind::Input)
+        {
+            return Err(Error::Adapter(format!(
+                "layer and model status describe adapter layers, and adapter `{}` ({}) has none: \
+                 it rewrites the model's inputs (PEFT's get_layer_status / get_model_status \
+                 refuse it too); use trainable_parameters_line() or peft_config() instead",
+                e.name,
+                e.config.peft_type()
+            )));
+        }
         let trainable: BTreeMap<&str, bool> = self
             .adapters
             .iter()

@@ -13,6 +13,8 @@ use crate::{Error, Result};
 
 pub const STATE_NAME: &str = "trainer_state.json";
 pub const OPTIMIZER_NAME: &str = "optimizer.safetensors";
+/// Every trainable tensor under the name `PeftModel::trainable_parameters` gives it.
+pub const TRAINABLE_NAME: &str = "trainable.safetensors";
 pub const SCHEDULER_NAME: &str = "scheduler.json";
 
 /// Where a run is; written in every checkpoint (transformers' `TrainerState` plus the data and
@@ -94,6 +96,14 @@ pub fn save(
     let result = (|| {
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         model.save_pretrained(&tmp)?;
+        // Every trainable tensor under its own name: an adapter file may hold something else
+        // (a prompt encoder's output instead of the encoder), and resuming needs the tensors.
+        let trainable: Vec<(String, candle_core::Tensor)> = model
+            .trainable_parameters()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().detach()))
+            .collect();
+        crate::io::save_safetensors(&tmp.join(TRAINABLE_NAME), &trainable)?;
         crate::io::save_safetensors(&tmp.join(OPTIMIZER_NAME), &opt.state_tensors()?)?;
         write_json(&tmp.join(SCHEDULER_NAME), schedule)?;
         write_json(&tmp.join(STATE_NAME), state)?;
@@ -142,9 +152,14 @@ pub fn read_state(dir: &Path) -> Result<(TrainerState, Schedule)> {
     Ok((state, schedule))
 }
 
-/// Sets the model's trainable tensors from the adapter saved in `dir`.
+/// Sets the model's trainable tensors from the checkpoint in `dir` (its `trainable.safetensors`,
+/// or for older checkpoints the adapter file).
 pub fn load_trainable(model: &PeftModel, dir: &Path) -> Result<()> {
-    let path = dir.join(WEIGHTS_NAME);
+    let path = if dir.join(TRAINABLE_NAME).exists() {
+        dir.join(TRAINABLE_NAME)
+    } else {
+        dir.join(WEIGHTS_NAME)
+    };
     let device = model.base_model().device().clone();
     let saved = crate::io::load_safetensors(&path, &device)?;
     for (name, var) in model.trainable_parameters() {

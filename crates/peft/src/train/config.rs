@@ -76,6 +76,9 @@ pub struct DataSection {
     /// `right` (default) or `left`.
     #[serde(default)]
     pub padding_side: super::data::PaddingSide,
+    /// A column of task ids (integers), passed to the model as PEFT's `task_ids` (multitask
+    /// prompt tuning).
+    pub task_id_column: Option<String>,
 }
 
 fn default_text() -> String {

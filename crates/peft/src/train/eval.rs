@@ -3,6 +3,7 @@
 
 use candle_core::{DType, IndexOp, Tensor, D};
 
+use super::data::tasks::IGNORE;
 use super::data::{collate, CollateOptions, Example, Target, Targets};
 use super::metrics::{self, Metrics};
 use crate::models::TaskType;
@@ -75,6 +76,65 @@ pub fn task_loss(task: TaskType, logits: &Tensor, targets: &Targets) -> Result<T
     }
 }
 
+/// The loss of a batch as PEFT computes it for `model`'s active adapter, from the logits of
+/// [`PeftModel::forward_with_prefix`] (`prefix` positions put in front by an input method): the
+/// method's own loss when it has one (CPT), else the task's, with token labels padded with
+/// `prefix` × -100 in front (what PEFT's `PeftModelForCausalLM` does: the last virtual position
+/// then predicts the first label) and other outputs stripped of the prefix.
+pub fn adapter_loss(
+    model: &PeftModel,
+    task: TaskType,
+    logits: &Tensor,
+    prefix: usize,
+    targets: &Targets,
+) -> Result<Tensor> {
+    if prefix == 0 {
+        return task_loss(task, logits, targets);
+    }
+    match targets {
+        Targets::Tokens(labels) => {
+            if let Some(loss) = model.method_loss(logits, labels)? {
+                return Ok(loss);
+            }
+            let (b, _) = labels.dims2()?;
+            let front = Tensor::full(IGNORE, (b, prefix), labels.device())?;
+            let padded = Tensor::cat(&[&front, &labels.to_dtype(DType::I64)?], 1)?;
+            task_loss(task, logits, &Targets::Tokens(padded))
+        }
+        _ => task_loss(task, &strip_front(logits, prefix)?, targets),
+    }
+}
+
+/// The number of labels [`adapter_loss`] averages over, from the batch's count without a prefix:
+/// for a causal LM, the first label of each row is predicted too (by the last virtual position).
+pub fn targets_with_prefix(
+    task: TaskType,
+    targets: &Targets,
+    num_targets: usize,
+    prefix: usize,
+) -> Result<usize> {
+    match (task, targets, prefix) {
+        (TaskType::CausalLm, Targets::Tokens(l), p) if p > 0 => {
+            let first: Vec<i64> = l
+                .narrow(1, 0, 1)?
+                .flatten_all()?
+                .to_dtype(DType::I64)?
+                .to_vec1()?;
+            Ok(num_targets + first.iter().filter(|&&x| x != IGNORE).count())
+        }
+        _ => Ok(num_targets),
+    }
+}
+
+/// Drops the first `prefix` positions of a `[batch, seq, ...]` output.
+fn strip_front(out: &Tensor, prefix: usize) -> Result<Tensor> {
+    if prefix == 0 || out.rank() < 3 {
+        return Ok(out.clone());
+    }
+    let seq = out.dim(1)?;
+    Ok(out.narrow(1, prefix, seq - prefix)?)
+}
+
 /// What evaluation needs besides the model and the examples.
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
@@ -104,13 +164,14 @@ pub fn evaluate(model: &PeftModel, examples: &[Example], opts: &EvalOptions) -> 
     for chunk in order.chunks(opts.batch_size.max(1)) {
         let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
         let b = collate(&batch, &opts.collate, &device)?;
-        let logits = crate::no_grad(|| model.forward_aligned(&b.inputs, false))?;
+        let (logits, prefix) = crate::no_grad(|| model.forward_with_prefix(&b.inputs, false))?;
         if b.num_targets > 0 {
-            let loss = task_loss(task, &logits, &b.targets)?;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * b.num_targets as f64;
-            n_targets += b.num_targets;
+            let loss = crate::no_grad(|| adapter_loss(model, task, &logits, prefix, &b.targets))?;
+            let n = targets_with_prefix(task, &b.targets, b.num_targets, prefix)?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;
+            n_targets += n;
         }
-        let logits = logits.to_dtype(DType::F32)?;
+        let logits = strip_front(&logits, prefix)?.to_dtype(DType::F32)?;
         match task {
             TaskType::SeqCls => {
                 let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;

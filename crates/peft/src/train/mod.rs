@@ -26,5 +26,5 @@ pub use callback::{StepInfo, TrainerCallback, TrainerEvent};
 pub use config::{TrainConfig, TrainingArguments};
 pub use eval::{causal_lm_loss, classification_loss, evaluate, task_loss, EvalOptions};
 pub use trainer::{
-    install_interrupt_handler, length_grouped_order, request_stop, Outcome, TrainReport, Trainer,
+    install_interrupt_handler, length_grouped_order, Outcome, StopSignal, TrainReport, Trainer,
 };

@@ -13,7 +13,7 @@ use super::data::{
 };
 use super::eval::{evaluate, EvalOptions};
 use super::metrics::Metrics;
-use super::trainer::{Outcome, TrainReport, Trainer};
+use super::trainer::{Outcome, StopSignal, TrainReport, Trainer};
 use crate::io::tokenizer::Tokenizer;
 use crate::models::{self, LoadOptions, TaskType};
 use crate::peft_model::{get_peft_model_with_seed, PeftModel, CONFIG_NAME};
@@ -171,6 +171,9 @@ pub struct TrainJob {
     pub config: TrainConfig,
     pub model: PeftModel,
     pub data: Prepared,
+    /// Stops the run after its current step with a checkpoint (hand a clone to
+    /// [`super::install_interrupt_handler`] for Ctrl-C).
+    pub stop: StopSignal,
 }
 
 /// An evaluation of an adapter.
@@ -235,6 +238,7 @@ impl TrainJob {
             config: cfg.clone(),
             model: peft_model,
             data: prepared,
+            stop: StopSignal::new(),
         })
     }
 
@@ -253,6 +257,7 @@ impl TrainJob {
             label_names: names,
             // Reborrowed for the trainer's (shorter) lifetime.
             callback: callback.map(|c| -> &mut dyn TrainerCallback { c }),
+            stop: self.stop.clone(),
         };
         let report = trainer.train()?;
         if let Outcome::Interrupted(_) = &report.outcome {

@@ -10,38 +10,59 @@ use rand::SeedableRng;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::callback::{StepInfo, TrainerCallback, TrainerEvent};
 use super::checkpoint::{self, TrainerState};
 use super::config::{Interval, TrainingArguments};
 use super::data::{collate, CollateOptions, Example};
-use super::eval::{evaluate, task_loss, EvalOptions};
+use super::eval::{adapter_loss, evaluate, targets_with_prefix, EvalOptions};
 use super::metrics::Metrics;
 use super::optim::{clip_scale, norm_of, AdamW, AdamWParams};
 use super::schedule::{warmup_steps, Schedule};
 use crate::peft_model::PeftModel;
 use crate::{ops, Error, Result};
 
-static STOP: AtomicBool = AtomicBool::new(false);
+/// A request to stop a run after its current step, with a checkpoint to resume from. Each
+/// trainer owns one, so runs in one process (tests, servers) never stop each other; clones share
+/// the flag, so a Ctrl-C handler or another thread can hold one.
+#[derive(Debug, Clone, Default)]
+pub struct StopSignal(Arc<AtomicBool>);
 
-/// Installs a SIGINT (Ctrl-C) handler that asks a running [`Trainer`] to save a checkpoint and
-/// stop after the current step (said as a `tracing` warning). A second Ctrl-C exits at once.
-pub fn install_interrupt_handler() -> Result<()> {
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
+impl StopSignal {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the run to save a checkpoint and stop after the current step.
+    pub fn request(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Reads and clears the request (a resumed run starts without it).
+    fn take(&self) -> bool {
+        self.0.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// Installs a SIGINT (Ctrl-C) handler that requests `stop` (said as a `tracing` warning), so the
+/// run saves a checkpoint and stops after the current step. A second Ctrl-C exits at once.
+pub fn install_interrupt_handler(stop: StopSignal) -> Result<()> {
+    ctrlc::set_handler(move || {
+        if stop.is_requested() {
             std::process::exit(130);
         }
+        stop.request();
         tracing::warn!(
             "interrupted: saving a checkpoint after this step (Ctrl-C again to quit now)"
         );
     })
     .map_err(|e| Error::Training(format!("cannot install the Ctrl-C handler: {e}")))
-}
-
-/// Asks the running trainer to stop as Ctrl-C does (or clears the request).
-pub fn request_stop(stop: bool) {
-    STOP.store(stop, Ordering::SeqCst);
 }
 
 /// How a run ended.
@@ -78,6 +99,8 @@ pub struct Trainer<'a> {
     /// Receives every step, log, evaluation and checkpoint (to draw progress); `None`: silent.
     /// metrics.jsonl is written either way.
     pub callback: Option<&'a mut dyn TrainerCallback>,
+    /// Checked after every optimizer step; see [`install_interrupt_handler`].
+    pub stop: StopSignal,
 }
 
 /// Sends `event` to the callback, if there is one.
@@ -232,15 +255,23 @@ impl Trainer<'_> {
                         collate(&ex, &self.collate, &device)
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let n_total: usize = batches.iter().map(|b| b.num_targets).sum();
+                // With an input method's virtual tokens in front, a causal LM also predicts each
+                // row's first label (PEFT's label padding).
+                let prefix = self.model.virtual_tokens();
+                let task = self.collate.task;
+                let counts = batches
+                    .iter()
+                    .map(|b| targets_with_prefix(task, &b.targets, b.num_targets, prefix))
+                    .collect::<Result<Vec<_>>>()?;
+                let n_total: usize = counts.iter().sum();
                 let mut grads: Option<Vec<Option<Tensor>>> = None;
                 let mut step_loss = 0f64;
-                for b in &batches {
-                    if b.num_targets == 0 {
+                for (b, &count) in batches.iter().zip(&counts) {
+                    if count == 0 {
                         continue;
                     }
-                    let logits = self.model.forward_aligned(&b.inputs, true)?;
-                    let mut loss = task_loss(self.collate.task, &logits, &b.targets)?;
+                    let (logits, prefix) = self.model.forward_with_prefix(&b.inputs, true)?;
+                    let mut loss = adapter_loss(self.model, task, &logits, prefix, &b.targets)?;
                     // Method-specific terms (AdaLoRA's orthogonal regularisation), as PEFT adds
                     // them to the task loss.
                     if let Some(reg) = self.model.regularization_loss()? {
@@ -264,7 +295,7 @@ impl Trainer<'_> {
                             }
                         )));
                     }
-                    let share = b.num_targets as f64 / n_total as f64;
+                    let share = count as f64 / n_total as f64;
                     step_loss += loss_v * share;
                     let loss = if share != 1.0 { (loss * share)? } else { loss };
                     let g = opt.gradients(&loss.backward()?);
@@ -367,7 +398,7 @@ impl Trainer<'_> {
                         last_eval = Some(m);
                     }
                 }
-                let stop = STOP.swap(false, Ordering::SeqCst);
+                let stop = self.stop.take();
                 if due(args.save_strategy, args.save_steps) || stop {
                     let t = Instant::now();
                     let dir = checkpoint::save(&out_dir, self.model, &opt, &schedule, &state)?;

@@ -7,12 +7,18 @@
 
 pub mod adalora;
 pub mod config;
+pub mod cpt;
 pub mod ia3;
 pub mod inject;
 pub mod loha;
 pub mod lokr;
 pub mod lora;
 pub mod lycoris;
+pub mod multitask_prompt_tuning;
+pub mod p_tuning;
+pub mod prefix_tuning;
+pub mod prompt_learning;
+pub mod prompt_tuning;
 pub mod targets;
 pub mod tuner;
 pub mod vera;
@@ -60,6 +66,11 @@ pub const METHODS: &[Method] = &[
     Method::of::<lokr::LokrConfig>(),
     Method::of::<ia3::Ia3Config>(),
     Method::of::<vera::VeraConfig>(),
+    Method::of::<prompt_tuning::PromptTuningConfig>(),
+    Method::of::<p_tuning::PromptEncoderConfig>(),
+    Method::of::<prefix_tuning::PrefixTuningConfig>(),
+    Method::of::<multitask_prompt_tuning::MultitaskPromptTuningConfig>(),
+    Method::of::<cpt::CptConfig>(),
 ];
 
 /// A PEFT method's configuration, whichever the method: what `adapter_config.json` holds.

@@ -11,6 +11,7 @@
 
 use candle_core::{Tensor, Var};
 use std::any::Any;
+use std::collections::HashMap;
 use std::fmt::Debug;
 
 use super::config::{BaseFields, Bias};
@@ -25,7 +26,8 @@ pub enum MethodKind {
     Layer,
     /// Runs at the hook points of each block (bottleneck adapters, AdapterFusion).
     Hook,
-    /// Holds model-level state and rewrites the inputs (prompt tuning, p-tuning, prefix tuning).
+    /// Holds model-level state and rewrites the inputs (prompt tuning, p-tuning, prefix tuning,
+    /// multitask prompt tuning, CPT).
     Input,
 }
 
@@ -111,6 +113,10 @@ pub struct InjectContext<'a> {
     pub seed: u64,
     /// Whether the adapter will be trained.
     pub trainable: bool,
+    /// Whether its weights are read from an adapter file right after (`from_pretrained`,
+    /// `load_adapter`): an initialisation that the file overwrites (a tokenizer to read, a source
+    /// adapter to average) can be skipped.
+    pub from_file: bool,
 }
 
 /// What attaching an adapter produced: the adapted module (site) names and its model-level side.
@@ -138,6 +144,9 @@ pub struct ModelTensor {
     /// A parameter, trained when its adapter is and counted in the totals (soft prompts), or a
     /// buffer, only saved and loaded (VeRA's projections), as PEFT registers them.
     pub is_parameter: bool,
+    /// A parameter that is counted in the totals but never trained (CPT's frozen copy of the
+    /// token embeddings its prompt starts from: PEFT's `requires_grad = False`).
+    pub frozen: bool,
 }
 
 /// An attached adapter's model-level side. Every hook has a default that does nothing, so a
@@ -171,6 +180,22 @@ pub trait Tuner: Send + Sync {
         Ok(())
     }
 
+    /// Sets the adapter's model-level tensors from an adapter file, taking the keys it owns out of
+    /// `file`; returns the keys it needed and did not find. By default each tensor of
+    /// [`Tuner::model_tensors`] is read under its own key, with its shape checked. Methods that
+    /// save something other than what they hold (prompt learning saves its encoder's output)
+    /// read it their own way.
+    fn load_tensors(&mut self, file: &mut HashMap<String, Tensor>) -> Result<Vec<String>> {
+        let mut missing = Vec::new();
+        for t in self.model_tensors() {
+            match file.remove(&t.key) {
+                Some(v) => set_checked(&t.key, &t.var, &v)?,
+                None => missing.push(t.key),
+            }
+        }
+        Ok(missing)
+    }
+
     /// The last change to the tensors about to be saved (AdaLoRA drops pruned ranks).
     fn state_dict_to_save(
         &self,
@@ -201,6 +226,34 @@ pub trait InputTransform: Send + Sync {
         cache: Option<&mut Cache>,
         train: bool,
     ) -> Result<Prepared>;
+
+    /// Positions the method puts in front of every sequence (virtual tokens, or a key/value
+    /// prefix): they count against the model's context window, so generation leaves room for
+    /// them.
+    fn virtual_tokens(&self) -> usize {
+        0
+    }
+
+    /// A loss that replaces the task's own (CPT's weighted loss over its prompt's labels), from the
+    /// logits the model returned for `prepared` (positions the method put in front included) and
+    /// the batch's token labels as the data gave them (`[batch, seq]`, i64, -100 ignored).
+    /// `None`: the task's loss, on labels padded with -100 in front (what PEFT does).
+    fn loss(&self, _logits: &Tensor, _labels: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// Sets `var` from a tensor read from a file, after checking its shape.
+pub fn set_checked(key: &str, var: &Var, t: &Tensor) -> Result<()> {
+    if var.dims() != t.dims() {
+        return Err(crate::Error::ShapeMismatch {
+            name: key.to_string(),
+            expected: var.dims().to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    var.set(&t.to_dtype(var.dtype())?)?;
+    Ok(())
 }
 
 /// A batch as an input method rewrote it.

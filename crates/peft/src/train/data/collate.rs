@@ -78,6 +78,17 @@ pub fn collate(batch: &[&Example], opts: &CollateOptions, device: &Device) -> Re
     if types.iter().any(|&x| x != 0) {
         inputs.token_type_ids = Some(Tensor::from_vec(types, (b, t), device)?);
     }
+    if batch.iter().any(|e| e.task_id.is_some()) {
+        let ids = batch
+            .iter()
+            .map(|e| {
+                e.task_id.ok_or_else(|| {
+                    Error::Data("a batch mixes examples with and without a task id".into())
+                })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        inputs.task_ids = Some(Tensor::from_vec(ids, (b,), device)?);
+    }
     let mismatch = |what: &str| {
         Error::Data(format!(
             "a {} batch holds an example with {what} targets",

@@ -54,6 +54,9 @@ pub struct Example {
     pub input_ids: Vec<u32>,
     pub token_type_ids: Vec<u32>,
     pub target: Target,
+    /// PEFT's `task_ids` entry of this example (`[data] task_id_column`), for adapters with a
+    /// prompt per task.
+    pub task_id: Option<u32>,
 }
 
 /// Class names, or plain integer ids when the file's labels are integers and no names are set.
@@ -159,8 +162,40 @@ impl TaskData<'_> {
     }
 }
 
-/// Tokenises `records` of `file` for `spec.task`.
+/// Tokenises `records` of `file` for `spec.task`; with `[data] task_id_column`, each example
+/// carries its row's task id.
 pub fn build_examples(
+    spec: &TaskData,
+    records: &[Record],
+    file: &Path,
+    tok: &Tokenizer,
+) -> Result<Vec<Example>> {
+    let mut out = build_task_examples(spec, records, file, tok)?;
+    let Some(col) = &spec.data.task_id_column else {
+        return Ok(out);
+    };
+    if out.len() != records.len() {
+        return Err(Error::Config(format!(
+            "[data] task_id_column needs one example per row, but packing the text into blocks              mixes rows ({} rows, {} blocks); give prompt/completion pairs (prompt_column) instead",
+            records.len(),
+            out.len()
+        )));
+    }
+    for (e, r) in out.iter_mut().zip(records) {
+        let raw = r.text(col, file)?;
+        let id = raw.trim().parse::<u32>().map_err(|_| {
+            Error::Data(format!(
+                "{}: line {}: task id `{raw}` in column `{col}` is not a non-negative integer",
+                file.display(),
+                r.line
+            ))
+        })?;
+        e.task_id = Some(id);
+    }
+    Ok(out)
+}
+
+fn build_task_examples(
     spec: &TaskData,
     records: &[Record],
     file: &Path,
@@ -192,6 +227,7 @@ pub fn build_examples(
                     .map_err(|e| tok_err(file, r.line, e))?;
                     let label = labels.id(&r.text(&d.label_column, file)?, file, r.line)?;
                     Ok(Example {
+                        task_id: None,
                         input_ids: enc.get_ids().to_vec(),
                         token_type_ids: enc.get_type_ids().to_vec(),
                         target: Target::Class(label),
@@ -233,6 +269,7 @@ pub fn build_examples(
                         .encode(tgt.as_str(), true)
                         .map_err(|e| tok_err(file, r.line, e))?;
                     Ok(Example {
+                        task_id: None,
                         input_ids: s.get_ids().to_vec(),
                         token_type_ids: vec![0; s.get_ids().len()],
                         target: Target::Sequence(t.get_ids().to_vec()),
@@ -307,6 +344,7 @@ fn token_cls_example(
         .encode(words.as_slice(), true)
         .map_err(|e| tok_err(file, r.line, e))?;
     Ok(Example {
+        task_id: None,
         input_ids: enc.get_ids().to_vec(),
         token_type_ids: enc.get_type_ids().to_vec(),
         target: Target::Tokens(align_word_labels(enc.get_word_ids(), &ids)),
@@ -362,6 +400,7 @@ fn prompt_completion_example(
         )));
     }
     Ok(Example {
+        task_id: None,
         token_type_ids: vec![0; ids.len()],
         input_ids: ids,
         target: Target::Tokens(labels),
@@ -405,6 +444,7 @@ fn packed_blocks(
     Ok(pack(&all, block)
         .into_iter()
         .map(|ids| Example {
+            task_id: None,
             token_type_ids: vec![0; ids.len()],
             target: Target::Tokens(ids.iter().map(|&i| i as i64).collect()),
             input_ids: ids,
@@ -465,6 +505,7 @@ fn qa_example(hf: &HfTokenizer, r: &Record, d: &DataSection, file: &Path) -> Res
         .collect();
     let (start, end) = answer_tokens(&offsets, start_char, end_char);
     Ok(Example {
+        task_id: None,
         input_ids: enc.get_ids().to_vec(),
         token_type_ids: enc.get_type_ids().to_vec(),
         target: Target::Span(Box::new(Span {

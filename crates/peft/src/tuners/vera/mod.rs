@@ -186,6 +186,7 @@ impl Tuner for VeraTuner {
                 key: key.clone(),
                 var: var.clone(),
                 is_parameter: false,
+                frozen: false,
             })
             .collect()
     }
