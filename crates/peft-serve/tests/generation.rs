@@ -3,7 +3,7 @@
 //! DoRA, which cannot share a batch) and the base, streamed and not, give exactly the greedy
 //! tokens of the library's `generate` with that adapter alone; the streamed text adds up to the
 //! non-streamed text; unknown names are a 404 listing the names; auth; adapter paths stay inside
-//! --adapter-root.
+//! --adapter-root; adapters evicted from the model and from memory are read back when named.
 
 mod common;
 
@@ -491,4 +491,64 @@ fn adapter_paths_stay_inside_the_adapter_root() {
         let m = get(addr, "/metrics").body;
         metric(&m, "peft_adapter_loaded", &[("adapter", "x")]).is_none()
     });
+}
+
+/// `--max-loras 1 --max-cpu-loras 1`: each adapter named pushes the other off the model and out
+/// of memory (the metrics say where each one lives); naming the evicted one again reads it back
+/// from disk and gives its own greedy text, never the other's or the base's.
+#[test]
+fn evicted_adapters_are_read_back_when_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = make_adapter(&tmp.path().join("a"), 7, &["q_proj", "v_proj"], false);
+    let b = make_adapter(&tmp.path().join("b"), 8, &["q_proj", "v_proj"], false);
+    let mut cfg = config();
+    cfg.adapters = vec![("a".into(), a.clone()), ("b".into(), b.clone())];
+    cfg.max_loras = 1;
+    cfg.max_cpu_loras = Some(1);
+    let server = Handle::start(cfg).unwrap();
+    let addr = server.addr;
+    let mut tok = Tokenizer::for_model(&tiny_llama()).unwrap();
+    let prompt = PROMPTS[0];
+    let ids = tok.encode_text(prompt, true).unwrap();
+    let n = 8;
+    let text_of = |dir: Option<&Path>| {
+        let want = greedy_alone(dir, &ids, n);
+        let want: Vec<u32> = want.into_iter().filter(|&t| t != 2).collect();
+        tok.decode(&want, true).unwrap()
+    };
+    let (want_a, want_b, want_base) = (text_of(Some(&a)), text_of(Some(&b)), text_of(None));
+    assert!(want_a != want_b && want_a != want_base && want_b != want_base);
+    let residency = |name: &str| {
+        let m = get(addr, "/metrics").body;
+        ["active", "cpu"].into_iter().find(|r| {
+            metric(
+                &m,
+                "peft_adapter_loaded",
+                &[("adapter", name), ("residency", r)],
+            )
+            .is_some()
+        })
+    };
+    for (model, want) in [
+        ("a", &want_a),
+        ("b", &want_b),
+        ("a", &want_a),
+        ("b", &want_b),
+    ] {
+        let r = post(
+            addr,
+            "/v1/completions",
+            &json!({"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["choices"][0]["text"], want.as_str(), "{model}");
+        let other = if model == "a" { "b" } else { "a" };
+        assert_eq!(residency(model), Some("active"), "{model}");
+        assert_eq!(
+            residency(other),
+            None,
+            "{other} should be off the model and out of memory"
+        );
+    }
+    server.shutdown().unwrap();
 }
