@@ -37,6 +37,14 @@ pub struct TrainArgs {
 /// checkpoint. Prints the trainable-parameter line, then after training the metrics and where
 /// the adapter went; progress and logs go to stderr.
 pub fn train(a: TrainArgs) -> Result<()> {
+    if peft::train::dreambooth::is_pipeline_config(&a.config)? {
+        if a.resume.is_some() {
+            return Err(Error::Config(
+                "--resume: a DreamBooth run starts from the adapter in its config".into(),
+            ));
+        }
+        return crate::diffusion::train_dreambooth(&a.config, &a.set, a.device);
+    }
     let mut cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
     if a.resume.is_some() {
         cfg.training.resume_from_checkpoint = a.resume;
@@ -87,6 +95,9 @@ pub struct EvalArgs {
     /// Adapter directory; default: the config's output_dir.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// AdapterDrop: evaluate with these layers running without their adapters, e.g. 0,1,2.
+    #[arg(long, value_name = "L,L,...", value_delimiter = ',')]
+    pub skip_layers: Vec<usize>,
     /// Override a config value: `--set data.eval_file=test.jsonl` (repeatable).
     #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
     pub set: Vec<String>,
@@ -97,7 +108,12 @@ pub struct EvalArgs {
 /// `peft eval`: metrics of a trained adapter on the config's evaluation data.
 pub fn eval(a: EvalArgs) -> Result<()> {
     let cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
-    let e = peft::train::run::eval(&cfg, a.adapter.as_deref(), &device(a.device)?)?;
+    let e = peft::train::run::eval_skipping(
+        &cfg,
+        a.adapter.as_deref(),
+        &device(a.device)?,
+        &a.skip_layers,
+    )?;
     tracing::info!("evaluated on {}", e.source);
     print_metrics(&e);
     Ok(())
@@ -116,8 +132,15 @@ pub struct ForwardArgs {
     #[arg(long, value_name = "NAME,NAME,...")]
     pub adapter_names: Option<String>,
     /// Equal-length rows of token ids as JSON, e.g. '[[101, 2023, 102]]'.
-    #[arg(long, value_name = "JSON")]
-    pub input_ids: String,
+    #[arg(long, value_name = "JSON", required_unless_present = "inputs")]
+    pub input_ids: Option<String>,
+    /// The inputs as named tensors in a safetensors file, as transformers and diffusers name
+    /// them: input_ids, attention_mask, token_type_ids, decoder_input_ids; a UNet's sample,
+    /// timestep and encoder_hidden_states; a VAE's sample (an image in [-1, 1], or latents to
+    /// decode). Every output is then written under its name (logits or last_hidden_state,
+    /// pooler_output, sample, latent_dist.mean, latent_dist.logvar).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["input_ids", "attention_mask", "token_type_ids", "decoder_input_ids"])]
+    pub inputs: Option<PathBuf>,
     /// Same shape as --input-ids; 1 for real tokens, 0 for padding.
     #[arg(long, value_name = "JSON")]
     pub attention_mask: Option<String>,
@@ -128,6 +151,15 @@ pub struct ForwardArgs {
     /// row per --input-ids row; logits are then [batch, decoder positions, vocab].
     #[arg(long, value_name = "JSON")]
     pub decoder_input_ids: Option<String>,
+    /// An AdapterFusion directory (AdapterHub's `adapter_fusion_config.json`, or a PEFT-layout
+    /// ADAPTER_FUSION adapter) over the --adapter NAME=DIR adapters it names: runs
+    /// Fuse(adapters), with the head saved beside the fusion if there is one.
+    #[arg(long, value_name = "DIR")]
+    pub fusion: Option<PathBuf>,
+    /// AdapterDrop: run these layers without their adapters, e.g. 0,1,2 (AdapterHub's
+    /// skip_layers; an encoder-decoder model's decoder layers follow its encoder layers).
+    #[arg(long, value_name = "L,L,...", value_delimiter = ',')]
+    pub skip_layers: Vec<usize>,
     /// One task id per input row as JSON, e.g. '[0, 2]': PEFT's `task_ids`, for adapters with a
     /// prompt per task (multitask prompt tuning).
     #[arg(long, value_name = "JSON")]
@@ -191,7 +223,14 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         )));
     }
     let device = device(a.device)?;
-    let input_ids = parse_matrix("input-ids", &a.input_ids, &device)?;
+    if let Some(file) = &a.inputs {
+        return forward_named(&a, file, &device);
+    }
+    let input_ids = parse_matrix(
+        "input-ids",
+        a.input_ids.as_deref().unwrap_or_default(),
+        &device,
+    )?;
     let check = |name: &str, t: Tensor| -> Result<Tensor> {
         if t.dims() != input_ids.dims() {
             return Err(Error::Data(format!(
@@ -250,7 +289,7 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         input_ids: Some(input_ids.clone()),
         ..Default::default()
     };
-    let opts = LoadOptions {
+    let mut opts = LoadOptions {
         task: a.task_type.map(Into::into),
         num_labels: a.num_labels,
         device,
@@ -258,6 +297,15 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     };
     let specs = crate::adapters::parse_specs(&a.adapter)?;
     let rows = input_ids.dim(0)?;
+    if specs.is_empty() && (a.fusion.is_some() || !a.skip_layers.is_empty()) {
+        return Err(Error::Config(
+            "--fusion and --skip-layers act on adapters: pass --adapter [NAME=]DIR".into(),
+        ));
+    }
+    if let Some(f) = &a.fusion {
+        // The fusion decides the base model's head (its own head, or the fused adapters').
+        peft::peft_model::base_task(f, &mut opts)?;
+    }
     let logits = match (specs.is_empty(), &a.adapter_names) {
         (true, Some(_)) => {
             return Err(Error::Config(
@@ -266,7 +314,14 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         }
         (true, None) => models::load(&a.model, &opts)?.forward(&inputs, false)?,
         (false, names) => {
-            let model = crate::adapters::load(&a.model, &specs, opts)?;
+            let mut model = crate::adapters::load(&a.model, &specs, opts)?;
+            if let Some(f) = &a.fusion {
+                model.load_adapter(f, "fusion", false)?;
+                model.set_adapter("fusion")?;
+            }
+            if !a.skip_layers.is_empty() {
+                model.set_skip_layers(Some(&a.skip_layers))?;
+            }
             match names {
                 Some(list) => {
                     let names = crate::adapters::parse_row_names(list);
@@ -285,9 +340,46 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
+/// `peft forward --inputs FILE`: named tensors in, every named output out.
+fn forward_named(a: &ForwardArgs, file: &Path, device: &Device) -> Result<()> {
+    let inputs = crate::diffusion::inputs_from_file(file, device)?;
+    let opts = LoadOptions {
+        task: a.task_type.map(Into::into),
+        num_labels: a.num_labels,
+        device: device.clone(),
+        seed: 42,
+    };
+    let specs = crate::adapters::parse_specs(&a.adapter)?;
+    let outputs = if specs.is_empty() {
+        let model = models::load(&a.model, &opts)?;
+        peft::no_grad(|| model.outputs(&inputs, false))?
+    } else {
+        let model = crate::adapters::load(&a.model, &specs, opts)?;
+        if model.active_adapters().len() == 1 && a.adapter_names.is_none() {
+            // The adapters live in the layers: the base model's outputs carry them.
+            peft::no_grad(|| model.base_model().outputs(&inputs, false))?
+        } else {
+            return Err(Error::Config(
+                "--inputs with --adapter-names is not offered; run one adapter at a time".into(),
+            ));
+        }
+    };
+    let tensors: Vec<(String, Tensor)> = outputs
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.detach().to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    save_safetensors(&a.out, &tensors)?;
+    for (n, t) in &tensors {
+        tracing::info!("wrote {n} {:?} to {}", t.dims(), a.out.display());
+    }
+    Ok(())
+}
+
 #[derive(Args)]
 pub struct MergeArgs {
-    /// The base model: a Hugging Face model directory or a GGUF file.
+    /// The base model: a Hugging Face model directory, a GGUF file, or a Stable Diffusion
+    /// pipeline folder (then the adapters go into its UNet and text encoder, --weights scaling
+    /// each as diffusers' set_adapters does, and the whole pipeline is written).
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
     /// An adapter directory, or NAME=DIR; repeat to merge a weighted combination of several.
@@ -332,6 +424,16 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         )));
     }
     let specs = crate::adapters::parse_specs(&a.adapter)?;
+    if peft::diffusion::is_pipeline(&a.model) {
+        // diffusers' way: each adapter's update at its weight (set_adapters), then merged.
+        return crate::diffusion::merge_pipeline(
+            &a.model,
+            &specs,
+            a.weights.as_deref(),
+            &a.out,
+            &device(a.device)?,
+        );
+    }
     let combination = a.combination_type.to_peft()?;
     let several = specs.len() > 1 || a.weights.is_some();
     if several && combination.needs_density() && a.density.is_none() {
@@ -389,16 +491,53 @@ pub struct InspectArgs {
 }
 
 pub fn inspect(dir: &Path) -> Result<()> {
-    if dir.join(CONFIG_NAME).exists() {
+    if peft::diffusion::is_pipeline(dir) {
+        // A Stable Diffusion pipeline: each model component in turn.
+        for c in ["unet", "text_encoder", "vae"] {
+            inspect_model(&dir.join(c))?;
+            println!();
+        }
+        Ok(())
+    } else if peft::tuners::foreign_format(dir).is_some() {
+        inspect_adapterhub(dir)
+    } else if dir.join(CONFIG_NAME).exists() {
         inspect_adapter(dir)
     } else if dir.join("config.json").exists() || peft::io::gguf::find_gguf(dir)?.is_some() {
         inspect_model(dir)
     } else {
         Err(Error::Config(format!(
-            "{}: neither an adapter (adapter_config.json) nor a model (config.json or a .gguf file)",
+            "{}: neither an adapter (adapter_config.json), a model (config.json or a .gguf file) \
+             nor a diffusers pipeline (model_index.json)",
             dir.display()
         )))
     }
+}
+
+/// An AdapterHub directory: its adapter or fusion, and the head saved with it.
+fn inspect_adapterhub(dir: &Path) -> Result<()> {
+    use peft::io::adapterhub::{read, ADAPTER, FUSION, HEAD};
+    println!("adapter: {} (AdapterHub layout)", dir.display());
+    let mut total = 0;
+    for (what, pair) in [("fusion", FUSION), ("adapter", ADAPTER), ("head", HEAD)] {
+        let Some(saved) = read(dir, pair, &Device::Cpu)? else {
+            continue;
+        };
+        println!("{what} ({}):", pair.config);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&saved.json).unwrap_or_default()
+        );
+        let mut names: Vec<&String> = saved.tensors.keys().collect();
+        names.sort();
+        println!("{what} tensors ({}):", names.len());
+        for n in names {
+            let t = &saved.tensors[n];
+            total += t.elem_count();
+            println!("  {n} {:?} {:?}", t.dims(), t.dtype());
+        }
+    }
+    println!("parameters: {}", thousands(total));
+    Ok(())
 }
 
 fn inspect_adapter(dir: &Path) -> Result<()> {
@@ -463,7 +602,19 @@ fn inspect_model(dir: &Path) -> Result<()> {
                 e.num_embeddings(),
                 e.dim()
             )),
-            ModuleRef::LayerNorm(_) | ModuleRef::RmsNorm(_) | ModuleRef::Hook(_) => {}
+            ModuleRef::Conv2d(c) => {
+                let (kh, kw) = c.kernel();
+                adaptable.push(format!(
+                    "  {} (Conv2d {} -> {}, {kh}x{kw})",
+                    c.name,
+                    c.in_channels(),
+                    c.out_channels()
+                ))
+            }
+            ModuleRef::LayerNorm(_)
+            | ModuleRef::GroupNorm(_)
+            | ModuleRef::RmsNorm(_)
+            | ModuleRef::Hook(_) => {}
         }
     }
     println!("parameters: {}", thousands(params));

@@ -9,6 +9,7 @@ mod adapters;
 mod args;
 mod bench;
 mod commands;
+mod diffusion;
 mod generate;
 mod logging;
 mod serve;
@@ -49,23 +50,31 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Fine-tune an adapter from a TOML config ([model], [peft], [data], [training]) and save it,
-    /// with its model card, metrics.jsonl and curves, in the config's output_dir.
+    /// with its model card, metrics.jsonl and curves, in the config's output_dir. With [model]
+    /// path a Stable Diffusion pipeline folder, a DreamBooth run ([data] instance pictures and
+    /// prompt; [peft_text_encoder] to train the text encoder too).
     Train(commands::TrainArgs),
     /// Evaluate an adapter on the config's evaluation data (eval_file, or the held-out split)
     /// and print the metrics.
     Eval(commands::EvalArgs),
-    /// Run a model (with optional adapters) on token ids and write the logits to a safetensors
-    /// file.
+    /// Run a model (with optional adapters) on token ids, or on named input tensors (--inputs,
+    /// also for a Stable Diffusion UNet, text encoder or VAE), and write its outputs to a
+    /// safetensors file.
     Forward(commands::ForwardArgs),
     /// Merge an adapter (or a weighted combination of several) into its base model and write a
-    /// Hugging Face model directory.
+    /// Hugging Face model directory (or, for a Stable Diffusion pipeline, the whole pipeline).
     Merge(commands::MergeArgs),
-    /// Describe an adapter directory or a model (directory or GGUF file): config, tensors,
-    /// parameter count, adaptable layers.
+    /// Describe an adapter directory or a model (directory or GGUF file, or a Stable Diffusion
+    /// pipeline's components): config, tensors, parameter count, adaptable layers.
     Inspect(commands::InspectArgs),
     /// Generate text from a causal language model (a Hugging Face directory or a GGUF file),
     /// optionally through adapters, streaming tokens as they come.
     Generate(generate::GenerateArgs),
+    /// Generate images with a Stable Diffusion pipeline (diffusers folder), optionally through
+    /// adapters, with classifier-free guidance; writes PNG files.
+    GenerateImage(diffusion::GenerateImageArgs),
+    /// Rewrite a Stable Diffusion adapter in PEFT's, diffusers' or kohya's layout.
+    Convert(diffusion::ConvertArgs),
     /// Time training steps (LoRA r=8 on PEFT's default targets unless --target-modules, or the
     /// method of --peft-config) on fixed-length random batches, or with --generate the speed of
     /// greedy generation; prints one JSON line.
@@ -99,6 +108,8 @@ fn main() -> ExitCode {
         Command::Merge(a) => commands::merge(a),
         Command::Inspect(a) => commands::inspect(&a.dir),
         Command::Generate(a) => generate::generate(a),
+        Command::GenerateImage(a) => diffusion::generate_image(a),
+        Command::Convert(a) => diffusion::convert(a),
         Command::Bench(a) => bench::run(&a),
         Command::Serve(a) => serve::serve(a),
     };

@@ -7,6 +7,7 @@
 //! re-exported here; the modules hold the rest (`tuners` for each method, `layers` for the
 //! adapter-aware building blocks, `models` for the architectures).
 
+pub mod diffusion;
 pub mod error;
 pub mod generation;
 pub mod grad;
@@ -15,11 +16,13 @@ pub mod layers;
 pub mod models;
 pub mod ops;
 pub mod peft_model;
+pub mod quant;
 pub mod train;
 pub mod tuners;
 
 /// The tensor library, so that users need not match its version.
 pub use candle_core as candle;
+pub use diffusion::StableDiffusion;
 pub use error::{Error, Result};
 pub use generation::{generate, generate_stream, Generated, GenerationConfig, SamplingConfig};
 pub use grad::no_grad;
@@ -31,7 +34,10 @@ pub use peft_model::{
 pub use train::optim::{AdamW, AdamWParams};
 pub use train::{causal_lm_loss, classification_loss};
 pub use tuners::adalora::AdaLoraConfig;
+pub use tuners::bottleneck::hub::AdapterHubExt;
+pub use tuners::bottleneck::{BottleneckConfig, HeadConfig};
 pub use tuners::cpt::CptConfig;
+pub use tuners::fusion::FusionConfig;
 pub use tuners::ia3::Ia3Config;
 pub use tuners::loha::LohaConfig;
 pub use tuners::lokr::LokrConfig;

@@ -14,11 +14,17 @@ use crate::Result;
 
 mod attention;
 mod fused;
+mod quant;
 mod scale;
+mod spatial;
 
 pub use attention::attention_merged_heads;
 pub use fused::gelu_erf;
+pub use quant::quant_linear;
 pub use scale::scale_columns;
+pub use spatial::{
+    conv2d, frozen_conv2d, group_norm, upsample_nearest, upsample_nearest2x, ConvParams,
+};
 
 /// Whether the fused CPU kernels (f32 on the CPU) serve these tensors.
 pub fn fused_applies(x: &Tensor, w: &Tensor) -> bool {

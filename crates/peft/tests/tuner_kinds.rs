@@ -120,6 +120,12 @@ fn architectures() -> Vec<(
             &["attention.output.dense"][..],
         ),
         (
+            "nezha/models/seq_cls",
+            TaskType::SeqCls,
+            &["output.dense"][..],
+            &["attention.output.dense"][..],
+        ),
+        (
             "decoder/models/gpt2",
             TaskType::CausalLm,
             &["mlp.c_proj"],

@@ -1,8 +1,11 @@
 //! Files: Hugging Face model directories, PEFT adapter directories, safetensors, atomic writes.
 
+pub mod adapterhub;
 pub mod chat;
+pub mod clip_tokenizer;
 pub mod gguf;
 pub mod hub;
+pub mod image;
 pub mod tokenizer;
 pub mod weights;
 
@@ -50,11 +53,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Serialises named tensors as safetensors with PEFT's metadata (`{"format": "pt"}`), atomically.
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    save_safetensors_with(path, tensors, HashMap::new())
+}
+
+/// [`save_safetensors`] with more header metadata (diffusers' `lora_adapter_metadata`).
+pub fn save_safetensors_with(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    mut meta: HashMap<String, String>,
+) -> Result<()> {
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    meta.insert("format".to_string(), "pt".to_string());
     let bytes = safetensors::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
         .map_err(|e| Error::Safetensors {
             path: path.to_path_buf(),
@@ -75,6 +87,17 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+/// The header metadata of a safetensors file (`__metadata__`), empty when it has none.
+pub fn safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    Ok(meta.metadata().clone().unwrap_or_default())
 }
 
 /// Reads and parses a JSON file.

@@ -28,10 +28,22 @@ enum Source {
 
 impl Weights {
     /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`, or
-    /// else the directory's only `.gguf` file.
+    /// else the directory's only `.gguf` file. diffusers' components name the same files
+    /// `diffusion_pytorch_model.safetensors[.index.json]`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
+        let stem = if !dir.join("model.safetensors").exists()
+            && !dir.join("model.safetensors.index.json").exists()
+            && (dir.join("diffusion_pytorch_model.safetensors").exists()
+                || dir
+                    .join("diffusion_pytorch_model.safetensors.index.json")
+                    .exists())
+        {
+            "diffusion_pytorch_model"
+        } else {
+            "model"
+        };
+        let single = dir.join(format!("{stem}.safetensors"));
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
         let files: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else if index.exists() {
@@ -46,7 +58,9 @@ impl Weights {
             shards.into_iter().map(|s| dir.join(s)).collect()
         } else if let Some(gguf) = find_gguf(dir)? {
             return Self::from_gguf(&gguf);
-        } else if dir.join("pytorch_model.bin").exists() {
+        } else if dir.join("pytorch_model.bin").exists()
+            || dir.join("diffusion_pytorch_model.bin").exists()
+        {
             return Err(Error::Config(format!(
                 "{}: only pytorch_model.bin found; convert it to safetensors (transformers: \
                  model.save_pretrained(dir, safe_serialization=True))",

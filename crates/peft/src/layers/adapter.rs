@@ -82,6 +82,26 @@ pub trait LinearAdapter: Adapter {
     fn unmerge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)>;
 }
 
+/// An adapter on a 2-D convolution (PEFT's `_ConvNd` layers).
+pub trait Conv2dAdapter: Adapter {
+    /// Given the layer input `x` (`[batch, in, h, w]`) and the output so far (`[batch, out, h',
+    /// w']`), returns the output with this adapter applied.
+    fn forward(
+        &self,
+        x: &Tensor,
+        out: Tensor,
+        base: &super::conv::Conv2dBase,
+        train: bool,
+    ) -> Result<Tensor>;
+
+    /// Merges into `base`: the new `[out, in / groups, kh, kw]` weight and, if the adapter
+    /// changes it, the new bias.
+    fn merge(&self, base: &super::conv::Conv2dBase) -> Result<(Tensor, Option<Tensor>)>;
+
+    /// Undoes [`Conv2dAdapter::merge`].
+    fn unmerge(&self, base: &super::conv::Conv2dBase) -> Result<(Tensor, Option<Tensor>)>;
+}
+
 /// An adapter on an embedding layer.
 pub trait EmbeddingAdapter: Adapter {
     /// `ids`: `[n]` (u32); `out`: `[n, dim]` base rows. Returns the adapted rows.
@@ -105,6 +125,8 @@ pub struct Adapters<A: ?Sized> {
     active: Vec<String>,
     merged: Vec<String>,
     disabled: bool,
+    /// Per-adapter weights other than 1 (diffusers' `set_adapters(..., adapter_weights)`).
+    weights: Vec<(String, f64)>,
 }
 
 impl<A: ?Sized> Default for Adapters<A> {
@@ -114,6 +136,7 @@ impl<A: ?Sized> Default for Adapters<A> {
             active: Vec::new(),
             merged: Vec::new(),
             disabled: false,
+            weights: Vec::new(),
         }
     }
 }
@@ -132,6 +155,7 @@ impl<A: ?Sized> Adapters<A> {
     pub fn remove(&mut self, name: &str) -> Option<Box<A>> {
         let i = self.items.iter().position(|(n, _)| n == name)?;
         self.active.retain(|n| n != name);
+        self.weights.retain(|(n, _)| n != name);
         self.merged.retain(|n| n != name);
         Some(self.items.remove(i).1)
     }
@@ -188,6 +212,31 @@ impl<A: ?Sized> Adapters<A> {
         }
     }
 
+    /// The weight adapter `name` contributes with (1 unless set).
+    pub fn weight(&self, name: &str) -> f64 {
+        self.weights
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(1.0, |(_, w)| *w)
+    }
+
+    /// Sets the weight of adapter `name` (see [`Adapters::weight`]).
+    pub fn set_weight(&mut self, name: &str, weight: f64) {
+        self.weights.retain(|(n, _)| n != name);
+        if weight != 1.0 && self.items.iter().any(|(n, _)| n == name) {
+            self.weights.push((name.to_string(), weight));
+        }
+    }
+
+    /// [`Adapters::running`] with each adapter's weight.
+    pub fn running_weighted(&self) -> impl Iterator<Item = (&A, f64)> {
+        let on = !self.disabled;
+        self.active
+            .iter()
+            .filter(move |n| on && !self.merged.contains(n))
+            .filter_map(|n| self.get(n).map(|a| (a, self.weight(n))))
+    }
+
     /// The adapters the forward pass must run: active, not merged, and not disabled.
     pub fn running(&self) -> impl Iterator<Item = &A> {
         let on = !self.disabled;
@@ -213,6 +262,9 @@ pub trait AdapterList {
     fn is_empty(&self) -> bool;
     fn set_active(&mut self, names: &[String]);
     fn set_disabled(&mut self, disabled: bool);
+    /// The weight the adapter contributes with (see [`Adapters::weight`]).
+    fn weight(&self, name: &str) -> f64;
+    fn set_weight(&mut self, name: &str, weight: f64);
     /// Drops the adapter from the list (a merged adapter must be unmerged first; see
     /// [`AdapterSite::remove_adapter`]).
     fn remove(&mut self, name: &str) -> bool;
@@ -246,6 +298,12 @@ macro_rules! impl_adapter_list {
             fn set_disabled(&mut self, disabled: bool) {
                 Adapters::set_disabled(self, disabled)
             }
+            fn weight(&self, name: &str) -> f64 {
+                Adapters::weight(self, name)
+            }
+            fn set_weight(&mut self, name: &str, weight: f64) {
+                Adapters::set_weight(self, name, weight)
+            }
             fn remove(&mut self, name: &str) -> bool {
                 Adapters::remove(self, name).is_some()
             }
@@ -257,9 +315,11 @@ macro_rules! impl_adapter_list {
 }
 impl_adapter_list!(dyn LinearAdapter);
 impl_adapter_list!(dyn EmbeddingAdapter);
+impl_adapter_list!(dyn Conv2dAdapter);
 impl_adapter_list!(dyn super::hook::HookAdapter);
 
-/// A place in a model that carries adapters: a linear or embedding layer, or a hook point. The
+/// A place in a model that carries adapters: a linear, embedding or convolution layer, or a hook
+/// point. The
 /// PEFT wrapper activates, merges, disables and removes adapters through this, whatever the kind
 /// of site and method.
 pub trait AdapterSite {

@@ -72,6 +72,8 @@ pub struct HookPoint {
     pub layer: usize,
     /// Encoder-decoder models: whether the point is in the decoder.
     pub is_decoder: bool,
+    /// AdapterDrop: the point runs without its adapters (as AdapterHub's `skip_layers`).
+    pub skipped: bool,
     pub adapters: Adapters<dyn HookAdapter>,
 }
 
@@ -82,6 +84,7 @@ impl HookPoint {
             location,
             layer,
             is_decoder: false,
+            skipped: false,
             adapters: Adapters::default(),
         }
     }
@@ -90,6 +93,17 @@ impl HookPoint {
     pub fn in_decoder(mut self) -> Self {
         self.is_decoder = true;
         self
+    }
+
+    /// The layer index counted over the whole model as AdapterHub counts it (`layer_idx`, what
+    /// `leave_out` and `skip_layers` name): decoder blocks of an encoder-decoder model come after
+    /// its `encoder_layers` encoder blocks.
+    pub fn global_layer(&self, encoder_layers: usize) -> usize {
+        if self.is_decoder {
+            encoder_layers + self.layer
+        } else {
+            self.layer
+        }
     }
 
     /// The block's output at this point: `norm(hidden + residual)` (or without `norm`), or what
@@ -114,7 +128,8 @@ impl HookPoint {
             )));
         }
         let active = self.adapters.active();
-        let running: Vec<(&str, &dyn HookAdapter)> = if self.adapters.is_disabled() {
+        let running: Vec<(&str, &dyn HookAdapter)> = if self.adapters.is_disabled() || self.skipped
+        {
             Vec::new()
         } else {
             active

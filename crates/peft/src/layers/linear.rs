@@ -16,6 +16,9 @@ pub struct Linear {
     /// The weight is stored `[in, out]` (transformers' `Conv1D`, PEFT's `fan_in_fan_out`).
     pub transposed: bool,
     pub adapters: Adapters<dyn LinearAdapter>,
+    /// The weight and bias from before each merge at an adapter weight other than 1, to
+    /// restore on unmerge.
+    snapshots: Vec<(String, Tensor, Option<Tensor>)>,
 }
 
 impl Linear {
@@ -32,6 +35,7 @@ impl Linear {
             name,
             transposed,
             adapters: Adapters::default(),
+            snapshots: Vec::new(),
         }
     }
 
@@ -105,8 +109,14 @@ impl Linear {
                     self.weight.is_trainable(),
                 )?;
                 let base = self.base();
-                for adapter in self.adapters.running() {
-                    y = adapter.forward(&x2, y, &base, train)?;
+                for (adapter, w) in self.adapters.running_weighted() {
+                    y = if w == 1.0 {
+                        adapter.forward(&x2, y, &base, train)?
+                    } else {
+                        // diffusers' adapter weights: only the adapter's part is scaled.
+                        let with = adapter.forward(&x2, y.clone(), &base, train)?;
+                        (&y + ((with - &y)? * w)?)?
+                    };
                 }
                 y
             }
@@ -285,7 +295,17 @@ impl Linear {
             let Some(adapter) = self.adapters.get(name) else {
                 continue;
             };
-            let (w, b) = adapter.merge(&self.base())?;
+            let base = self.base();
+            let weight = self.adapters.weight(name);
+            let (w, b) = weighted_merge(adapter.merge(&base)?, &base, weight)?;
+            if weight != 1.0 {
+                let snapshot = (
+                    name.clone(),
+                    self.weight.base().clone(),
+                    self.bias.as_ref().map(|b| b.base().clone()),
+                );
+                self.snapshots.push(snapshot);
+            }
             self.apply_weights(w, b)?;
             self.adapters.mark_merged(name, true);
         }
@@ -295,7 +315,14 @@ impl Linear {
     /// Takes every merged adapter back out of the base weight, last merged first.
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some(name) = self.adapters.merged().last().cloned() {
-            if let Some(adapter) = self.adapters.get(&name) {
+            if let Some(i) = self.snapshots.iter().position(|(n, _, _)| *n == name) {
+                // Merged at a weight other than 1: restore the weights from before.
+                let (_, w, b) = self.snapshots.remove(i);
+                self.weight.set_base(w)?;
+                if let (Some(b), Some(p)) = (b, self.bias.as_mut()) {
+                    p.set_base(b)?;
+                }
+            } else if let Some(adapter) = self.adapters.get(&name) {
                 let (w, b) = adapter.unmerge(&self.base())?;
                 self.apply_weights(w, b)?;
             }
@@ -343,4 +370,23 @@ pub(crate) fn cast_to(t: Tensor, dtype: candle_core::DType) -> Result<Tensor> {
     } else {
         Ok(t.to_dtype(dtype)?)
     }
+}
+
+/// `(W', b')` of a merge taken at `weight`: `W + weight · (W' − W)` (the adapter's change
+/// scaled, as diffusers' adapter weights scale it).
+fn weighted_merge(
+    merged: (Tensor, Option<Tensor>),
+    base: &LinearBase,
+    weight: f64,
+) -> Result<(Tensor, Option<Tensor>)> {
+    if weight == 1.0 {
+        return Ok(merged);
+    }
+    let w0 = base.weight_out_in()?;
+    let w = (&w0 + ((merged.0 - &w0)? * weight)?)?;
+    let b = match (merged.1, base.bias.as_ref()) {
+        (Some(b1), Some(b0)) => Some((b0 + ((b1 - b0)? * weight)?)?),
+        (b, _) => b,
+    };
+    Ok((w, b))
 }

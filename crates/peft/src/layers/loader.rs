@@ -6,7 +6,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use std::sync::Mutex;
 
-use super::{Embedding, HookPoint, LayerNorm, Linear, RmsNorm};
+use super::{Conv2d, ConvParams, Embedding, GroupNorm, HookPoint, LayerNorm, Linear, RmsNorm};
 use crate::io::Weights;
 use crate::{Error, Result};
 
@@ -192,6 +192,38 @@ impl<'a> Loader<'a> {
             (self.tensor("weight", &[dim])?, self.tensor("bias", &[dim])?)
         };
         Ok(LayerNorm::new(self.path.clone(), w, Some(b), eps))
+    }
+
+    /// A `Conv2d` with weight `[out, in / groups, k, k]` (and a bias `[out]` when `bias`).
+    pub fn conv2d(
+        &self,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        params: ConvParams,
+        bias: bool,
+    ) -> Result<Conv2d> {
+        let w = self.tensor(
+            "weight",
+            &[out_ch, in_ch / params.groups.max(1), kernel, kernel],
+        )?;
+        let b = if bias {
+            Some(self.tensor("bias", &[out_ch])?)
+        } else {
+            None
+        };
+        Ok(Conv2d::new(self.path.clone(), w, b, params))
+    }
+
+    /// A `GroupNorm` over `channels` in `groups` groups (weight and bias `[channels]`).
+    pub fn group_norm(&self, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+        Ok(GroupNorm::new(
+            self.path.clone(),
+            self.tensor("weight", &[channels])?,
+            self.tensor("bias", &[channels])?,
+            groups,
+            eps,
+        ))
     }
 
     /// The hook point at this path (it has no weights; see [`HookPoint`]).

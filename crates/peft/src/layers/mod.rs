@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod attention;
 pub mod cache;
+pub mod conv;
 pub mod embedding;
 pub mod hook;
 pub mod linear;
@@ -15,22 +16,25 @@ pub mod param;
 pub mod rotary;
 
 pub use adapter::{
-    Adapter, AdapterList, AdapterSite, Adapters, EmbeddingAdapter, LinearAdapter, LinearBase,
-    LowRank,
+    Adapter, AdapterList, AdapterSite, Adapters, Conv2dAdapter, EmbeddingAdapter, LinearAdapter,
+    LinearBase, LowRank,
 };
 pub use cache::{Cache, KeyValue};
+pub use conv::{Conv2d, Conv2dBase, ConvParams};
 pub use embedding::Embedding;
 pub use hook::{HookAdapter, HookInput, HookLocation, HookPoint};
 pub use linear::Linear;
 pub use loader::{HeadInit, Loader};
-pub use norm::{LayerNorm, RmsNorm};
+pub use norm::{GroupNorm, LayerNorm, RmsNorm};
 pub use param::Param;
 
 /// A borrowed parameterised layer.
 pub enum ModuleRef<'a> {
     Linear(&'a Linear),
     Embedding(&'a Embedding),
+    Conv2d(&'a Conv2d),
     LayerNorm(&'a LayerNorm),
+    GroupNorm(&'a GroupNorm),
     RmsNorm(&'a RmsNorm),
     /// A hook point: no parameters of its own, a site for hook methods.
     Hook(&'a HookPoint),
@@ -40,7 +44,9 @@ pub enum ModuleRef<'a> {
 pub enum ModuleMut<'a> {
     Linear(&'a mut Linear),
     Embedding(&'a mut Embedding),
+    Conv2d(&'a mut Conv2d),
     LayerNorm(&'a mut LayerNorm),
+    GroupNorm(&'a mut GroupNorm),
     RmsNorm(&'a mut RmsNorm),
     Hook(&'a mut HookPoint),
 }
@@ -50,7 +56,9 @@ impl<'a> ModuleRef<'a> {
         match self {
             ModuleRef::Linear(l) => &l.name,
             ModuleRef::Embedding(e) => &e.name,
+            ModuleRef::Conv2d(c) => &c.name,
             ModuleRef::LayerNorm(n) => &n.name,
+            ModuleRef::GroupNorm(n) => &n.name,
             ModuleRef::RmsNorm(n) => &n.name,
             ModuleRef::Hook(h) => &h.name,
         }
@@ -60,7 +68,9 @@ impl<'a> ModuleRef<'a> {
         match self {
             ModuleRef::Linear(l) => std::iter::once(&l.weight).chain(l.bias.as_ref()).collect(),
             ModuleRef::Embedding(e) => vec![&e.weight],
+            ModuleRef::Conv2d(c) => std::iter::once(&c.weight).chain(c.bias.as_ref()).collect(),
             ModuleRef::LayerNorm(n) => std::iter::once(&n.weight).chain(n.bias.as_ref()).collect(),
+            ModuleRef::GroupNorm(n) => vec![&n.weight, &n.bias],
             ModuleRef::RmsNorm(n) => vec![&n.weight],
             ModuleRef::Hook(_) => Vec::new(),
         }
@@ -71,8 +81,9 @@ impl<'a> ModuleRef<'a> {
         match *self {
             ModuleRef::Linear(l) => Some(l),
             ModuleRef::Embedding(e) => Some(e),
+            ModuleRef::Conv2d(c) => Some(c),
             ModuleRef::Hook(h) => Some(h),
-            ModuleRef::LayerNorm(_) | ModuleRef::RmsNorm(_) => None,
+            ModuleRef::LayerNorm(_) | ModuleRef::GroupNorm(_) | ModuleRef::RmsNorm(_) => None,
         }
     }
 
@@ -87,7 +98,9 @@ impl<'a> ModuleMut<'a> {
         match self {
             ModuleMut::Linear(l) => &l.name,
             ModuleMut::Embedding(e) => &e.name,
+            ModuleMut::Conv2d(c) => &c.name,
             ModuleMut::LayerNorm(n) => &n.name,
+            ModuleMut::GroupNorm(n) => &n.name,
             ModuleMut::RmsNorm(n) => &n.name,
             ModuleMut::Hook(h) => &h.name,
         }
@@ -98,8 +111,9 @@ impl<'a> ModuleMut<'a> {
         match self {
             ModuleMut::Linear(l) => Some(l),
             ModuleMut::Embedding(e) => Some(e),
+            ModuleMut::Conv2d(c) => Some(c),
             ModuleMut::Hook(h) => Some(h),
-            ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => None,
+            ModuleMut::LayerNorm(_) | ModuleMut::GroupNorm(_) | ModuleMut::RmsNorm(_) => None,
         }
     }
 
@@ -109,9 +123,13 @@ impl<'a> ModuleMut<'a> {
                 .chain(l.bias.as_mut())
                 .collect(),
             ModuleMut::Embedding(e) => vec![&mut e.weight],
+            ModuleMut::Conv2d(c) => std::iter::once(&mut c.weight)
+                .chain(c.bias.as_mut())
+                .collect(),
             ModuleMut::LayerNorm(n) => std::iter::once(&mut n.weight)
                 .chain(n.bias.as_mut())
                 .collect(),
+            ModuleMut::GroupNorm(n) => vec![&mut n.weight, &mut n.bias],
             ModuleMut::RmsNorm(n) => vec![&mut n.weight],
             ModuleMut::Hook(_) => Vec::new(),
         }
@@ -153,7 +171,9 @@ macro_rules! leaf_module {
 }
 leaf_module!(Linear);
 leaf_module!(Embedding);
+leaf_module!(Conv2d);
 leaf_module!(LayerNorm);
+leaf_module!(GroupNorm);
 leaf_module!(RmsNorm);
 leaf_module!(HookPoint, Hook);
 

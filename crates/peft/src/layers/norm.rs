@@ -56,3 +56,45 @@ impl RmsNorm {
         ops::rms_norm(x, &self.weight.value(), self.eps)
     }
 }
+
+/// GroupNorm (torch's `nn.GroupNorm`) over `[batch, channels, ...]`: the channels split into
+/// `groups`, each normalised over its channels and positions with the biased variance, then a
+/// per-channel affine. With a frozen affine (the PEFT case) the forward pass records one node and
+/// the backward is the closed form for `dx`; trained affine parameters go through primitives.
+#[derive(Debug)]
+pub struct GroupNorm {
+    pub name: String,
+    pub weight: Param,
+    pub bias: Param,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(
+        name: impl Into<String>,
+        weight: Tensor,
+        bias: Tensor,
+        groups: usize,
+        eps: f64,
+    ) -> Self {
+        let name = name.into();
+        Self {
+            weight: Param::new(format!("{name}.weight"), weight),
+            bias: Param::new(format!("{name}.bias"), bias),
+            name,
+            groups,
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::group_norm(
+            x,
+            &self.weight.value(),
+            &self.bias.value(),
+            self.groups,
+            self.eps,
+        )
+    }
+}

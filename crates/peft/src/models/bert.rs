@@ -39,6 +39,13 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub position_embedding_type: Option<String>,
+    /// NEZHA: where the relative distances are clipped.
+    #[serde(default = "default_max_relative")]
+    pub max_relative_position: usize,
+}
+
+fn default_max_relative() -> usize {
+    64
 }
 
 fn default_act() -> String {
@@ -92,12 +99,17 @@ impl Activation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flavor {
     Bert,
-    Roberta { padding_idx: u32 },
+    Roberta {
+        padding_idx: u32,
+    },
+    /// No position embeddings; relative positions in every self-attention ([`super::nezha`]).
+    Nezha,
 }
 
 struct Embeddings {
     word: Embedding,
-    position: Embedding,
+    /// Absent in NEZHA.
+    position: Option<Embedding>,
     token_type: Embedding,
     norm: LayerNorm,
 }
@@ -148,6 +160,8 @@ pub struct Bert {
     /// `classifier` (SEQ_CLS, TOKEN_CLS), `classifier.out_proj` (RoBERTa SEQ_CLS) or `qa_outputs`
     /// (QUESTION_ANS).
     head: Option<Linear>,
+    /// NEZHA's relative position table `[max_positions, max_positions, head_dim]`.
+    relative: Option<Tensor>,
     device: Device,
 }
 impl_modules!(Bert {
@@ -191,6 +205,17 @@ impl Bert {
         )
     }
 
+    /// NEZHA (`model_type` `nezha`, keys under `nezha.`).
+    pub fn load_nezha(
+        weights: &Weights,
+        init: &HeadInit,
+        config: serde_json::Value,
+        dir: &Path,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        Self::load_flavor(weights, init, config, dir, opts, Flavor::Nezha)
+    }
+
     fn load_flavor(
         weights: &Weights,
         init: &HeadInit,
@@ -224,9 +249,10 @@ impl Bert {
             .and_then(|v| v.as_str())
             .unwrap_or("bert")
             .to_string();
-        let roberta = flavor != Flavor::Bert;
+        let roberta = matches!(flavor, Flavor::Roberta { .. });
         let (family, base_prefix) = match (flavor, model_type.as_str()) {
             (Flavor::Bert, _) => ("Bert", "bert"),
+            (Flavor::Nezha, _) => ("Nezha", "nezha"),
             (_, "xlm-roberta") => ("XLMRoberta", "roberta"),
             _ => ("Roberta", "roberta"),
         };
@@ -254,9 +280,13 @@ impl Bert {
         let emb = base.pp("embeddings");
         let embeddings = Embeddings {
             word: emb.pp("word_embeddings").embedding(cfg.vocab_size, h)?,
-            position: emb
-                .pp("position_embeddings")
-                .embedding(cfg.max_position_embeddings, h)?,
+            position: match flavor {
+                Flavor::Nezha => None,
+                _ => Some(
+                    emb.pp("position_embeddings")
+                        .embedding(cfg.max_position_embeddings, h)?,
+                ),
+            },
             token_type: emb
                 .pp("token_type_embeddings")
                 .embedding(cfg.type_vocab_size, h)?,
@@ -304,7 +334,6 @@ impl Bert {
         };
         Ok(Self {
             info,
-            cfg,
             flavor,
             act,
             embeddings,
@@ -312,6 +341,16 @@ impl Bert {
             pooler,
             head_dense,
             head,
+            relative: match flavor {
+                Flavor::Nezha => Some(super::nezha::table_for(
+                    cfg.max_position_embeddings,
+                    h / cfg.num_attention_heads,
+                    cfg.max_relative_position,
+                    &opts.device,
+                )?),
+                _ => None,
+            },
+            cfg,
             device: opts.device.clone(),
         })
     }
@@ -325,7 +364,7 @@ impl Bert {
         let (b, t) = inputs.batch_seq()?;
         let past = cache.as_deref().map_or(0, Cache::past_len);
         let offset = match self.flavor {
-            Flavor::Bert => 0,
+            Flavor::Bert | Flavor::Nezha => 0,
             Flavor::Roberta { padding_idx } => padding_idx as usize + 1,
         };
         if offset + past + t > self.cfg.max_position_embeddings {
@@ -345,7 +384,7 @@ impl Bert {
         };
         let positions = match (&inputs.position_ids, self.flavor) {
             (Some(p), _) => p.to_dtype(DType::U32)?,
-            (None, Flavor::Bert) => sequential(past)?,
+            (None, Flavor::Bert | Flavor::Nezha) => sequential(past)?,
             (None, Flavor::Roberta { padding_idx }) => match &inputs.inputs_embeds {
                 None => roberta_positions(inputs.ids()?, padding_idx, past)?,
                 // As transformers: with embeddings no padding can be seen, and the past length
@@ -362,9 +401,11 @@ impl Bert {
             Some(x) => x.clone(),
             None => self.embed_tokens(inputs.ids()?, train)?,
         };
-        let x = words
-            .add(&e.position.forward_t(&positions, train)?)?
-            .add(&e.token_type.forward_t(&token_types, train)?)?;
+        let x = match &e.position {
+            Some(p) => words.add(&p.forward_t(&positions, train)?)?,
+            None => words,
+        };
+        let x = x.add(&e.token_type.forward_t(&token_types, train)?)?;
         let mut x = ops::dropout(&e.norm.forward(&x)?, self.cfg.hidden_dropout_prob, train)?;
         let mask = match &inputs.attention_mask {
             Some(m) => Some(ops::padding_mask(m, past + t, x.dtype())?),
@@ -413,16 +454,28 @@ impl Bert {
             }
             *slot = Some(KeyValue { key: kh, value: vh });
         }
-        let ctx = ops::attention_merged_heads(
-            &q,
-            &k,
-            &v,
-            heads,
-            mask,
-            1.0 / (d as f64).sqrt(),
-            self.cfg.attention_probs_dropout_prob,
-            train,
-        )?;
+        let ctx = match &self.relative {
+            Some(rel) => super::nezha::relative_attention(
+                &q,
+                &k,
+                &v,
+                heads,
+                mask,
+                rel,
+                self.cfg.attention_probs_dropout_prob,
+                train,
+            )?,
+            None => ops::attention_merged_heads(
+                &q,
+                &k,
+                &v,
+                heads,
+                mask,
+                1.0 / (d as f64).sqrt(),
+                self.cfg.attention_probs_dropout_prob,
+                train,
+            )?,
+        };
         let p = self.cfg.hidden_dropout_prob;
         let a = ops::dropout(&l.attn_out.forward_t(&ctx, train)?, p, train)?;
         let a = l.attn_hook.forward(&a, x, Some(&l.attn_norm), train)?;
@@ -491,7 +544,7 @@ impl Model for Bert {
         let id = |k: &str| self.info.config.get(k).and_then(|v| v.as_u64());
         let pad = id("pad_token_id");
         let offset = match self.flavor {
-            Flavor::Bert => 0,
+            Flavor::Bert | Flavor::Nezha => 0,
             Flavor::Roberta { padding_idx } => padding_idx as usize + 1,
         };
         ModelDims {

@@ -221,7 +221,9 @@ pub fn rename_prefix(model: &mut impl Modules, from: &str, to: &str) {
         match m {
             ModuleMut::Linear(l) => swap(&mut l.name),
             ModuleMut::Embedding(e) => swap(&mut e.name),
+            ModuleMut::Conv2d(c) => swap(&mut c.name),
             ModuleMut::LayerNorm(n) => swap(&mut n.name),
+            ModuleMut::GroupNorm(n) => swap(&mut n.name),
             ModuleMut::RmsNorm(n) => swap(&mut n.name),
             ModuleMut::Hook(h) => swap(&mut h.name),
         }

@@ -3,13 +3,17 @@
 //! [`Loader`] and expose them through [`Modules`].
 
 pub mod bert;
+pub mod clip;
 pub mod decoder;
 pub mod gpt2;
 pub mod llama;
+pub mod nezha;
 pub mod opt;
 pub mod pooling;
 pub mod t5;
 mod t5_heads;
+pub mod unet;
+pub mod vae;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -96,6 +100,14 @@ pub struct Inputs {
     /// Language-model heads compute logits for only the last this-many positions; 0 means all
     /// (transformers' `logits_to_keep`). Generation uses 1.
     pub logits_to_keep: usize,
+    /// Diffusion models, with diffusers' names: the UNet's noisy latents, or the VAE's image
+    /// (`[batch, 3, h, w]`, values in [-1, 1]) or latents to decode (`[batch, latent_channels,
+    /// h, w]`).
+    pub sample: Option<Tensor>,
+    /// The UNet's diffusion timestep: one per row (`[batch]`) or one for all (`[]` or `[1]`).
+    pub timestep: Option<Tensor>,
+    /// The UNet's text conditioning `[batch, seq, cross_attention_dim]`.
+    pub encoder_hidden_states: Option<Tensor>,
     /// PEFT's `task_ids`: one task index per row (`[batch]`, u32), for adapters that hold one
     /// prompt per task (multitask prompt tuning). Models ignore it.
     pub task_ids: Option<Tensor>,
@@ -132,8 +144,9 @@ impl Inputs {
     }
 }
 
-/// Sizes that prompt methods, caches and generation need, whatever the architecture.
-#[derive(Debug, Clone, PartialEq)]
+/// Sizes that prompt methods, caches and generation need, whatever the architecture (all zero
+/// for models without tokens, such as a UNet).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ModelDims {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -193,6 +206,24 @@ pub trait Model: Modules + Send + Sync {
     fn forward(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
         self.forward_with_cache(inputs, None, train)
     }
+
+    /// A module path from an adapter file as this model names the module: the identity, except
+    /// for models whose library renamed its modules between versions (CLIP's text encoder lost
+    /// its `text_model.` wrapper in transformers 5), so adapters saved under either name load.
+    fn canonical_module_path(&self, path: &str) -> String {
+        path.to_string()
+    }
+
+    /// Every output under its transformers / diffusers name (what `peft forward` writes):
+    /// `logits` (or `last_hidden_state` for FEATURE_EXTRACTION) by default; a model with several
+    /// outputs lists them all (CLIP's `pooler_output`, the VAE's `latent_dist.mean`, ...).
+    fn outputs(&self, inputs: &Inputs, train: bool) -> Result<Vec<(String, Tensor)>> {
+        let name = match self.info().task {
+            TaskType::FeatureExtraction => "last_hidden_state",
+            _ => "logits",
+        };
+        Ok(vec![(name.to_string(), self.forward(inputs, train)?)])
+    }
 }
 
 /// Options for loading a model from a directory.
@@ -222,17 +253,43 @@ impl Default for LoadOptions {
 /// `opts.task` or else from config.json's `architectures`.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
     let (config, weights, dir, config_path) = open_checkpoint(path)?;
+    let std = config
+        .get("initializer_range")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.02);
+    let init = HeadInit::new(std, opts.seed);
+    // diffusers models name their class instead of a model_type.
+    if let Some(class) = config.get("_class_name").and_then(|v| v.as_str()) {
+        return Ok(match class {
+            "UNet2DConditionModel" => Box::new(unet::UNet2DConditionModel::load(
+                &weights,
+                &init,
+                config.clone(),
+                &dir,
+                opts,
+            )?),
+            "AutoencoderKL" => Box::new(vae::AutoencoderKl::load(
+                &weights,
+                &init,
+                config.clone(),
+                &dir,
+                opts,
+            )?),
+            other => {
+                return Err(Error::Config(format!(
+                    "unsupported diffusers model `{other}` in {}; supported: \
+                     UNet2DConditionModel, AutoencoderKL (and CLIPTextModel from transformers)",
+                    config_path.display()
+                )))
+            }
+        });
+    }
     let model_type = config
         .get("model_type")
         .and_then(|v| v.as_str())
         .ok_or_else(|| Error::Config(format!("{}: no `model_type`", config_path.display())))?
         .to_string();
     let dir = dir.as_path();
-    let std = config
-        .get("initializer_range")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(0.02);
-    let init = HeadInit::new(std, opts.seed);
     let model: Box<dyn Model> = match model_type.as_str() {
         "bert" => Box::new(bert::Bert::load(
             &weights,
@@ -248,6 +305,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             dir,
             opts,
         )?),
+        "nezha" => Box::new(nezha::load(&weights, &init, config.clone(), dir, opts)?),
         "llama" | "mistral" | "qwen2" => Box::new(llama::Llama::load(
             &weights,
             &init,
@@ -264,10 +322,18 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         )?),
         "opt" => Box::new(opt::Opt::load(&weights, &init, config.clone(), dir, opts)?),
         "t5" | "mt5" => Box::new(t5::T5::load(&weights, &init, config.clone(), dir, opts)?),
+        "clip_text_model" | "clip" => Box::new(clip::ClipText::load(
+            &weights,
+            &init,
+            config.clone(),
+            dir,
+            opts,
+        )?),
         other => {
             return Err(Error::Config(format!(
-                "unsupported model_type `{other}` in {}; supported: bert, gpt2, llama, mistral, \
-                 mt5, opt, qwen2, roberta, t5, xlm-roberta",
+                "unsupported model_type `{other}` in {}; supported: bert, clip_text_model, gpt2, \
+                 llama, mistral, mt5, nezha, opt, qwen2, roberta, t5, xlm-roberta (and diffusers' \
+                 UNet2DConditionModel and AutoencoderKL)",
                 config_path.display()
             )))
         }

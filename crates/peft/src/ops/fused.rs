@@ -228,6 +228,24 @@ impl CustomOp1 for MapOp {
     }
 }
 
+/// An op whose output has `shape`, computed from the contiguous f32 input by `fwd`, with the
+/// input's gradient from `bwd(x, y, dy)`.
+pub(super) fn apply_shaped(
+    x: &Tensor,
+    name: &'static str,
+    shape: Shape,
+    fwd: impl Fn(&[f32]) -> candle_core::Result<Vec<f32>> + Send + Sync + 'static,
+    bwd: impl Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let op = MapOp {
+        name,
+        fwd: Box::new(fwd),
+        bwd: Box::new(bwd),
+        shape: Some(shape),
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
 fn apply_map(
     x: &Tensor,
     name: &'static str,

@@ -101,11 +101,30 @@ impl PeftModel {
         Ok(())
     }
 
-    /// Loads the adapter in `dir` as `name`. Every tensor the config implies must be in the file
-    /// with the model's shape, and the file must hold nothing the model cannot place.
+    /// Loads the adapter in `dir` as `name`: a PEFT adapter directory, or one in a foreign layout
+    /// the tuners read ([`crate::tuners::FORMATS`]: AdapterHub's adapters, fusions and heads),
+    /// told apart by its files. Every tensor the config implies must be in the file with the
+    /// model's shape, and the file must hold nothing the model cannot place.
     pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool) -> Result<()> {
-        let files = AdapterFiles::read(dir, self.model.device())?;
-        self.add_adapter_files(&files, name, is_trainable)
+        let (config, file, weights_path) = match crate::tuners::foreign_format(dir) {
+            Some(format) => {
+                let (config, file) = (format.read)(dir, self.model.as_ref(), name)?;
+                tracing::debug!("{}: {} adapter directory", dir.display(), format.name);
+                (config, file, dir.to_path_buf())
+            }
+            None => {
+                let f = AdapterFiles::read(dir, self.model.device())?;
+                (f.config, f.tensors, dir.join(WEIGHTS_NAME))
+            }
+        };
+        let config = resolve_dependencies(config, dir);
+        self.load_adapter_state(
+            name,
+            config,
+            file,
+            is_trainable,
+            &weights_path.display().to_string(),
+        )
     }
 
     /// Puts an adapter already read from disk on the model as `name` (what
@@ -117,9 +136,39 @@ impl PeftModel {
         name: &str,
         is_trainable: bool,
     ) -> Result<()> {
-        let config = files.config.clone();
-        let weights_path = files.dir.join(WEIGHTS_NAME);
-        let mut file = files.tensors.clone();
+        self.load_adapter_state(
+            name,
+            files.config.clone(),
+            files.tensors.clone(),
+            is_trainable,
+            &files.dir.join(WEIGHTS_NAME).display().to_string(),
+        )
+    }
+
+    /// Attaches adapter `name` described by `config` and fills it from `state`, whose keys are
+    /// PEFT's (`base_model.model.<module path>.<tensor>`): what [`PeftModel::load_adapter`] does
+    /// once the files are read, also for adapters that come from other formats (diffusers' and
+    /// kohya's LoRA files). Every tensor the config implies must be there with the model's shape,
+    /// and nothing else; `source` names where the tensors came from in the error.
+    pub fn load_adapter_state(
+        &mut self,
+        name: &str,
+        config: PeftConfig,
+        state: HashMap<String, Tensor>,
+        is_trainable: bool,
+        source: &str,
+    ) -> Result<()> {
+        let model = self.model.as_ref();
+        let mut file: HashMap<String, Tensor> = state
+            .into_iter()
+            .map(|(k, t)| match k.strip_prefix(KEY_PREFIX) {
+                Some(rest) => (
+                    format!("{KEY_PREFIX}{}", model.canonical_module_path(rest)),
+                    t,
+                ),
+                None => (k, t),
+            })
+            .collect();
         let first = self.adapters.is_empty();
         self.inject(name, config, is_trainable, true)?;
         let mut expected = self.adapter_vars(name);
@@ -131,7 +180,18 @@ impl PeftModel {
                 Some(t) => {
                     if let Err(e) = set_checked(&key, &var, &t) {
                         self.delete_adapter(name)?;
-                        return Err(e);
+                        return Err(match e {
+                            Error::ShapeMismatch {
+                                name: key,
+                                expected,
+                                found,
+                            } => Error::Adapter(format!(
+                                "{source} does not fit this model: tensor `{key}` has shape \
+                                 {found:?} but the model's layer needs {expected:?} (an adapter \
+                                 trained on a model of another size?)"
+                            )),
+                            e => e,
+                        });
                     }
                 }
                 None => missing.push(key),
@@ -164,8 +224,7 @@ impl PeftModel {
             // Roll back so a failed load leaves the model as it was.
             self.delete_adapter(name)?;
             return Err(Error::Adapter(format!(
-                "{} does not fit this model: missing tensors [{}]; tensors the model has no place for [{}]",
-                weights_path.display(),
+                "{source} does not fit this model: missing tensors [{}]; tensors the model has no place for [{}]",
                 missing.join(", "),
                 unexpected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
             )));
@@ -223,14 +282,7 @@ impl PeftModel {
         let (_, first) = adapters
             .first()
             .ok_or_else(|| Error::Adapter("no adapter given".into()))?;
-        let config =
-            PeftConfig::from_adapter_json(&crate::io::read_json(&first.join(CONFIG_NAME))?)?;
-        if opts.task.is_none() {
-            opts.task = config.task_type();
-        }
-        if opts.num_labels.is_none() {
-            opts.num_labels = saved_head_classes(first)?;
-        }
+        base_task(first, &mut opts)?;
         let mut m = PeftModel::wrap(crate::models::load(model_dir, &opts)?, 0);
         for (name, dir) in adapters {
             m.load_adapter(dir, name, false)?;
@@ -315,6 +367,38 @@ impl AdapterFiles {
     }
 }
 
+/// A saved adapter's dependencies ([`crate::tuners::TunerConfig::depends_on`]) found from its
+/// directory: the copy `save_pretrained` wrote beside it (`<dir>/<name>/`, or `<dir>/../<name>/`
+/// for a non-default adapter), else the recorded directory as it is, or relative to `dir`.
+fn resolve_dependencies(config: PeftConfig, dir: &Path) -> PeftConfig {
+    let deps = config.as_dyn().depends_on();
+    if deps.is_empty() {
+        return config;
+    }
+    let mut json = config.to_adapter_json();
+    let found: Vec<String> = deps
+        .iter()
+        .map(|(name, recorded)| {
+            let candidates = [
+                dir.join(name),
+                dir.parent().map(|p| p.join(name)).unwrap_or_default(),
+                recorded.clone(),
+                dir.join(recorded),
+            ];
+            candidates
+                .into_iter()
+                .find(|c| {
+                    c.join(CONFIG_NAME).exists() || crate::tuners::foreign_format(c).is_some()
+                })
+                .unwrap_or_else(|| recorded.clone())
+                .display()
+                .to_string()
+        })
+        .collect();
+    json["adapters"] = serde_json::json!(found);
+    PeftConfig::from_adapter_json(&json).unwrap_or(config)
+}
+
 /// Loads the base model in `model_dir` with the head the adapter in `adapter_dir` was trained
 /// for (its `task_type`, and the class count of its saved classifier), then the adapter on top,
 /// frozen. The counterpart of `AutoPeftModelFor...from_pretrained` for a known base directory.
@@ -323,15 +407,35 @@ pub fn load_with_adapter(
     adapter_dir: &Path,
     mut opts: crate::LoadOptions,
 ) -> Result<PeftModel> {
+    base_task(adapter_dir, &mut opts)?;
+    let model = crate::models::load(model_dir, &opts)?;
+    PeftModel::from_pretrained(model, adapter_dir, Default::default())
+}
+
+/// The head the base model needs under the adapter in `adapter_dir`, unless `opts` names one:
+/// the adapter's `task_type` and saved classifier size (PEFT), the task its own layout records
+/// (foreign layouts), or FEATURE_EXTRACTION when the adapter brings its own prediction head.
+pub fn base_task(adapter_dir: &Path, opts: &mut crate::LoadOptions) -> Result<()> {
+    if let Some(format) = crate::tuners::foreign_format(adapter_dir) {
+        if opts.task.is_none() {
+            opts.task = (format.task)(adapter_dir)?;
+        }
+        return Ok(());
+    }
     let config = PeftConfig::from_adapter_json(&read_json(&adapter_dir.join(CONFIG_NAME))?)?;
+    if config.brings_head() {
+        opts.task
+            .get_or_insert(crate::models::TaskType::FeatureExtraction);
+        return Ok(());
+    }
     if opts.task.is_none() {
         opts.task = config.task_type();
     }
+    // The saved head's size holds whoever names the task.
     if opts.num_labels.is_none() {
         opts.num_labels = saved_head_classes(adapter_dir)?;
     }
-    let model = crate::models::load(model_dir, &opts)?;
-    PeftModel::from_pretrained(model, adapter_dir, Default::default())
+    Ok(())
 }
 
 /// Rows of a classification head saved in an adapter (`modules_to_save`), if there is one.

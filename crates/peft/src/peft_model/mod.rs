@@ -24,7 +24,7 @@ pub use crate::io::KEY_PREFIX;
 /// the unwrapped model (`base_model.classifier.weight`).
 pub const INPUT_KEY_PREFIX: &str = "base_model.";
 pub use crate::io::{ADAPTER_CONFIG_NAME as CONFIG_NAME, ADAPTER_WEIGHTS_NAME as WEIGHTS_NAME};
-pub use load::{load_auto, load_with_adapter, saved_head_classes, AdapterFiles};
+pub use load::{base_task, load_auto, load_with_adapter, saved_head_classes, AdapterFiles};
 pub use merge::AdapterDisabled;
 pub use mixed::MixedBatch;
 pub use status::{LayerStatus, ModelStatus, Status};
@@ -91,6 +91,18 @@ pub fn get_peft_model_with_seed(
 }
 
 impl PeftModel {
+    /// `model` with no adapter yet (adapters come from [`PeftModel::add_adapter`] or
+    /// [`PeftModel::load_adapter`]); it runs as the bare model until then.
+    pub fn bare(model: Box<dyn Model>) -> Self {
+        Self::wrap(model, 0)
+    }
+
+    /// Seeds the random initial weights of the adapters added from now on (each added adapter
+    /// advances the seed, as [`get_peft_model_with_seed`] starts it).
+    pub fn set_seed(&mut self, seed: u64) {
+        self.seed = seed.wrapping_sub(self.adapters.len() as u64);
+    }
+
     /// The one constructor: `model` with no adapter yet.
     fn wrap(model: Box<dyn Model>, seed: u64) -> Self {
         Self {
@@ -191,6 +203,21 @@ impl PeftModel {
                 "an adapter named `{name}` already exists"
             )));
         }
+        // Adapters this one builds on (a fusion's fused adapters), frozen, unless present. The
+        // new adapter stays the active one if it is the first the caller adds.
+        let was_empty = self.adapters.is_empty();
+        let deps = config.as_dyn().depends_on();
+        for (dep, dir) in &deps {
+            let (dep, dir) = (dep.clone(), dir.clone());
+            if self.entry(&dep).is_none() {
+                self.load_adapter(&dir, &dep, false).map_err(|e| {
+                    Error::Adapter(format!(
+                        "adapter `{name}` builds on `{dep}`, which could not be loaded from {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+            }
+        }
         // As PEFT: the task's head joins modules_to_save only when the config names the task
         // (PeftModelForSequenceClassification and friends), not because the model has a head.
         let task_heads = config
@@ -261,6 +288,9 @@ impl PeftModel {
         });
         if first {
             self.active = vec![name.to_string()];
+        }
+        if was_empty && !deps.is_empty() {
+            self.set_adapter(name)?;
         }
         Ok(())
     }
@@ -350,6 +380,71 @@ impl PeftModel {
         Ok(())
     }
 
+    /// Activates several adapters, each contributing with its weight (diffusers'
+    /// `set_adapters(names, adapter_weights)`): every site adds `weight · (its output with the
+    /// adapter − without)`, which for LoRA scales the update `s · B A` by the weight.
+    pub fn set_adapters_weighted(&mut self, names: &[&str], weights: &[f64]) -> Result<()> {
+        if names.len() != weights.len() {
+            return Err(Error::Adapter(format!(
+                "{} adapters but {} weights; give one weight per adapter",
+                names.len(),
+                weights.len()
+            )));
+        }
+        self.set_adapters(names)?;
+        for module in self.model.modules_mut() {
+            if let Some(site) = module.site_mut() {
+                for (n, w) in names.iter().zip(weights) {
+                    site.adapters_mut().set_weight(n, *w);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// AdapterDrop at inference (AdapterHub's `skip_layers`): the hook points of these layers run
+    /// without adapters, counting layers as AdapterHub does (an encoder-decoder model's decoder
+    /// blocks follow its encoder blocks). `None` or an empty list runs every layer's adapters.
+    pub fn set_skip_layers(&mut self, layers: Option<&[usize]>) -> Result<()> {
+        let dims = self.model.dims();
+        let total = if dims.is_encoder_decoder {
+            dims.num_encoder_layers + dims.num_layers
+        } else {
+            dims.num_layers
+        };
+        let layers = layers.unwrap_or(&[]);
+        if let Some(bad) = layers.iter().find(|l| **l >= total) {
+            return Err(Error::Config(format!(
+                "skip layer {bad} is outside the model's layers 0..{total} ({} has {total} layers)",
+                self.model.info().model_type
+            )));
+        }
+        for module in self.model.modules_mut() {
+            if let crate::layers::ModuleMut::Hook(point) = module {
+                let layer = point.global_layer(dims.num_encoder_layers);
+                point.skipped = layers.contains(&layer);
+            }
+        }
+        Ok(())
+    }
+
+    /// The layers [`PeftModel::set_skip_layers`] skips, in order.
+    pub fn skip_layers(&self) -> Vec<usize> {
+        let enc = self.model.dims().num_encoder_layers;
+        let mut out: Vec<usize> = self
+            .model
+            .modules()
+            .into_iter()
+            .filter_map(|m| match m {
+                crate::layers::ModuleRef::Hook(p) if p.skipped => Some(p.global_layer(enc)),
+                _ => None,
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Removes adapter `name` from every site.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
         let i = self
@@ -424,6 +519,17 @@ impl PeftModel {
         strip_prefix(out, prefix)
     }
 
+    /// The active adapter's own prediction head, if its method brings one.
+    fn output_head(&self) -> Option<&dyn crate::tuners::OutputHead> {
+        if self.disabled {
+            return None;
+        }
+        self.active
+            .iter()
+            .filter_map(|n| self.entry(n))
+            .find_map(|e| e.tuner.head())
+    }
+
     /// [`PeftModel::forward`] and the number of positions the active input method put in front of
     /// the output's sequence axis (0 without one). A loss over token labels pads them with that
     /// many -100 in front, as PEFT does (see [`PeftModel::method_loss`] for methods with their
@@ -449,6 +555,20 @@ impl PeftModel {
     }
 
     fn forward_prepared(
+        &self,
+        inputs: &Inputs,
+        cache: Option<&mut Cache>,
+        train: bool,
+    ) -> Result<(Tensor, usize)> {
+        let (out, prefix) = self.forward_base(inputs, cache, train)?;
+        match self.output_head() {
+            Some(head) => Ok((head.forward(&out, inputs, train)?, prefix)),
+            None => Ok((out, prefix)),
+        }
+    }
+
+    /// The base model's output with the active adapters, before any head an adapter brings.
+    fn forward_base(
         &self,
         inputs: &Inputs,
         cache: Option<&mut Cache>,
@@ -642,6 +762,27 @@ impl PeftModel {
             }
         }
         Ok(sum)
+    }
+
+    /// Each active, trained adapter's hook before a training step (AdapterDrop's random layer
+    /// skipping); `seed` makes the step's draws reproducible.
+    pub fn before_train_step(&mut self, seed: u64) -> Result<()> {
+        let model = self.model.as_mut();
+        for e in self.adapters.iter().filter(|e| e.trainable) {
+            if self.active.contains(&e.name) {
+                e.tuner.before_train_step(model, &e.config, seed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`PeftModel::before_train_step`] for evaluation and inference.
+    pub fn after_training(&mut self) -> Result<()> {
+        let model = self.model.as_mut();
+        for e in &self.adapters {
+            e.tuner.after_training(model, &e.config)?;
+        }
+        Ok(())
     }
 
     /// Each trained adapter's per-step hook, after the optimizer step, with that step's gradients

@@ -355,7 +355,7 @@ fn check_table(k: &str) -> Result<()> {
 }
 
 /// serde names an unknown field and lists the valid ones; add the nearest as a suggestion.
-fn section_error(name: &str, e: toml::de::Error) -> Error {
+pub(crate) fn section_error(name: &str, e: toml::de::Error) -> Error {
     let msg = e.message().to_string();
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some((field, tail)) = rest.split_once('`') {
@@ -378,6 +378,11 @@ fn section_error(name: &str, e: toml::de::Error) -> Error {
 /// `training.learning_rate=1e-4`: sets one key of one table. The value is read as TOML
 /// (numbers, booleans, quoted strings, arrays), and as a plain string when it is not valid TOML.
 fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
+    apply_override_in(doc, spec, &TABLES)
+}
+
+/// [`apply_override`] for a config whose tables are `tables`.
+pub(crate) fn apply_override_in(doc: &mut toml::Table, spec: &str, tables: &[&str]) -> Result<()> {
     let (path, raw) = spec.split_once('=').ok_or_else(|| {
         Error::Config(format!(
             "--set `{spec}`: expected table.key=value, e.g. training.learning_rate=1e-4"
@@ -389,7 +394,20 @@ fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
             path.trim()
         ))
     })?;
-    check_table(table)?;
+    if !tables.contains(&table) {
+        let near = crate::tuners::nearest(
+            table,
+            &tables.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+        );
+        return Err(Error::Config(format!(
+            "--set `{spec}`: unknown table `{table}`{near}; the tables are {}",
+            tables
+                .iter()
+                .map(|t| format!("[{t}]"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     let raw = raw.trim();
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),

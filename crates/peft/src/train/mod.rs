@@ -8,12 +8,14 @@
 //! - [`eval`], [`metrics`]: task losses and metrics; [`checkpoint`]: save / resume.
 //! - [`plot`], [`card`]: curves and the adapter's model card.
 //! - [`run`]: everything above from a config file, as `peft train` / `peft eval` run it.
+//! - [`dreambooth`]: the same for a Stable Diffusion pipeline's adapters (DreamBooth data).
 
 pub mod callback;
 pub mod card;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dreambooth;
 pub mod eval;
 pub mod metrics;
 pub mod optim;

@@ -43,6 +43,16 @@ fn load_base(
     labels: Option<&LabelSet>,
     device: &Device,
 ) -> Result<Box<dyn crate::Model>> {
+    load_base_for(cfg, labels, device, cfg.peft.brings_head())
+}
+
+/// [`load_base`] for an adapter that brings its own prediction head or not.
+fn load_base_for(
+    cfg: &TrainConfig,
+    labels: Option<&LabelSet>,
+    device: &Device,
+    brings_head: bool,
+) -> Result<Box<dyn crate::Model>> {
     let task = task_of(cfg);
     // Without `[model] num_labels`, the head keeps the checkpoint's class count (as
     // transformers' from_pretrained does) unless the data needs more classes.
@@ -59,10 +69,16 @@ fn load_base(
             .or(labels.map(|l| l.num_labels.max(from_config.unwrap_or(0)))),
         _ => None,
     };
+    // An adapter that brings its own prediction head reads the last hidden states.
+    let model_task = if brings_head {
+        TaskType::FeatureExtraction
+    } else {
+        task
+    };
     models::load(
         &cfg.model.path,
         &LoadOptions {
-            task: Some(task),
+            task: Some(model_task),
             num_labels,
             device: device.clone(),
             seed: cfg.training.seed,
@@ -215,6 +231,9 @@ impl TrainJob {
             // The [model] table already says the task; PEFT needs it to train and save the head.
             peft_config.set_task_type(task);
         }
+        if let Some(l) = &prepared.labels {
+            peft_config.as_dyn_mut().set_num_labels(l.num_labels);
+        }
         let peft_model =
             get_peft_model_with_seed(model, peft_config, "default", cfg.training.seed)?;
         tracing::info!(
@@ -295,10 +314,22 @@ pub fn train(
 
 /// `peft eval`: the metrics of an adapter (default: the one in `output_dir`) on the eval data.
 pub fn eval(cfg: &TrainConfig, adapter: Option<&Path>, device: &Device) -> Result<Evaluation> {
+    eval_skipping(cfg, adapter, device, &[])
+}
+
+/// [`eval`] with the hook points of `skip_layers` running without adapters (AdapterDrop at
+/// inference).
+pub fn eval_skipping(
+    cfg: &TrainConfig,
+    adapter: Option<&Path>,
+    device: &Device,
+    skip_layers: &[usize],
+) -> Result<Evaluation> {
     let dir: PathBuf = adapter
         .map(Path::to_path_buf)
         .unwrap_or_else(|| cfg.training.output_dir.clone());
-    if !dir.join(CONFIG_NAME).exists() {
+    let foreign = crate::tuners::foreign_format(&dir).is_some();
+    if !dir.join(CONFIG_NAME).exists() && !foreign {
         return Err(Error::Adapter(format!(
             "{}: no {CONFIG_NAME}; pass --adapter DIR or train first",
             dir.display()
@@ -306,18 +337,27 @@ pub fn eval(cfg: &TrainConfig, adapter: Option<&Path>, device: &Device) -> Resul
     }
     let tok = Tokenizer::for_model(&cfg.model.path)?;
     let mut cfg = cfg.clone();
-    if cfg.model.num_labels.is_none() {
+    if cfg.model.num_labels.is_none() && !foreign {
         cfg.model.num_labels = crate::peft_model::saved_head_classes(&dir)?;
     }
+    // The adapter's own view of the base model's head: FEATURE_EXTRACTION under an adapter that
+    // brings its own prediction head.
+    let mut o = LoadOptions::default();
+    crate::peft_model::base_task(&dir, &mut o)?;
+    let brings_head = o.task == Some(TaskType::FeatureExtraction)
+        && matches!(task_of(&cfg), TaskType::SeqCls | TaskType::TokenCls);
     let head_labels = labels_for_head(&cfg)?;
-    let model = load_base(&cfg, head_labels.as_ref(), device)?;
+    let model = load_base_for(&cfg, head_labels.as_ref(), device, brings_head)?;
     let prepared = prepare(&cfg, model.as_ref(), &tok)?;
     if prepared.eval.is_empty() {
         return Err(Error::Data(
             "no evaluation examples: set [data] eval_file or validation_split > 0".into(),
         ));
     }
-    let peft_model = PeftModel::from_pretrained(model, &dir, Default::default())?;
+    let mut peft_model = PeftModel::from_pretrained(model, &dir, Default::default())?;
+    if !skip_layers.is_empty() {
+        peft_model.set_skip_layers(Some(skip_layers))?;
+    }
     let m = evaluate(
         &peft_model,
         &prepared.eval,

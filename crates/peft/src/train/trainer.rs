@@ -264,6 +264,9 @@ impl Trainer<'_> {
                     .map(|b| targets_with_prefix(task, &b.targets, b.num_targets, prefix))
                     .collect::<Result<Vec<_>>>()?;
                 let n_total: usize = counts.iter().sum();
+                self.model.before_train_step(
+                    args.seed.wrapping_mul(1_000_003) ^ state.global_step as u64,
+                )?;
                 let mut grads: Option<Vec<Option<Tensor>>> = None;
                 let mut step_loss = 0f64;
                 for (b, &count) in batches.iter().zip(&counts) {
@@ -370,6 +373,7 @@ impl Trainer<'_> {
                     Interval::Epoch => epoch_end,
                 };
                 if due(args.eval_strategy, args.eval_steps()) {
+                    self.model.after_training()?;
                     if let Some(m) = self.evaluate()? {
                         emit(
                             &mut self.callback,
@@ -429,6 +433,7 @@ impl Trainer<'_> {
                 }
             }
         }
+        self.model.after_training()?;
         if outcome == Outcome::Finished && args.load_best_model_at_end {
             if let Some(best) = &state.best_model_checkpoint {
                 if best.exists() {

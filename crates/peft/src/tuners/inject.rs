@@ -61,8 +61,10 @@ pub fn inject_matching(
         let key = module.name().to_string();
         match module {
             ModuleMut::Hook(_) => continue,
-            ModuleMut::Linear(_) | ModuleMut::Embedding(_) => available.push(key.clone()),
-            ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => {}
+            ModuleMut::Linear(_) | ModuleMut::Embedding(_) | ModuleMut::Conv2d(_) => {
+                available.push(key.clone())
+            }
+            ModuleMut::LayerNorm(_) | ModuleMut::GroupNorm(_) | ModuleMut::RmsNorm(_) => {}
         }
         if !matcher.matches(&key) {
             continue;
@@ -84,7 +86,10 @@ pub fn unsupported(method: &str, key: &str, module: &ModuleMut<'_>, supported: &
     let kind = match module {
         ModuleMut::Linear(_) => "a linear layer",
         ModuleMut::Embedding(_) => "an embedding layer",
-        ModuleMut::LayerNorm(_) | ModuleMut::RmsNorm(_) => "a normalisation layer",
+        ModuleMut::Conv2d(_) => "a Conv2d layer",
+        ModuleMut::LayerNorm(_) | ModuleMut::GroupNorm(_) | ModuleMut::RmsNorm(_) => {
+            "a normalisation layer"
+        }
         ModuleMut::Hook(_) => "a hook point",
     };
     config_err!(

@@ -6,8 +6,10 @@
 //! the layer traits of [`crate::layers`]) plus one line in [`METHODS`].
 
 pub mod adalora;
+pub mod bottleneck;
 pub mod config;
 pub mod cpt;
+pub mod fusion;
 pub mod ia3;
 pub mod inject;
 pub mod loha;
@@ -32,7 +34,7 @@ use crate::Result;
 pub use config::{nearest, BaseFields, Bias, ConfigFields};
 pub use tuner::{
     AdapterHost, Existing, InjectContext, Injected, InputTransform, MethodKind, ModelTensor,
-    Prepared, Tuner, TunerConfig,
+    OutputHead, Prepared, Tuner, TunerConfig,
 };
 
 /// A registered method: how to read its config from JSON.
@@ -66,12 +68,53 @@ pub const METHODS: &[Method] = &[
     Method::of::<lokr::LokrConfig>(),
     Method::of::<ia3::Ia3Config>(),
     Method::of::<vera::VeraConfig>(),
+    Method {
+        peft_type: "BOTTLENECK",
+        parse: bottleneck::parse,
+    },
+    Method {
+        peft_type: "ADAPTER_FUSION",
+        parse: fusion::parse,
+    },
     Method::of::<prompt_tuning::PromptTuningConfig>(),
     Method::of::<p_tuning::PromptEncoderConfig>(),
     Method::of::<prefix_tuning::PrefixTuningConfig>(),
     Method::of::<multitask_prompt_tuning::MultitaskPromptTuningConfig>(),
     Method::of::<cpt::CptConfig>(),
 ];
+
+/// An adapter directory layout besides PEFT's that `PeftModel::load_adapter` reads as it is.
+pub struct AdapterFormat {
+    pub name: &'static str,
+    /// Whether a directory is in this layout (and not PEFT's).
+    pub detect: fn(&std::path::Path) -> bool,
+    /// The adapter's config and its tensors under the keys `adapter_state_dict` uses, for the
+    /// given model and adapter name.
+    #[allow(clippy::type_complexity)]
+    pub read: fn(
+        &std::path::Path,
+        &dyn crate::models::Model,
+        &str,
+    ) -> Result<(
+        PeftConfig,
+        std::collections::HashMap<String, candle_core::Tensor>,
+    )>,
+    /// The head the base model needs under such an adapter (what the layout records).
+    pub task: fn(&std::path::Path) -> Result<Option<TaskType>>,
+}
+
+/// The foreign adapter layouts: AdapterHub's (bottleneck adapters, fusions, heads).
+pub const FORMATS: &[AdapterFormat] = &[AdapterFormat {
+    name: "AdapterHub",
+    detect: crate::io::adapterhub::is_adapterhub_dir,
+    read: bottleneck::hub::read_dir,
+    task: bottleneck::hub::base_task,
+}];
+
+/// The foreign layout `dir` is in, if any.
+pub fn foreign_format(dir: &std::path::Path) -> Option<&'static AdapterFormat> {
+    FORMATS.iter().find(|f| (f.detect)(dir))
+}
 
 /// A PEFT method's configuration, whichever the method: what `adapter_config.json` holds.
 pub struct PeftConfig(Box<dyn TunerConfig>);
@@ -171,6 +214,12 @@ impl PeftConfig {
     /// Which base biases are trained and saved with the adapter.
     pub fn bias(&self) -> Bias {
         self.0.bias()
+    }
+
+    /// Whether the adapter brings its own prediction head (the base model runs as
+    /// FEATURE_EXTRACTION).
+    pub fn brings_head(&self) -> bool {
+        self.0.brings_head()
     }
 }
 

@@ -53,6 +53,21 @@ pub trait TunerConfig: ConfigObject + Debug + Send + Sync {
         Bias::None
     }
 
+    /// Whether the adapter brings its own prediction head ([`Tuner::head`]): the base model is
+    /// then loaded as FEATURE_EXTRACTION.
+    fn brings_head(&self) -> bool {
+        false
+    }
+
+    /// Adapters this one builds on, by name and saved directory (a fusion's fused adapters): the
+    /// wrapper loads each, frozen, before attaching this one when the model lacks it.
+    fn depends_on(&self) -> Vec<(String, std::path::PathBuf)> {
+        Vec::new()
+    }
+
+    /// The class count of the head the adapter brings, when its config leaves it to the data.
+    fn set_num_labels(&mut self, _n: usize) {}
+
     /// The method's part of PEFT's `_check_new_adapter_config`: what a new adapter (`self`,
     /// trained or not) must agree on with the adapters already on the model.
     fn check_new_adapter(&self, _trainable: bool, _existing: &[Existing<'_>]) -> Result<()> {
@@ -149,6 +164,18 @@ pub struct ModelTensor {
     pub frozen: bool,
 }
 
+impl ModelTensor {
+    /// A trainable parameter saved under `key`.
+    pub fn parameter(key: impl Into<String>, var: &Var) -> Self {
+        Self {
+            key: key.into(),
+            var: var.clone(),
+            is_parameter: true,
+            frozen: false,
+        }
+    }
+}
+
 /// An attached adapter's model-level side. Every hook has a default that does nothing, so a
 /// method implements only what it has.
 pub trait Tuner: Send + Sync {
@@ -177,6 +204,23 @@ pub trait Tuner: Send + Sync {
         _step: usize,
         _grads: &dyn Fn(&Tensor) -> Option<Tensor>,
     ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs before each training step, with the step's seed (AdapterDrop skips a random number
+    /// of the lowest layers' adapters each step).
+    fn before_train_step(
+        &self,
+        _model: &mut dyn Model,
+        _config: &PeftConfig,
+        _seed: u64,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs when training stops or pauses for evaluation: undoes what
+    /// [`Tuner::before_train_step`] set, so evaluation and inference see the whole adapter.
+    fn after_training(&self, _model: &mut dyn Model, _config: &PeftConfig) -> Result<()> {
         Ok(())
     }
 
@@ -209,6 +253,19 @@ pub trait Tuner: Send + Sync {
     fn input_transform(&self) -> Option<&dyn InputTransform> {
         None
     }
+
+    /// A prediction head the adapter brings (AdapterHub's flex heads): the base model runs as
+    /// FEATURE_EXTRACTION and the head turns its last hidden states into the logits. Its tensors
+    /// are among [`Tuner::model_tensors`].
+    fn head(&self) -> Option<&dyn OutputHead> {
+        None
+    }
+}
+
+/// A prediction head an adapter brings, applied after the base model.
+pub trait OutputHead: Send + Sync {
+    /// `hidden`: the base model's last hidden states `[batch, seq, hidden]`.
+    fn forward(&self, hidden: &Tensor, inputs: &Inputs, train: bool) -> Result<Tensor>;
 }
 
 /// The model-level side of an adapter that has none.

@@ -1,10 +1,11 @@
-//! LoHa (Hyeon-Woo et al., FedPara; LyCORIS) as PEFT 0.21 implements it on linear layers: the
+//! LoHa (Hyeon-Woo et al., FedPara; LyCORIS) as PEFT 0.21 implements it on linear layers and
+//! convolutions ([`LohaConv2d`]): the
 //! update is a Hadamard product of two rank-`r` products,
 //! `ΔW = (W1a·W1b) ⊙ (W2a·W2b) · alpha / r`, added to the layer's output as `x · ΔWᵀ`.
 
 pub mod layer;
 
-pub use layer::LohaLinear;
+pub use layer::{LohaConv2d, LohaLinear};
 
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,7 @@ use serde_json::Value;
 
 use crate::models::Model;
 use crate::tuners::config::{adapter_json, parse_config, BaseFields, ConfigFields};
-use crate::tuners::lycoris::{self, LycorisFields};
+use crate::tuners::lycoris::{self, LycorisFields, Made, Target};
 use crate::tuners::{InjectContext, Injected, MethodKind, TunerConfig};
 use crate::Result;
 
@@ -100,6 +101,7 @@ pub fn inject(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let init = config.init_weights;
     let (rank_dropout, module_dropout) = (config.common.rank_dropout, config.common.module_dropout);
+    let effective = config.common.use_effective_conv2d;
     lycoris::inject(
         model,
         name,
@@ -107,19 +109,35 @@ pub fn inject(
         modules_to_save,
         "LoHa",
         default_target_modules,
-        |_, l, r, alpha| {
-            let mut layer = LohaLinear::new(
-                l.in_features(),
-                l.out_features(),
-                r,
-                alpha / r as f64,
-                init,
-                &mut rng,
-                &device,
-            )?;
-            layer.dropout.rank_dropout = rank_dropout;
-            layer.dropout.module_dropout = module_dropout;
-            Ok(Box::new(layer))
+        |_, target, r, alpha| match target {
+            Target::Linear(l) => {
+                let mut layer = LohaLinear::new(
+                    l.in_features(),
+                    l.out_features(),
+                    r,
+                    alpha / r as f64,
+                    init,
+                    &mut rng,
+                    &device,
+                )?;
+                layer.dropout.rank_dropout = rank_dropout;
+                layer.dropout.module_dropout = module_dropout;
+                Ok(Made::Linear(Box::new(layer)))
+            }
+            Target::Conv2d(c) => {
+                let mut layer = LohaConv2d::new(
+                    &c.base(),
+                    r,
+                    alpha / r as f64,
+                    init,
+                    effective,
+                    &mut rng,
+                    &device,
+                )?;
+                layer.dropout.rank_dropout = rank_dropout;
+                layer.dropout.module_dropout = module_dropout;
+                Ok(Made::Conv2d(Box::new(layer)))
+            }
         },
     )
 }

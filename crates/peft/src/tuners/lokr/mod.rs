@@ -5,7 +5,7 @@
 
 pub mod layer;
 
-pub use layer::{factorization, LokrLinear};
+pub use layer::{factorization, LokrConv2d, LokrLinear};
 
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::error::config_err;
 use crate::models::Model;
 use crate::tuners::config::{adapter_json, parse_config, BaseFields, ConfigFields};
-use crate::tuners::lycoris::{self, LycorisFields};
+use crate::tuners::lycoris::{self, LycorisDropout, LycorisFields, Made, Target};
 use crate::tuners::{InjectContext, Injected, MethodKind, TunerConfig};
 use crate::Result;
 
@@ -122,7 +122,8 @@ pub fn default_target_modules(model_type: &str) -> Option<&'static [&'static str
     crate::tuners::lora::default_target_modules(model_type)
 }
 
-/// Attaches LoKr adapter `name` to every matching linear layer; returns the adapted modules.
+/// Attaches LoKr adapter `name` to every matching linear or Conv2d layer; returns the adapted
+/// modules.
 pub fn inject(
     model: &mut dyn Model,
     name: &str,
@@ -140,20 +141,33 @@ pub fn inject(
         modules_to_save,
         "LoKr",
         default_target_modules,
-        |_, l, r, alpha| {
-            let mut layer = LokrLinear::new(
-                l.in_features(),
-                l.out_features(),
-                r,
-                alpha / r as f64,
-                &c,
-                &mut rng,
-                &device,
-            )?;
-            layer.dropout.rank_dropout = c.common.rank_dropout;
-            layer.dropout.module_dropout = c.common.module_dropout;
-            layer.dropout.rank_dropout_scale = c.rank_dropout_scale;
-            Ok(Box::new(layer))
+        |_, target, r, alpha| {
+            let drop = LycorisDropout {
+                rank_dropout: c.common.rank_dropout,
+                module_dropout: c.common.module_dropout,
+                rank_dropout_scale: c.rank_dropout_scale,
+            };
+            Ok(match target {
+                Target::Linear(l) => {
+                    let mut layer = LokrLinear::new(
+                        l.in_features(),
+                        l.out_features(),
+                        r,
+                        alpha / r as f64,
+                        &c,
+                        &mut rng,
+                        &device,
+                    )?;
+                    layer.dropout = drop;
+                    Made::Linear(Box::new(layer))
+                }
+                Target::Conv2d(conv) => {
+                    let mut layer =
+                        LokrConv2d::new(&conv.base(), r, alpha / r as f64, &c, &mut rng, &device)?;
+                    layer.dropout = drop;
+                    Made::Conv2d(Box::new(layer))
+                }
+            })
         },
     )
 }

@@ -1,14 +1,17 @@
 //! LoRA (Hu et al., 2021) as PEFT implements it: config, layer math, and attaching it to a model.
 
 pub mod config;
+pub mod conv;
 pub mod convert;
 pub mod dora;
 pub mod init;
 pub mod layer;
 pub mod model;
+pub mod sd_formats;
 pub mod weighted;
 
 pub use config::{Bias, InitLoraWeights, InitMethod, LoraConfig};
+pub use conv::{DoraConv2d, LoraConv2d};
 pub use dora::{DoraEmbedding, DoraLinear};
 pub use layer::{LoraEmbedding, LoraLinear};
 pub use model::LoraModelExt;
@@ -156,12 +159,32 @@ pub fn inject(
                     e.adapters.insert(name, Box::new(lora));
                 }
             }
+            ModuleMut::Conv2d(c) => {
+                let base = c.base();
+                let lora = LoraConv2d {
+                    dropout: config.lora_dropout,
+                    ..LoraConv2d::new(
+                        &base,
+                        r,
+                        scaling,
+                        &config.init_lora_weights,
+                        &mut rng,
+                        &device,
+                    )?
+                };
+                if config.use_dora {
+                    c.adapters
+                        .insert(name, Box::new(DoraConv2d::new(lora, &base)?));
+                } else {
+                    c.adapters.insert(name, Box::new(lora));
+                }
+            }
             other => {
                 return Err(unsupported(
                     "LoRA",
                     key,
                     &other,
-                    "linear and embedding layers",
+                    "linear, embedding and Conv2d layers",
                 ))
             }
         }

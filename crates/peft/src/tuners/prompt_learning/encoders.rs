@@ -11,12 +11,7 @@ use crate::{ops, Error, Result};
 
 /// A trainable tensor with its in-memory name.
 pub fn param(key: impl Into<String>, var: &Var) -> ModelTensor {
-    ModelTensor {
-        key: key.into(),
-        var: var.clone(),
-        is_parameter: true,
-        frozen: false,
-    }
+    ModelTensor::parameter(key, var)
 }
 
 /// `[rows, cols]` drawn from `N(mean, std)`.

@@ -1,0 +1,171 @@
+//! `x · deq(W)ᵀ` for a frozen quantized weight, never expanding the whole layer: the weight is
+//! dequantized a band of output rows at a time into a small f32 buffer that the product reads
+//! while it is still in cache. The backward is the same walk, `dx = dy · deq(W)`, and there is
+//! no weight gradient (a quantized base weight is never trained).
+
+use candle_core::{Shape, Tensor};
+
+use super::fused::{apply_shaped, fast, with_f32};
+use crate::quant::QuantWeight;
+use crate::{Error, Result};
+
+/// Output rows dequantized per band: 64 rows of a 4096-wide layer are 1 MiB of f32.
+const BAND_ELEMS: usize = 1 << 18;
+
+fn band_rows(cols: usize) -> usize {
+    (BAND_ELEMS / cols.max(1)).clamp(1, 256)
+}
+
+fn parallelism() -> gemm::Parallelism {
+    let threads = candle_core::utils::get_num_threads();
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst[m × n] (+)= lhs[m × k] · rhs[k × n]`, every operand row-major with the given row strides,
+/// `rhs` optionally read transposed (stored `[n, k]`).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: &[f32],
+    lhs_rs: usize,
+    rhs: &[f32],
+    rhs_transposed: bool,
+    accumulate: bool,
+) {
+    let (rhs_rs, rhs_cs) = if rhs_transposed { (1, k) } else { (n, 1) };
+    assert!(dst.len() >= (m - 1) * dst_rs + n && lhs.len() >= (m - 1) * lhs_rs + k);
+    assert!(rhs.len() >= k * n);
+    // SAFETY: the asserts above bound every index the product touches.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+/// `y = x · deq(w)ᵀ (+ bias)` over `x`'s last dimension, with a backward for `x`.
+pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (out_dim, in_dim) = w.dims();
+    let mut out_dims = x.dims().to_vec();
+    if out_dims.last() != Some(&in_dim) {
+        return Err(Error::ShapeMismatch {
+            name: "input of a quantized linear layer".into(),
+            expected: vec![in_dim],
+            found: out_dims,
+        });
+    }
+    if !fast(x) || bias.is_some_and(|b| !fast(b)) {
+        // Another device or dtype: the dense weight, once per call.
+        let dense = w.dequantize(x.device())?.to_dtype(x.dtype())?;
+        return super::frozen_linear_bias(
+            &x.reshape(((), in_dim))?,
+            &dense,
+            bias.map(|b| b.to_dtype(x.dtype())).transpose()?.as_ref(),
+            false,
+        )?
+        .reshape(
+            x.dims()
+                .iter()
+                .take(x.rank() - 1)
+                .copied()
+                .chain([out_dim])
+                .collect::<Vec<_>>(),
+        )
+        .map_err(Into::into);
+    }
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_dim;
+    }
+    let bias: Option<Vec<f32>> = match bias {
+        Some(b) => Some(b.flatten_all()?.to_vec1()?),
+        None => None,
+    };
+    let wf = w.clone();
+    let fwd = move |x: &[f32]| -> candle_core::Result<Vec<f32>> {
+        let rows = x.len() / in_dim;
+        let mut y = vec![0f32; rows * out_dim];
+        if rows == 0 {
+            return Ok(y);
+        }
+        if let Some(b) = &bias {
+            for row in y.chunks_exact_mut(out_dim) {
+                row.copy_from_slice(b);
+            }
+        }
+        let read = wf.band_reader();
+        let band = band_rows(in_dim);
+        let mut buf = vec![0f32; band * in_dim];
+        for r0 in (0..out_dim).step_by(band) {
+            let nb = band.min(out_dim - r0);
+            let buf = &mut buf[..nb * in_dim];
+            read(r0, buf);
+            // y[:, r0..r0+nb] (+)= x · bufᵀ
+            gemm_into(
+                (rows, nb, in_dim),
+                &mut y[r0..],
+                out_dim,
+                x,
+                in_dim,
+                buf,
+                true,
+                bias.is_some(),
+            );
+        }
+        Ok(y)
+    };
+    let wb = w.clone();
+    let bwd = move |x: &Tensor, _y: &Tensor, g: &Tensor| -> candle_core::Result<Tensor> {
+        let g = g.contiguous()?;
+        let rows = g.elem_count() / out_dim;
+        let mut dx = vec![0f32; rows * in_dim];
+        if rows > 0 {
+            with_f32(&g, |gv| {
+                let read = wb.band_reader();
+                let band = band_rows(in_dim);
+                let mut buf = vec![0f32; band * in_dim];
+                for (i, r0) in (0..out_dim).step_by(band).enumerate() {
+                    let nb = band.min(out_dim - r0);
+                    let buf = &mut buf[..nb * in_dim];
+                    read(r0, buf);
+                    // dx (+)= dy[:, r0..r0+nb] · buf
+                    gemm_into(
+                        (rows, in_dim, nb),
+                        &mut dx,
+                        in_dim,
+                        &gv[r0..],
+                        out_dim,
+                        buf,
+                        false,
+                        i > 0,
+                    );
+                }
+            })?;
+        }
+        Tensor::from_vec(dx, x.shape(), x.device())
+    };
+    apply_shaped(x, "quant-linear", Shape::from(out_dims), fwd, bwd)
+}

@@ -1,0 +1,100 @@
+//! Quantized frozen weights: bitsandbytes' 4-bit (NF4, FP4, double quantization) and 8-bit
+//! formats bit for bit, and transformers' `BitsAndBytesConfig` that asks for them. A quantized
+//! weight stays quantized; products dequantize it a band of rows at a time.
+
+pub mod bnb4;
+pub mod config;
+pub mod int8;
+
+pub use bnb4::{Absmax, Quant4, QuantType};
+pub use config::{BitsAndBytesConfig, Scheme};
+pub use int8::Int8Rows;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Error, Result};
+
+/// A frozen `[out, in]` weight kept quantized. Cheap to clone (the codes are shared).
+#[derive(Debug, Clone)]
+pub enum QuantWeight {
+    Bnb4(Arc<Quant4>),
+    Int8(Arc<Int8Rows>),
+}
+
+impl QuantWeight {
+    pub fn bnb4(q: Quant4) -> Result<Self> {
+        if q.shape.len() != 2 {
+            return Err(Error::Config(format!(
+                "a quantized Linear weight must be 2-D, found shape {:?}",
+                q.shape
+            )));
+        }
+        Ok(Self::Bnb4(Arc::new(q)))
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Bnb4(q) => (q.shape[0], q.shape[1]),
+            Self::Int8(q) => (q.rows, q.cols),
+        }
+    }
+
+    /// The dtype the dense weight had, which products compute in (bitsandbytes' compute dtype
+    /// for 4-bit layers defaults to it; 8-bit layers compute in the input's dtype).
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Bnb4(q) => q.dtype,
+            Self::Int8(_) => DType::F32,
+        }
+    }
+
+    /// A function that writes rows `r0..r0 + out.len() / in` of the dequantized weight (f32,
+    /// rounded through the weight's dtype as bitsandbytes rounds it) into `out`. The block
+    /// scales are expanded once, here, not per band.
+    pub fn band_reader(&self) -> impl Fn(usize, &mut [f32]) + Send + Sync + '_ {
+        let scales = match self {
+            Self::Bnb4(q) => q.absmax.values(),
+            Self::Int8(_) => Vec::new(),
+        };
+        let (_, cols) = self.dims();
+        move |r0: usize, out: &mut [f32]| match self {
+            Self::Bnb4(q) => {
+                q.dequantize_range(&scales, r0 * cols, out);
+                round_through(q.dtype, out);
+            }
+            Self::Int8(q) => q.dequantize_rows(r0, out),
+        }
+    }
+
+    /// The whole dense weight (merging, `merge_and_unload`, devices without a banded kernel).
+    pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Bnb4(q) => q.dequantize(device),
+            Self::Int8(q) => q.dequantize(device),
+        }
+    }
+
+    /// Bytes held by the codes and scales.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            Self::Bnb4(q) => (q.bits_per_weight() * q.numel() as f64 / 8.0).round() as usize,
+            Self::Int8(q) => q.codes.len() + 4 * q.scb.len(),
+        }
+    }
+}
+
+/// Rounds f32 values to `dtype` and back (a no-op for f32).
+fn round_through(dtype: DType, v: &mut [f32]) {
+    match dtype {
+        DType::BF16 => v
+            .iter_mut()
+            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        DType::F16 => v
+            .iter_mut()
+            .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        _ => {}
+    }
+}
