@@ -328,3 +328,26 @@ fn a_fusion_config_loads_the_adapters_it_fuses_and_saves_self_contained() {
     .unwrap();
     assert!(e.contains("`nope`"), "{e}");
 }
+
+/// Evaluation runs under `no_grad`: a bottleneck adapter (and its head) must then record no graph,
+/// or every activation of an evaluation batch stays alive until the logits are dropped.
+#[test]
+fn bottleneck_adapters_record_nothing_under_no_grad() {
+    for preset in ["seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"] {
+        let config = BottleneckConfig {
+            head: Some(HeadConfig::classification(2)),
+            ..BottleneckConfig::preset(preset).unwrap()
+        }
+        .with_task_type_seq_cls();
+        let m = peft::get_peft_model_with_seed(base(), config, "default", 1).unwrap();
+        let ids =
+            peft::candle::Tensor::new(&[[5u32, 9, 12, 17]], &peft::candle::Device::Cpu).unwrap();
+        let inputs = peft::Inputs::new(ids);
+        assert!(m.forward(&inputs, false).unwrap().track_op(), "{preset}");
+        let out = peft::no_grad(|| m.forward(&inputs, false)).unwrap();
+        assert!(
+            !out.track_op(),
+            "{preset}: a graph was recorded under no_grad"
+        );
+    }
+}
