@@ -351,3 +351,23 @@ fn bottleneck_adapters_record_nothing_under_no_grad() {
         );
     }
 }
+
+/// A head table that names only its type gets what AdapterHub's `add_classification_head` /
+/// `add_tagging_head` build (a fusion example trained a 1-layer head against AdapterHub's 2).
+#[test]
+fn head_tables_default_to_adapterhubs_heads() {
+    let parse = |v: serde_json::Value| serde_json::from_value::<HeadConfig>(v).unwrap();
+    assert_eq!(
+        parse(serde_json::json!({"head_type": "classification"})),
+        HeadConfig::classification(0)
+    );
+    assert_eq!(
+        parse(serde_json::json!({"head_type": "tagging"})),
+        HeadConfig::tagging(0)
+    );
+    let one = parse(
+        serde_json::json!({"head_type": "classification", "layers": 1,
+                                       "activation_function": null}),
+    );
+    assert_eq!((one.layers, one.activation_function), (1, None));
+}
