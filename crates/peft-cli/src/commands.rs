@@ -294,6 +294,7 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         num_labels: a.num_labels,
         device,
         seed: 42,
+        quantization: None,
     };
     let specs = crate::adapters::parse_specs(&a.adapter)?;
     let rows = input_ids.dim(0)?;
@@ -348,6 +349,7 @@ fn forward_named(a: &ForwardArgs, file: &Path, device: &Device) -> Result<()> {
         num_labels: a.num_labels,
         device: device.clone(),
         seed: 42,
+        quantization: None,
     };
     let specs = crate::adapters::parse_specs(&a.adapter)?;
     let outputs = if specs.is_empty() {
