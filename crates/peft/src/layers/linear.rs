@@ -203,9 +203,7 @@ impl Linear {
                 None => None,
             };
             return match b {
-                Some(b) if b.track_op() => {
-                    Ok(ops::quant_linear(x2, q, None)?.broadcast_add(&b)?)
-                }
+                Some(b) if b.track_op() => Ok(ops::quant_linear(x2, q, None)?.broadcast_add(&b)?),
                 b => ops::quant_linear(x2, q, b.as_ref()),
             };
         }

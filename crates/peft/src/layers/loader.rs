@@ -217,9 +217,10 @@ impl<'a> Loader<'a> {
         let Some(key) = self.resolve(&self.full("weight")) else {
             return Ok(None);
         };
-        let state = ["nf4", "fp4"]
-            .iter()
-            .any(|t| self.weights.contains(&format!("{key}.quant_state.bitsandbytes__{t}")));
+        let state = ["nf4", "fp4"].iter().any(|t| {
+            self.weights
+                .contains(&format!("{key}.quant_state.bitsandbytes__{t}"))
+        });
         if !state {
             if self.weights.contains(&format!("{key}.SCB")) {
                 return Err(Error::Config(format!(

@@ -263,9 +263,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
     if let Some(q) = config.get("quantization_config") {
         // A checkpoint saved quantized: its layers come back quantized from their stored
         // state; the config is checked so an unsupported method is named, not misread.
-        let c = crate::quant::BitsAndBytesConfig::from_json(q).map_err(|e| {
-            Error::Config(format!("{}: {e}", config_path.display()))
-        })?;
+        let c = crate::quant::BitsAndBytesConfig::from_json(q)
+            .map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?;
         tracing::info!(
             "{}: a {} checkpoint; its quantized layers stay quantized",
             config_path.display(),

@@ -82,7 +82,7 @@ fn load_base_for(
             num_labels,
             device: device.clone(),
             seed: cfg.training.seed,
-            quantization: None,
+            quantization: cfg.model.quantization.clone(),
         },
     )
 }

@@ -204,10 +204,12 @@ fn mutate_base(
     scaling: f64,
     rng: &mut rand::rngs::StdRng,
 ) -> Result<()> {
-    if l.quant().is_some() && matches!(
+    if l.quant().is_some()
+        && matches!(
             method,
             InitMethod::Pissa | InitMethod::PissaNiter(_) | InitMethod::Olora
-        ) {
+        )
+    {
         return Err(Error::Config(format!(
             "init_lora_weights {method:?} rewrites the base weight of `{key}`, which is quantized; \
              initialise such an adapter on the dense model (PEFT does it there too) or use the \
