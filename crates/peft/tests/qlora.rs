@@ -378,3 +378,30 @@ fn bf16_cast_keeps_quantized_weights_quantized() {
     let d = max_diff(&real(&y), &real(&expected("logits_4bit")));
     assert!(d < 0.2, "bf16 over 4-bit: {d}");
 }
+
+#[test]
+fn model_table_takes_transformers_quantization_names_and_names_bad_values() {
+    let job = |q: &str| {
+        format!(
+            "[model]\npath = \"m\"\nquantization = {q}\n[peft]\npeft_type = \"LORA\"\n\
+             task_type = \"CAUSAL_LM\"\n[data]\ntrain_file = \"t.jsonl\"\n"
+        )
+    };
+    let c = peft::train::TrainConfig::from_toml_str(&job(
+        "{ load_in_4bit = true, bnb_4bit_quant_type = \"nf4\", bnb_4bit_use_double_quant = true, \
+         bnb_4bit_compute_dtype = \"bfloat16\" }",
+    ))
+    .unwrap();
+    let q = c.model.quantization.unwrap();
+    assert!(q.load_in_4bit && q.bnb_4bit_use_double_quant && q.bnb_4bit_quant_type == "nf4");
+    let e = peft::train::TrainConfig::from_toml_str(&job(
+        "{ load_in_4bit = true, bnb_4bit_quant_type = \"nf5\" }",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("quantization") && e.contains("nf5"), "{e}");
+    let e = peft::train::TrainConfig::from_toml_str(&job("{ load_in_4bit = true, bits = 4 }"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bits"), "{e}");
+}
