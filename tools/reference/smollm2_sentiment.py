@@ -68,6 +68,13 @@ def main():
     d, f = os.path.dirname(args.gguf), os.path.basename(args.gguf)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    # transformers 5 dequantizes the GGUF to plain fp32 tensors on load but keeps its GGUF quantizer on the model, and
+    # the Trainer then refuses to train it ("QuantizationMethod.GGUF ... do not support training"). The weights are
+    # ordinary fp32 parameters, so drop the marker.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
     config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, prompt_tuning_init="TEXT",
                                 prompt_tuning_init_text=INIT, tokenizer_name_or_path=d,
                                 tokenizer_kwargs={"gguf_file": f})

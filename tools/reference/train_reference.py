@@ -22,8 +22,9 @@ Run from the repository root, after scripts/fetch-assets.sh has prepared .assets
 
 Optional: --group-by-length (Trainer's LengthGroupedSampler, as in
 examples/minilm-rotten-tomatoes.toml), --max-length N (default 128), --model DIR, --data DIR
-(holding train.csv and test.csv with columns text,label), --json (also print the summary as one
-JSON line at the end).
+(holding train.csv and test.csv with columns text,label), --max-steps N, --peft-config FILE
+(tools/reference/methods/*.json), --save DIR (save_pretrained, reports adapter_bytes), --json (also
+print the summary as one JSON line at the end, with examples_per_s = steps x 16 / train seconds).
 """
 
 import argparse
@@ -129,6 +130,7 @@ def main():
     p.add_argument("--model", default=os.path.join(ROOT, ".assets", "all-MiniLM-L6-v2"))
     p.add_argument("--data", default=os.path.join(ROOT, ".assets", "rotten_tomatoes"))
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
+    p.add_argument("--save", help="save the trained adapter (save_pretrained) here, for its file size")
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (as max_steps)")
     p.add_argument(
         "--peft-config",
@@ -214,6 +216,10 @@ def main():
         t0 = time.perf_counter()
         metrics = trainer.evaluate()
         eval_s = time.perf_counter() - t0
+    saved_bytes = None
+    if args.save:
+        model.save_pretrained(args.save)
+        saved_bytes = os.path.getsize(os.path.join(args.save, "adapter_model.safetensors"))
 
     summary = {
         "impl": "pytorch+peft",
@@ -227,6 +233,8 @@ def main():
         "test_accuracy": round(metrics["eval_accuracy"], 4),
         "test_loss": round(metrics["eval_loss"], 4),
         "train_s": round(train_s, 1),
+        "examples_per_s": round(train_out.global_step * 16 / train_s, 2),
+        "adapter_bytes": saved_bytes,
         "eval_s": round(eval_s, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "optimizer": describe_optimizer(trainer.optimizer),

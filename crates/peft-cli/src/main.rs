@@ -12,6 +12,7 @@ mod commands;
 mod diffusion;
 mod generate;
 mod logging;
+mod serve;
 
 // Training allocates and frees large activation buffers every step; glibc returns those to the
 // kernel each time and pays page faults to get them back. mimalloc keeps them.
@@ -78,6 +79,9 @@ enum Command {
     /// method of --peft-config) on fixed-length random batches, or with --generate the speed of
     /// greedy generation; prints one JSON line.
     Bench(bench::BenchArgs),
+    /// Serve a base model and its adapters over HTTP: OpenAI-compatible completions and chat
+    /// (continuous batching across adapters), embeddings and /predict for encoders, /metrics.
+    Serve(serve::ServeArgs),
 }
 
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h, v2): -1 keeps freed memory mapped.
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         Command::GenerateImage(a) => diffusion::generate_image(a),
         Command::Convert(a) => diffusion::convert(a),
         Command::Bench(a) => bench::run(&a),
+        Command::Serve(a) => serve::serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

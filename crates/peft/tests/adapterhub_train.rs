@@ -328,3 +328,46 @@ fn a_fusion_config_loads_the_adapters_it_fuses_and_saves_self_contained() {
     .unwrap();
     assert!(e.contains("`nope`"), "{e}");
 }
+
+/// Evaluation runs under `no_grad`: a bottleneck adapter (and its head) must then record no graph,
+/// or every activation of an evaluation batch stays alive until the logits are dropped.
+#[test]
+fn bottleneck_adapters_record_nothing_under_no_grad() {
+    for preset in ["seq_bn", "double_seq_bn", "par_bn", "scaled_par_bn"] {
+        let config = BottleneckConfig {
+            head: Some(HeadConfig::classification(2)),
+            ..BottleneckConfig::preset(preset).unwrap()
+        }
+        .with_task_type_seq_cls();
+        let m = peft::get_peft_model_with_seed(base(), config, "default", 1).unwrap();
+        let ids =
+            peft::candle::Tensor::new(&[[5u32, 9, 12, 17]], &peft::candle::Device::Cpu).unwrap();
+        let inputs = peft::Inputs::new(ids);
+        assert!(m.forward(&inputs, false).unwrap().track_op(), "{preset}");
+        let out = peft::no_grad(|| m.forward(&inputs, false)).unwrap();
+        assert!(
+            !out.track_op(),
+            "{preset}: a graph was recorded under no_grad"
+        );
+    }
+}
+
+/// A head table that names only its type gets what AdapterHub's `add_classification_head` /
+/// `add_tagging_head` build (a fusion example trained a 1-layer head against AdapterHub's 2).
+#[test]
+fn head_tables_default_to_adapterhubs_heads() {
+    let parse = |v: serde_json::Value| serde_json::from_value::<HeadConfig>(v).unwrap();
+    assert_eq!(
+        parse(serde_json::json!({"head_type": "classification"})),
+        HeadConfig::classification(0)
+    );
+    assert_eq!(
+        parse(serde_json::json!({"head_type": "tagging"})),
+        HeadConfig::tagging(0)
+    );
+    let one = parse(
+        serde_json::json!({"head_type": "classification", "layers": 1,
+                                       "activation_function": null}),
+    );
+    assert_eq!((one.layers, one.activation_function), (1, None));
+}

@@ -496,3 +496,55 @@ fn multitask_seq2seq_accepts_decoder_input_ids() {
     let e = err_of(m.forward(&x, false));
     assert!(e.contains("decoder_input_ids"), "{e}");
 }
+
+/// Evaluation runs under `no_grad`: a soft prompt, its encoder, prefixes and task factors must
+/// then be read detached, or the whole forward graph of an evaluation batch is kept alive.
+#[test]
+fn input_methods_record_nothing_under_no_grad() {
+    let mut lstm = PromptEncoderConfig::new(3);
+    lstm.encoder_reparameterization_type = Reparameterization::Lstm;
+    let mut proj = PrefixTuningConfig::new(3);
+    proj.prefix_projection = true;
+    proj.encoder_hidden_size = Some(16);
+    let task = TaskType::CausalLm;
+    let methods: Vec<(&str, PeftConfig)> = vec![
+        (
+            "prompt",
+            PromptTuningConfig::new(3).with_task_type(task).into(),
+        ),
+        (
+            "p-tuning mlp",
+            PromptEncoderConfig::new(3).with_task_type(task).into(),
+        ),
+        ("p-tuning lstm", lstm.with_task_type(task).into()),
+        (
+            "prefix",
+            PrefixTuningConfig::new(3).with_task_type(task).into(),
+        ),
+        ("prefix projection", proj.with_task_type(task).into()),
+        (
+            "multitask",
+            MultitaskPromptTuningConfig::new(3, 3, 2)
+                .with_task_type(task)
+                .into(),
+        ),
+        (
+            "cpt",
+            PeftConfig::new(CptConfig::new(vec![5, 9, 12, 17], vec![1, 2, 3, 4])),
+        ),
+    ];
+    for (what, config) in methods {
+        let m = get_peft_model(load("decoder/models/gpt2", task), config, "default").unwrap();
+        let ids = Tensor::new(&[[5u32, 9, 12, 17]], &Device::Cpu).unwrap();
+        let inputs = Inputs {
+            task_ids: Some(Tensor::new(&[1u32], &Device::Cpu).unwrap()),
+            ..Inputs::new(ids)
+        };
+        assert!(m.forward(&inputs, false).unwrap().track_op(), "{what}");
+        let out = peft::no_grad(|| m.forward(&inputs, false)).unwrap();
+        assert!(
+            !out.track_op(),
+            "{what}: a graph was recorded under no_grad"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 //! models (the encoder runs once; its output rides in the [`Cache`]). Works on anything with a
 //! cached forward pass: a plain model or a `PeftModel` with its adapters active.
 
+pub mod batch;
 pub mod logits;
 
 use candle_core::{DType, Device, Tensor};

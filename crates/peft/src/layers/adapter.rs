@@ -102,8 +102,25 @@ pub trait Adapter: Debug + Send + Sync {
     }
 }
 
+/// An adapter whose whole effect on a linear layer is `y += s · (x Aᵀ) Bᵀ`: no dropout at
+/// inference, no bias, nothing depending on the base weight. Mixed batches apply many of these
+/// at once (two batched products for all rows) instead of one row group at a time.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+    pub scaling: f64,
+}
+
 /// An adapter on a linear layer (LoRA, DoRA, IA3, ...).
 pub trait LinearAdapter: Adapter {
+    /// This adapter as a plain low-rank update, if it is one (see [`LowRank`]).
+    fn low_rank(&self) -> Option<LowRank> {
+        None
+    }
+
     /// Given the layer input `x` (`[rows, in]`) and the output so far (`[rows, out]`), returns the
     /// output with this adapter applied.
     fn forward(&self, x: &Tensor, out: Tensor, base: &LinearBase, train: bool) -> Result<Tensor>;

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::adapter::{AdapterList, AdapterSite, Adapters, LinearAdapter, LinearBase};
+use super::adapter::{AdapterList, AdapterSite, Adapters, LinearAdapter, LinearBase, LowRank};
 use super::mixed;
 use super::param::Param;
 use crate::quant::QuantWeight;
@@ -242,6 +242,11 @@ impl Linear {
     fn forward_mixed(&self, x2: &Tensor, names: &[String], lead: Option<usize>) -> Result<Tensor> {
         let g = mixed::groups(names, lead, x2.dim(0)?, &self.name, x2.device())?;
         let copies = self.weight.has_copies() || self.bias.as_ref().is_some_and(|b| b.has_copies());
+        if !copies && g.groups.len() > 1 {
+            if let Some(y) = self.forward_low_rank(x2, names)? {
+                return Ok(y);
+            }
+        }
         let shared = if copies {
             None
         } else {
@@ -272,6 +277,82 @@ impl Linear {
             outs.push(yg);
         }
         Ok(Tensor::cat(&outs, 0)?.index_select(&g.inverse, 0)?)
+    }
+
+    /// Mixed batches whose adapters here are all plain low-rank updates ([`LowRank`]): every
+    /// row's factors gathered (rank padded with zeros, which adds exact zeros) and applied in two
+    /// batched products, whatever the number of adapters. `None` when some adapter is not one.
+    fn forward_low_rank(&self, x2: &Tensor, names: &[String]) -> Result<Option<Tensor>> {
+        let mut factors: Vec<(&str, LowRank)> = Vec::new();
+        for name in names {
+            if name == mixed::BASE || factors.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            let Some(adapter) = self.adapters.get(name) else {
+                continue;
+            };
+            match adapter.low_rank() {
+                Some(f) => factors.push((name, f)),
+                None => return Ok(None),
+            }
+        }
+        let b_rows = names.len();
+        let per = x2.dim(0)? / b_rows;
+        let (k, out) = (self.in_features(), self.out_features());
+        let dtype = x2.dtype();
+        let device = x2.device();
+        let r = factors
+            .iter()
+            .map(|(_, f)| f.a.dims().first().copied().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        let bias = self.bias.as_ref().map(|b| crate::grad::live(b.base()));
+        let y = self.affine(x2, &crate::grad::live(self.weight.base()), bias, false)?;
+        if r == 0 {
+            return Ok(Some(y));
+        }
+        let pad = |t: Tensor, dim: usize| -> Result<Tensor> {
+            let have = t.dim(dim)?;
+            let t = t.to_dtype(dtype)?;
+            if have == r {
+                return Ok(t);
+            }
+            let mut shape = t.dims().to_vec();
+            shape[dim] = r - have;
+            Ok(Tensor::cat(
+                &[&t, &Tensor::zeros(shape, dtype, device)?],
+                dim,
+            )?)
+        };
+        let mut padded: Vec<(&str, Tensor, Tensor, f64)> = Vec::with_capacity(factors.len());
+        for (n, f) in factors {
+            padded.push((n, pad(f.a, 0)?, pad(f.b, 1)?, f.scaling));
+        }
+        let zero_a = Tensor::zeros((r, k), dtype, device)?;
+        let zero_b = Tensor::zeros((out, r), dtype, device)?;
+        let mut a_rows = Vec::with_capacity(b_rows);
+        let mut b_cols = Vec::with_capacity(b_rows);
+        let mut scales = Vec::with_capacity(b_rows);
+        for name in names {
+            match padded.iter().find(|(n, ..)| n == name) {
+                Some((_, a, b, s)) => {
+                    a_rows.push(a.clone());
+                    b_cols.push(b.clone());
+                    scales.push(*s as f32);
+                }
+                None => {
+                    a_rows.push(zero_a.clone());
+                    b_cols.push(zero_b.clone());
+                    scales.push(0.0);
+                }
+            }
+        }
+        let a = Tensor::stack(&a_rows, 0)?.transpose(1, 2)?.contiguous()?; // [B, in, r]
+        let b = Tensor::stack(&b_cols, 0)?.transpose(1, 2)?.contiguous()?; // [B, r, out]
+        let s = Tensor::from_vec(scales, (b_rows, 1, 1), device)?.to_dtype(dtype)?;
+        let x3 = x2.reshape((b_rows, per, k))?;
+        let delta = x3.matmul(&a)?.matmul(&b)?.broadcast_mul(&s)?;
+        Ok(Some((y + delta.reshape((b_rows * per, out))?)?))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -17,7 +17,7 @@ pub mod rotary;
 
 pub use adapter::{
     Adapter, AdapterList, AdapterSite, Adapters, Conv2dAdapter, EmbeddingAdapter, LinearAdapter,
-    LinearBase,
+    LinearBase, LowRank,
 };
 pub use cache::{Cache, KeyValue};
 pub use conv::{Conv2d, Conv2dBase, ConvParams};

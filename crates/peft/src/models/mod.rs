@@ -9,6 +9,7 @@ pub mod gpt2;
 pub mod llama;
 pub mod nezha;
 pub mod opt;
+pub mod pooling;
 pub mod t5;
 mod t5_heads;
 pub mod unet;

@@ -113,8 +113,8 @@ impl PeftModel {
                 (config, file, dir.to_path_buf())
             }
             None => {
-                let (config, file) = self.read_peft_dir(dir)?;
-                (config, file, dir.join(WEIGHTS_NAME))
+                let f = AdapterFiles::read(dir, self.model.device())?;
+                (f.config, f.tensors, dir.join(WEIGHTS_NAME))
             }
         };
         let config = resolve_dependencies(config, dir);
@@ -127,27 +127,22 @@ impl PeftModel {
         )
     }
 
-    fn read_peft_dir(&self, dir: &Path) -> Result<(PeftConfig, HashMap<String, Tensor>)> {
-        let config_path = dir.join(CONFIG_NAME);
-        if !config_path.exists() {
-            return Err(Error::io(
-                &config_path,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "not an adapter directory (no adapter_config.json)",
-                ),
-            ));
-        }
-        let config = PeftConfig::from_adapter_json(&read_json(&config_path)?)?;
-        let weights_path = dir.join(WEIGHTS_NAME);
-        if !weights_path.exists() && dir.join("adapter_model.bin").exists() {
-            return Err(Error::Adapter(format!(
-                "{}: only adapter_model.bin (pickle) found; re-save it with safe_serialization=True",
-                dir.display()
-            )));
-        }
-        let file = load_safetensors(&weights_path, self.model.device())?;
-        Ok((config, file))
+    /// Puts an adapter already read from disk on the model as `name` (what
+    /// [`PeftModel::load_adapter`] does after reading): a server keeps [`AdapterFiles`] in memory
+    /// and adds or deletes adapters without touching the disk again.
+    pub fn add_adapter_files(
+        &mut self,
+        files: &AdapterFiles,
+        name: &str,
+        is_trainable: bool,
+    ) -> Result<()> {
+        self.load_adapter_state(
+            name,
+            files.config.clone(),
+            files.tensors.clone(),
+            is_trainable,
+            &files.dir.join(WEIGHTS_NAME).display().to_string(),
+        )
     }
 
     /// Attaches adapter `name` described by `config` and fills it from `state`, whose keys are
@@ -324,6 +319,54 @@ impl PeftModel {
     }
 }
 
+/// An adapter directory read into memory: its config and its tensors (on the device they were read
+/// for), not yet on any model.
+#[derive(Clone)]
+pub struct AdapterFiles {
+    pub config: PeftConfig,
+    pub tensors: HashMap<String, Tensor>,
+    /// Where it was read from.
+    pub dir: std::path::PathBuf,
+}
+
+impl AdapterFiles {
+    /// Reads `adapter_config.json` and `adapter_model.safetensors` from `dir`.
+    pub fn read(dir: &Path, device: &candle_core::Device) -> Result<Self> {
+        let config_path = dir.join(CONFIG_NAME);
+        if !config_path.exists() {
+            return Err(Error::io(
+                &config_path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not an adapter directory (no adapter_config.json)",
+                ),
+            ));
+        }
+        let config = PeftConfig::from_adapter_json(&read_json(&config_path)?)?;
+        let weights_path = dir.join(WEIGHTS_NAME);
+        if !weights_path.exists() && dir.join("adapter_model.bin").exists() {
+            return Err(Error::Adapter(format!(
+                "{}: only adapter_model.bin (pickle) found; re-save it with safe_serialization=True",
+                dir.display()
+            )));
+        }
+        let tensors = load_safetensors(&weights_path, device)?;
+        Ok(Self {
+            config,
+            tensors,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Bytes the tensors take.
+    pub fn size_in_bytes(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
 /// A saved adapter's dependencies ([`crate::tuners::TunerConfig::depends_on`]) found from its
 /// directory: the copy `save_pretrained` wrote beside it (`<dir>/<name>/`, or `<dir>/../<name>/`
 /// for a non-default adapter), else the recorded directory as it is, or relative to `dir`.
@@ -373,19 +416,22 @@ pub fn load_with_adapter(
 /// the adapter's `task_type` and saved classifier size (PEFT), the task its own layout records
 /// (foreign layouts), or FEATURE_EXTRACTION when the adapter brings its own prediction head.
 pub fn base_task(adapter_dir: &Path, opts: &mut crate::LoadOptions) -> Result<()> {
-    if opts.task.is_some() {
-        return Ok(());
-    }
     if let Some(format) = crate::tuners::foreign_format(adapter_dir) {
-        opts.task = (format.task)(adapter_dir)?;
+        if opts.task.is_none() {
+            opts.task = (format.task)(adapter_dir)?;
+        }
         return Ok(());
     }
     let config = PeftConfig::from_adapter_json(&read_json(&adapter_dir.join(CONFIG_NAME))?)?;
     if config.brings_head() {
-        opts.task = Some(crate::models::TaskType::FeatureExtraction);
+        opts.task
+            .get_or_insert(crate::models::TaskType::FeatureExtraction);
         return Ok(());
     }
-    opts.task = config.task_type();
+    if opts.task.is_none() {
+        opts.task = config.task_type();
+    }
+    // The saved head's size holds whoever names the task.
     if opts.num_labels.is_none() {
         opts.num_labels = saved_head_classes(adapter_dir)?;
     }

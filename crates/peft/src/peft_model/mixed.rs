@@ -5,6 +5,7 @@ use candle_core::{Device, Tensor};
 use std::collections::BTreeSet;
 
 use super::PeftModel;
+use crate::generation::batch::BatchModel;
 use crate::generation::Generate;
 use crate::layers::mixed::{self, BASE};
 use crate::models::{Cache, Inputs, ModelDims};
@@ -132,5 +133,65 @@ impl Generate for MixedBatch<'_> {
     fn forward_with_cache(&self, inputs: &Inputs, cache: Option<&mut Cache>) -> Result<Tensor> {
         self.model
             .forward_mixed_with_cache(inputs, cache, &self.names)
+    }
+}
+
+impl PeftModel {
+    /// Whether rows using adapter `name` may share a mixed batch with rows using other adapters:
+    /// every layer's method supports it (PEFT refuses DoRA) and the method does not rewrite the
+    /// model's inputs. [`BASE`] always may.
+    pub fn supports_mixed_batch(&self, name: &str) -> bool {
+        if name == BASE {
+            return true;
+        }
+        if self
+            .entry(name)
+            .is_some_and(|e| e.config.kind() == MethodKind::Input)
+        {
+            return false;
+        }
+        self.model.modules().iter().all(|module| {
+            module
+                .site()
+                .and_then(|s| s.adapters().adapter(name))
+                .is_none_or(|a| a.supports_mixed_batch())
+        })
+    }
+}
+
+/// Continuous batching through per-row adapters: rows of adapters that mix share one forward
+/// pass ([`PeftModel::forward_mixed_with_cache`]); a batch of one adapter that does not mix runs
+/// with that adapter active, as `generate` would run it alone.
+impl BatchModel for PeftModel {
+    fn dims(&self) -> ModelDims {
+        self.model.dims()
+    }
+    fn device(&self) -> Device {
+        self.model.device().clone()
+    }
+    fn shares_batch(&self, adapter: &str) -> bool {
+        self.supports_mixed_batch(adapter)
+    }
+    fn prepare(&mut self, adapter: &str, _in_use: &BTreeSet<String>) -> Result<bool> {
+        if adapter != BASE && self.entry(adapter).is_none() {
+            return Err(self.no_such_adapter(adapter));
+        }
+        Ok(true)
+    }
+    fn forward_rows(
+        &mut self,
+        inputs: &Inputs,
+        cache: &mut Cache,
+        adapters: &[String],
+    ) -> Result<Tensor> {
+        let first = adapters.first().map(String::as_str).unwrap_or(BASE);
+        let uniform = adapters.iter().all(|a| a == first);
+        if uniform && first != BASE && !self.supports_mixed_batch(first) {
+            // Every time: an adapter added since may have become active on layers it alone
+            // adapts (a layer's first adapter is active), which the model-level list misses.
+            self.set_adapter(first)?;
+            return PeftModel::forward_with_cache(self, inputs, Some(cache), false);
+        }
+        self.forward_mixed_with_cache(inputs, Some(cache), adapters)
     }
 }

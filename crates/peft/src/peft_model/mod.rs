@@ -24,7 +24,7 @@ pub use crate::io::KEY_PREFIX;
 /// the unwrapped model (`base_model.classifier.weight`).
 pub const INPUT_KEY_PREFIX: &str = "base_model.";
 pub use crate::io::{ADAPTER_CONFIG_NAME as CONFIG_NAME, ADAPTER_WEIGHTS_NAME as WEIGHTS_NAME};
-pub use load::{base_task, load_auto, load_with_adapter, saved_head_classes};
+pub use load::{base_task, load_auto, load_with_adapter, saved_head_classes, AdapterFiles};
 pub use merge::AdapterDisabled;
 pub use mixed::MixedBatch;
 pub use status::{LayerStatus, ModelStatus, Status};
@@ -112,6 +112,12 @@ impl PeftModel {
             seed,
             disabled: false,
         }
+    }
+
+    /// `model` with no adapter yet: adapters come later ([`PeftModel::load_adapter`],
+    /// [`PeftModel::add_adapter`]), as a server that loads them at run time needs.
+    pub fn without_adapters(model: Box<dyn Model>) -> Self {
+        Self::wrap(model, 0)
     }
 
     /// Loads the adapter in `dir` onto `model` (PEFT's `PeftModel.from_pretrained`): as

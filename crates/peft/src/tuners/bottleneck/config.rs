@@ -56,27 +56,61 @@ pub enum ResidualBeforeLn {
 /// AdapterHub's prediction head config (`head_config.json`'s `config`): classification and
 /// tagging heads on the first token / every token of the base model's last hidden state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "HeadFields")]
 pub struct HeadConfig {
     pub head_type: String,
     /// 0 in a `[peft]` table: the class count of the training data.
-    #[serde(default)]
     pub num_labels: usize,
-    #[serde(default = "one")]
     pub layers: usize,
-    #[serde(default)]
     pub activation_function: Option<String>,
-    #[serde(default)]
     pub use_pooler: bool,
-    #[serde(default = "yes")]
     pub bias: bool,
-    #[serde(default)]
     pub dropout_prob: Option<f64>,
-    #[serde(default)]
     pub label2id: Option<Map<String, Value>>,
 }
 
-fn one() -> usize {
-    1
+/// A head config as written: what is left out takes the defaults of AdapterHub's
+/// `add_<head_type>_head` (a classification head has 2 layers, a tagging head 1, both tanh).
+#[derive(Deserialize)]
+struct HeadFields {
+    head_type: String,
+    #[serde(default)]
+    num_labels: usize,
+    layers: Option<usize>,
+    #[serde(default = "tanh")]
+    activation_function: Option<String>,
+    #[serde(default)]
+    use_pooler: bool,
+    #[serde(default = "yes")]
+    bias: bool,
+    #[serde(default)]
+    dropout_prob: Option<f64>,
+    #[serde(default)]
+    label2id: Option<Map<String, Value>>,
+}
+
+impl From<HeadFields> for HeadConfig {
+    fn from(f: HeadFields) -> Self {
+        let layers = f.layers.unwrap_or(if f.head_type == "classification" {
+            2
+        } else {
+            1
+        });
+        Self {
+            head_type: f.head_type,
+            num_labels: f.num_labels,
+            layers,
+            activation_function: f.activation_function,
+            use_pooler: f.use_pooler,
+            bias: f.bias,
+            dropout_prob: f.dropout_prob,
+            label2id: f.label2id,
+        }
+    }
+}
+
+fn tanh() -> Option<String> {
+    Some("tanh".into())
 }
 fn yes() -> bool {
     true

@@ -108,8 +108,8 @@ impl Norm {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.as_tensor().to_dtype(x.dtype())?;
-        let b = self.bias.as_tensor().to_dtype(x.dtype())?;
+        let w = crate::grad::live(self.weight.as_tensor()).to_dtype(x.dtype())?;
+        let b = crate::grad::live(self.bias.as_tensor()).to_dtype(x.dtype())?;
         ops::layer_norm(x, &w, Some(&b), 1e-5)
     }
 }
@@ -130,9 +130,9 @@ pub struct Dense {
 
 impl Dense {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.as_tensor().to_dtype(x.dtype())?;
+        let w = crate::grad::live(self.weight.as_tensor()).to_dtype(x.dtype())?;
         let b = match &self.bias {
-            Some(b) => Some(b.as_tensor().to_dtype(x.dtype())?),
+            Some(b) => Some(crate::grad::live(b.as_tensor()).to_dtype(x.dtype())?),
             None => None,
         };
         linear(x, &w, b.as_ref())
@@ -358,7 +358,9 @@ impl Bottleneck {
         let mut up = self.up.forward(&down)?;
         up = match &self.scaling {
             Scale::Fixed(s) => (up * *s)?,
-            Scale::Trained(v) => up.broadcast_mul(&v.as_tensor().to_dtype(x.dtype())?)?,
+            Scale::Trained(v) => {
+                up.broadcast_mul(&crate::grad::live(v.as_tensor()).to_dtype(x.dtype())?)?
+            }
         };
         let mut output = ops::dropout(&up, self.flags.dropout, train)?;
         if let Some(g) = &self.gate {

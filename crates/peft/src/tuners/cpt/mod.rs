@@ -179,11 +179,11 @@ impl Encoder {
     /// that learn.
     fn prompt(&self) -> Result<Tensor> {
         self.project()?;
-        let delta = self.delta.as_tensor();
+        let delta = crate::grad::live(self.delta.as_tensor());
         let keep = delta.broadcast_mul(&self.learns)?;
         let masked = (delta - &keep)?.detach();
         let delta = (keep + masked)?;
-        Ok((self.embedding.as_tensor() + delta)?.unsqueeze(0)?)
+        Ok((crate::grad::live(self.embedding.as_tensor()) + delta)?.unsqueeze(0)?)
     }
 }
 

@@ -650,7 +650,7 @@ impl Tuner for FusionTuner {
     ) -> Result<Option<Tensor>> {
         let mut sum: Option<Tensor> = None;
         for v in &self.values {
-            let w = v.as_tensor();
+            let w = crate::grad::live(v.as_tensor());
             let eye = Tensor::eye(w.dim(0)?, w.dtype(), w.device())?;
             let term = ((eye - w)?.sqr()?.sum_all()? * 0.01)?;
             sum = Some(match sum {

@@ -83,6 +83,14 @@ impl Adapter for LoraLinear {
 }
 
 impl LinearAdapter for LoraLinear {
+    fn low_rank(&self) -> Option<crate::layers::LowRank> {
+        Some(crate::layers::LowRank {
+            a: live(&self.a),
+            b: live(&self.b),
+            scaling: self.scaling,
+        })
+    }
+
     fn forward(&self, x: &Tensor, out: Tensor, _base: &LinearBase, train: bool) -> Result<Tensor> {
         let x = ops::dropout(x, self.dropout, train)?;
         // fp32 master weights, computed in the activations' dtype (bf16 training).

@@ -181,10 +181,10 @@ impl PromptEncoder for Encoder {
                 self.num_tasks - 1
             )));
         }
-        let cols = self.cols.as_tensor().index_select(&ids, 0)?;
-        let rows = self.rows.as_tensor().index_select(&ids, 0)?;
+        let cols = crate::grad::live(self.cols.as_tensor()).index_select(&ids, 0)?;
+        let rows = crate::grad::live(self.rows.as_tensor()).index_select(&ids, 0)?;
         let task = cols.matmul(&rows)?;
-        Ok(task.broadcast_mul(&self.embedding.as_tensor().unsqueeze(0)?)?)
+        Ok(task.broadcast_mul(&crate::grad::live(self.embedding.as_tensor()).unsqueeze(0)?)?)
     }
 
     fn tensors(&self) -> Vec<ModelTensor> {

@@ -124,7 +124,7 @@ struct Encoder {
 impl Encoder {
     /// The head's output for the whole table, `[1, rows, d]`.
     fn output(&self, train: bool) -> Result<Tensor> {
-        let x = self.embedding.as_tensor().unsqueeze(0)?;
+        let x = crate::grad::live(self.embedding.as_tensor()).unsqueeze(0)?;
         match &self.head {
             Head::Mlp([a, b, c]) => c.forward(&b.forward(&a.forward(&x)?.relu()?)?.relu()?),
             Head::Lstm(lstm, [a, b]) => b.forward(&a.forward(&lstm.forward(&x, train)?)?.relu()?),

@@ -87,7 +87,10 @@ struct Projected {
 impl Projected {
     fn output(&self) -> Result<Tensor> {
         let [a, b] = &self.transform;
-        b.forward(&a.forward(self.embedding.as_tensor())?.tanh()?)
+        b.forward(
+            &a.forward(&crate::grad::live(self.embedding.as_tensor()))?
+                .tanh()?,
+        )
     }
 }
 

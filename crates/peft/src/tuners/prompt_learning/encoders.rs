@@ -57,9 +57,9 @@ impl Linear {
 
     /// `x Wᵀ + b` over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.as_tensor();
+        let w = crate::grad::live(self.weight.as_tensor());
         Ok(x.broadcast_matmul(&w.t()?)?
-            .broadcast_add(self.bias.as_tensor())?)
+            .broadcast_add(&crate::grad::live(self.bias.as_tensor()))?)
     }
 
     pub fn tensors(&self, prefix: &str) -> Vec<ModelTensor> {
@@ -163,10 +163,10 @@ impl Lstm {
         let h = self.hidden;
         // The input projections of every step at once.
         let xi = x
-            .broadcast_matmul(&c.weight_ih.as_tensor().t()?)?
-            .broadcast_add(c.bias_ih.as_tensor())?
-            .broadcast_add(c.bias_hh.as_tensor())?;
-        let whh = c.weight_hh.as_tensor().t()?;
+            .broadcast_matmul(&crate::grad::live(c.weight_ih.as_tensor()).t()?)?
+            .broadcast_add(&crate::grad::live(c.bias_ih.as_tensor()))?
+            .broadcast_add(&crate::grad::live(c.bias_hh.as_tensor()))?;
+        let whh = crate::grad::live(c.weight_hh.as_tensor()).t()?;
         let mut hs = Tensor::zeros((b, h), DType::F32, x.device())?;
         let mut cs = hs.clone();
         let mut outs: Vec<Tensor> = Vec::with_capacity(t);

@@ -313,7 +313,7 @@ pub fn repeat_rows(table: &Tensor, batch: usize) -> Result<Tensor> {
 
 impl PromptEncoder for Table {
     fn prompts(&self, batch: usize, _task_ids: Option<&Tensor>, _train: bool) -> Result<Tensor> {
-        repeat_rows(self.table.as_tensor(), batch)
+        repeat_rows(&crate::grad::live(self.table.as_tensor()), batch)
     }
     fn tensors(&self) -> Vec<ModelTensor> {
         vec![ModelTensor {
