@@ -164,15 +164,19 @@ impl<'a> Loader<'a> {
     /// A `Linear` with weight `[out, in]`: kept quantized when the checkpoint stores it in
     /// bitsandbytes' 4-bit format, quantized here when the load asks for it, else dense.
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-        let b = if bias {
-            Some(self.tensor("bias", &[out_dim])?)
-        } else {
-            None
+        // The weight first: a shape error then names the weight, not its bias.
+        let bias = || -> Result<Option<Tensor>> {
+            Ok(if bias {
+                Some(self.tensor("bias", &[out_dim])?)
+            } else {
+                None
+            })
         };
         if let Some(q) = self.stored_quant(in_dim, out_dim)? {
-            return Linear::quantized(self.path.clone(), q, b, &self.device);
+            return Linear::quantized(self.path.clone(), q, bias()?, &self.device);
         }
         let w = self.tensor("weight", &[out_dim, in_dim])?;
+        let b = bias()?;
         match self.load_scheme() {
             Some(scheme) => {
                 let q = QuantWeight::quantize(&w, &scheme)?;
@@ -185,11 +189,12 @@ impl<'a> Loader<'a> {
     /// A `Linear` stored `[in, out]`, as transformers' `Conv1D` (GPT-2) stores it. Quantized,
     /// it is stored `[out, in]` as bitsandbytes stores the `Linear4bit` transformers makes of it.
     pub fn conv1d(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
-        let b = self.tensor("bias", &[out_dim])?;
         if let Some(q) = self.stored_quant(in_dim, out_dim)? {
+            let b = self.tensor("bias", &[out_dim])?;
             return Linear::quantized(self.path.clone(), q, Some(b), &self.device);
         }
         let w = self.tensor("weight", &[in_dim, out_dim])?;
+        let b = self.tensor("bias", &[out_dim])?;
         match self.load_scheme() {
             Some(scheme) => {
                 let q = QuantWeight::quantize(&w.t()?.contiguous()?, &scheme)?;
