@@ -102,6 +102,55 @@ impl From<MajoritySignArg> for MajoritySign {
     }
 }
 
+/// `--load-in-4bit` / `--load-in-8bit`: quantize the base model's Linear layers at load, as
+/// transformers' `BitsAndBytesConfig` does (embeddings, norms and heads stay dense).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct QuantArgs {
+    /// Store the base's Linear weights in 4 bits (bitsandbytes NF4/FP4; QLoRA).
+    #[arg(long, conflicts_with = "load_in_8bit")]
+    pub load_in_4bit: bool,
+    /// Store the base's Linear weights in 8 bits (LLM.int8 row-wise).
+    #[arg(long)]
+    pub load_in_8bit: bool,
+    /// The 4-bit data type: nf4 or fp4 (transformers' default fp4).
+    #[arg(long, value_name = "TYPE", requires = "load_in_4bit")]
+    pub bnb_4bit_quant_type: Option<String>,
+    /// Quantize the 4-bit block scales again (QLoRA's double quantization).
+    #[arg(long, requires = "load_in_4bit")]
+    pub bnb_4bit_use_double_quant: bool,
+}
+
+impl QuantArgs {
+    /// The config the flags ask for (checked), or `None` without a flag.
+    pub fn config(&self) -> Result<Option<peft::quant::BitsAndBytesConfig>> {
+        if !self.load_in_4bit && !self.load_in_8bit {
+            return Ok(None);
+        }
+        let mut c = peft::quant::BitsAndBytesConfig {
+            load_in_4bit: self.load_in_4bit,
+            load_in_8bit: self.load_in_8bit,
+            bnb_4bit_use_double_quant: self.bnb_4bit_use_double_quant,
+            ..Default::default()
+        };
+        if let Some(t) = &self.bnb_4bit_quant_type {
+            c.bnb_4bit_quant_type = t.clone();
+        }
+        c.scheme().map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("--bnb-4bit-quant-type: {m}")),
+            other => other,
+        })?;
+        Ok(Some(c))
+    }
+
+    /// Sets the config's `[model] quantization` from the flags, when any is given.
+    pub fn apply(&self, quantization: &mut Option<peft::quant::BitsAndBytesConfig>) -> Result<()> {
+        if let Some(c) = self.config()? {
+            *quantization = Some(c);
+        }
+        Ok(())
+    }
+}
+
 /// `--device`: where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceArg {
@@ -193,5 +242,40 @@ mod tests {
         for c in CombinationArg::value_variants() {
             assert_eq!(c.to_peft().unwrap().as_str(), c.name());
         }
+    }
+}
+
+#[cfg(test)]
+mod quant_tests {
+    use super::QuantArgs;
+
+    #[test]
+    fn quant_flags_make_transformers_configs_and_refuse_bad_types() {
+        assert!(QuantArgs::default().config().unwrap().is_none());
+        let q = QuantArgs {
+            load_in_4bit: true,
+            bnb_4bit_quant_type: Some("nf4".into()),
+            bnb_4bit_use_double_quant: true,
+            ..Default::default()
+        };
+        let c = q.config().unwrap().unwrap();
+        assert!(c.load_in_4bit && c.bnb_4bit_use_double_quant && c.bnb_4bit_quant_type == "nf4");
+        let e = QuantArgs {
+            load_in_4bit: true,
+            bnb_4bit_quant_type: Some("int3".into()),
+            ..Default::default()
+        }
+        .config()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("int3"), "{e}");
+        let c = QuantArgs {
+            load_in_8bit: true,
+            ..Default::default()
+        }
+        .config()
+        .unwrap()
+        .unwrap();
+        assert!(c.load_in_8bit && !c.load_in_4bit);
     }
 }

@@ -76,6 +76,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         num_labels: (task_type == TaskType::SeqCls).then_some(2),
         device: device.clone(),
         seed: 0,
+        quantization: None,
     };
     let base = models::load(&a.model, &opts)?;
     let vocab = base.dims().vocab_size as u32;

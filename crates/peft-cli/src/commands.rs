@@ -13,7 +13,8 @@ use peft::{Error, Inputs, LoraModelExt, Result};
 use std::path::{Path, PathBuf};
 
 use crate::args::{
-    device, parse_device, CombinationArg, DeviceArg, MajoritySignArg, TaskTypeArg, DEVICE_HELP,
+    device, parse_device, CombinationArg, DeviceArg, MajoritySignArg, QuantArgs, TaskTypeArg,
+    DEVICE_HELP,
 };
 
 #[derive(Args)]
@@ -31,6 +32,8 @@ pub struct TrainArgs {
     pub resume: Option<String>,
     #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Option<DeviceArg>,
+    #[command(flatten)]
+    pub quant: QuantArgs,
 }
 
 /// `peft train`: the config file with `--set` overrides (and `--resume`), Ctrl-C saving a
@@ -46,6 +49,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         return crate::diffusion::train_dreambooth(&a.config, &a.set, a.device);
     }
     let mut cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
+    a.quant.apply(&mut cfg.model.quantization)?;
     if a.resume.is_some() {
         cfg.training.resume_from_checkpoint = a.resume;
     }
@@ -103,11 +107,14 @@ pub struct EvalArgs {
     pub set: Vec<String>,
     #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Option<DeviceArg>,
+    #[command(flatten)]
+    pub quant: QuantArgs,
 }
 
 /// `peft eval`: metrics of a trained adapter on the config's evaluation data.
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
+    let mut cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
+    a.quant.apply(&mut cfg.model.quantization)?;
     let e = peft::train::run::eval_skipping(
         &cfg,
         a.adapter.as_deref(),
@@ -175,6 +182,8 @@ pub struct ForwardArgs {
     pub out: PathBuf,
     #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Option<DeviceArg>,
+    #[command(flatten)]
+    pub quant: QuantArgs,
 }
 
 /// Parses `--task-ids '[0, 2]'`: one task id per row of a batch of `rows`.
@@ -294,6 +303,7 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         num_labels: a.num_labels,
         device,
         seed: 42,
+        quantization: a.quant.config()?,
     };
     let specs = crate::adapters::parse_specs(&a.adapter)?;
     let rows = input_ids.dim(0)?;
@@ -348,6 +358,7 @@ fn forward_named(a: &ForwardArgs, file: &Path, device: &Device) -> Result<()> {
         num_labels: a.num_labels,
         device: device.clone(),
         seed: 42,
+        quantization: a.quant.config()?,
     };
     let specs = crate::adapters::parse_specs(&a.adapter)?;
     let outputs = if specs.is_empty() {

@@ -67,6 +67,8 @@ pub struct GenerateArgs {
     pub task_ids: Option<String>,
     #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Option<DeviceArg>,
+    #[command(flatten)]
+    pub quant: crate::args::QuantArgs,
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
@@ -123,6 +125,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             TaskType::CausalLm
         }),
         device: crate::args::device(a.device)?,
+        quantization: a.quant.config()?,
         ..Default::default()
     };
     let cfg = GenerationConfig {

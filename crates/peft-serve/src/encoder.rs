@@ -111,6 +111,7 @@ impl Encoder {
                 num_labels,
                 device: self.device.clone(),
                 seed: 42,
+                ..Default::default()
             };
             let m = models::load(&self.path, &opts)?;
             self.models.insert(key, PeftModel::without_adapters(m));

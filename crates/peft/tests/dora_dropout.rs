@@ -65,7 +65,7 @@ fn dora_linear(
         scaling: m["scaling"].as_f64().unwrap(),
         dropout: m["lora_dropout"].as_f64().unwrap(),
     };
-    let mut dora = DoraLinear::new(lora, &layer.base()).unwrap();
+    let mut dora = DoraLinear::new(lora, &layer.base().unwrap()).unwrap();
     let magnitude = var(t, &format!("{name}.lora_magnitude_vector"));
     // The fixture moved m away from the weight norm, so `s - 1` is not zero.
     assert!(max_diff(dora.magnitude.as_tensor(), magnitude.as_tensor()) > 1e-2);

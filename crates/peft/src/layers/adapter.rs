@@ -1,29 +1,80 @@
 //! What a tuner plugs into a layer, and the bookkeeping every layer shares: which adapters exist,
 //! which are active, which are merged into the base weight, and whether all are switched off.
 
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use std::any::Any;
 use std::fmt::Debug;
+use std::sync::OnceLock;
+
+use crate::quant::QuantWeight;
 
 use crate::Result;
 
-/// The frozen base of a linear layer as an adapter sees it.
+/// The frozen base of a linear layer as an adapter sees it. A quantized base is dequantized
+/// only when an adapter asks for the dense weight (DoRA's norm, a merge), once per `LinearBase`.
 #[derive(Clone)]
 pub struct LinearBase {
-    /// `[out, in]`, or `[in, out]` when `transposed` (GPT-2's Conv1D layout).
-    pub weight: Tensor,
+    /// `[out, in]`, or `[in, out]` when `transposed` (GPT-2's Conv1D layout); unused when the
+    /// base is quantized.
+    weight: Tensor,
+    quant: Option<(QuantWeight, OnceLock<Tensor>)>,
     pub bias: Option<Tensor>,
     pub transposed: bool,
 }
 
 impl LinearBase {
+    pub fn dense(weight: Tensor, bias: Option<Tensor>, transposed: bool) -> Self {
+        Self {
+            weight,
+            quant: None,
+            bias,
+            transposed,
+        }
+    }
+
+    /// A quantized `[out, in]` base; `device` is where its dense weight is wanted.
+    pub fn quantized(q: QuantWeight, bias: Option<Tensor>, device: &Device) -> Result<Self> {
+        Ok(Self {
+            weight: Tensor::zeros(0, q.dtype(), device)?,
+            quant: Some((q, OnceLock::new())),
+            bias,
+            transposed: false,
+        })
+    }
+
+    /// The quantized weight, when the base is stored quantized.
+    pub fn quant(&self) -> Option<&QuantWeight> {
+        self.quant.as_ref().map(|(q, _)| q)
+    }
+
+    /// The dense weight in its stored layout (dequantized on first use).
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.quant {
+            None => Ok(self.weight.clone()),
+            Some((q, dense)) => {
+                if let Some(w) = dense.get() {
+                    return Ok(w.clone());
+                }
+                tracing::debug!("dequantizing a quantized base weight {:?}", q.dims());
+                let w = q.dequantize(self.weight.device())?;
+                Ok(dense.get_or_init(|| w).clone())
+            }
+        }
+    }
+
     /// The weight in the `[out, in]` layout, whatever the storage.
     pub fn weight_out_in(&self) -> Result<Tensor> {
-        Ok(if self.transposed {
-            self.weight.t()?
-        } else {
-            self.weight.clone()
-        })
+        let w = self.weight()?;
+        Ok(if self.transposed { w.t()? } else { w })
+    }
+
+    /// `x · Wᵀ` (no bias) for `x` `[rows, in]`, with a gradient for `x` only; a quantized base
+    /// multiplies band by band without expanding.
+    pub fn product(&self, x: &Tensor) -> Result<Tensor> {
+        match self.quant() {
+            Some(q) => crate::ops::quant_linear(x, q, None),
+            None => crate::ops::frozen_linear(x, &self.weight, self.transposed),
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use candle_core::Tensor;
 use super::adapter::{AdapterList, AdapterSite, Adapters, LinearAdapter, LinearBase, LowRank};
 use super::mixed;
 use super::param::Param;
+use crate::quant::QuantWeight;
 use crate::{ops, Error, Result};
 
 #[derive(Debug)]
@@ -18,7 +19,14 @@ pub struct Linear {
     pub adapters: Adapters<dyn LinearAdapter>,
     /// The weight and bias from before each merge at an adapter weight other than 1, to
     /// restore on unmerge.
-    snapshots: Vec<(String, Tensor, Option<Tensor>)>,
+    snapshots: Vec<(String, Stored, Option<Tensor>)>,
+}
+
+/// A base weight as stored: dense, or quantized.
+#[derive(Debug, Clone)]
+enum Stored {
+    Dense(Tensor),
+    Quant(QuantWeight),
 }
 
 impl Linear {
@@ -39,7 +47,50 @@ impl Linear {
         }
     }
 
+    /// A Linear whose frozen `[out, in]` weight stays quantized (QLoRA's base); `device` is
+    /// where activations, the bias and any dequantized weight live.
+    pub fn quantized(
+        name: impl Into<String>,
+        weight: QuantWeight,
+        bias: Option<Tensor>,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let name = name.into();
+        Ok(Self {
+            weight: Param::quantized(format!("{name}.weight"), weight, device)?,
+            bias: bias.map(|b| Param::new(format!("{name}.bias"), b)),
+            name,
+            transposed: false,
+            adapters: Adapters::default(),
+            snapshots: Vec::new(),
+        })
+    }
+
+    /// The quantized base weight, when the layer is quantized.
+    pub fn quant(&self) -> Option<&QuantWeight> {
+        self.weight.quant()
+    }
+
+    /// The dense weight in its stored layout (dequantized when the layer is quantized).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        self.weight.dense()
+    }
+
+    /// Replaces the base weight by its dequantized value (a dense model out of a quantized one,
+    /// `merge_and_unload` with a dense output). A no-op on a dense layer.
+    pub fn dequantize_in_place(&mut self) -> Result<()> {
+        if self.quant().is_some() {
+            let w = self.weight.dense()?;
+            let mut dense = Param::new(self.weight.name.clone(), w);
+            std::mem::swap(&mut self.weight, &mut dense);
+        }
+        Ok(())
+    }
+
     pub fn in_features(&self) -> usize {
+        if let Some(q) = self.quant() {
+            return q.dims().1;
+        }
         let d = self.weight.base().dims();
         if self.transposed {
             d[0]
@@ -49,6 +100,9 @@ impl Linear {
     }
 
     pub fn out_features(&self) -> usize {
+        if let Some(q) = self.quant() {
+            return q.dims().0;
+        }
         let d = self.weight.base().dims();
         if self.transposed {
             d[1]
@@ -57,11 +111,15 @@ impl Linear {
         }
     }
 
-    pub fn base(&self) -> LinearBase {
-        LinearBase {
-            weight: self.weight.value(),
-            bias: self.bias.as_ref().map(|b| b.value()),
-            transposed: self.transposed,
+    pub fn base(&self) -> Result<LinearBase> {
+        let bias = self.bias.as_ref().map(|b| b.value());
+        match self.quant() {
+            Some(q) => LinearBase::quantized(q.clone(), bias, self.weight.base().device()),
+            None => Ok(LinearBase::dense(
+                self.weight.value(),
+                bias,
+                self.transposed,
+            )),
         }
     }
 
@@ -78,8 +136,6 @@ impl Linear {
                 found: vec![k],
             });
         }
-        // Mixed precision: fp32 trainable copies (modules_to_save) meet bf16 activations.
-        let w = cast_to(self.weight.value(), x.dtype())?;
         let bias_frozen = self.bias.as_ref().is_none_or(|b| !b.is_trainable());
         let mixed_rows = mixed::current().is_some() && self.routes_rows();
         if !self.weight.is_trainable()
@@ -91,6 +147,11 @@ impl Linear {
                 Some(b) => Some(cast_to(b.value(), x.dtype())?),
                 None => None,
             };
+            if let Some(q) = self.quant() {
+                return ops::quant_linear(x, q, b.as_ref());
+            }
+            // Mixed precision: fp32 trainable copies (modules_to_save) meet bf16 activations.
+            let w = cast_to(self.weight.value(), x.dtype())?;
             if ops::fused_applies(x, &w) {
                 // One node for the whole layer, whatever the leading dimensions.
                 return ops::frozen_linear_bias(x, &w, b.as_ref(), self.transposed);
@@ -108,7 +169,7 @@ impl Linear {
                     self.bias.as_ref().map(|b| b.value()),
                     self.weight.is_trainable(),
                 )?;
-                let base = self.base();
+                let base = self.base()?;
                 for (adapter, w) in self.adapters.running_weighted() {
                     y = if w == 1.0 {
                         adapter.forward(&x2, y, &base, train)?
@@ -126,7 +187,9 @@ impl Linear {
         Ok(y.reshape(out_dims)?)
     }
 
-    /// `x2 · Wᵀ + b` for a `[rows, in]` input.
+    /// `x2 · Wᵀ + b` for a `[rows, in]` input. On a quantized layer `w` is the base's
+    /// placeholder (a quantized weight has no copies and is never trained) and the product
+    /// reads the quantized weight.
     fn affine(
         &self,
         x2: &Tensor,
@@ -134,6 +197,16 @@ impl Linear {
         b: Option<Tensor>,
         trainable: bool,
     ) -> Result<Tensor> {
+        if let Some(q) = self.quant() {
+            let b = match b {
+                Some(b) => Some(cast_to(b, x2.dtype())?),
+                None => None,
+            };
+            return match b {
+                Some(b) if b.track_op() => Ok(ops::quant_linear(x2, q, None)?.broadcast_add(&b)?),
+                b => ops::quant_linear(x2, q, b.as_ref()),
+            };
+        }
         // Mixed precision: fp32 trainable copies (modules_to_save) meet bf16 activations.
         let w = cast_to(w.clone(), x2.dtype())?;
         let b = match b {
@@ -180,7 +253,7 @@ impl Linear {
             let b = self.bias.as_ref().map(|b| crate::grad::live(b.base()));
             Some(self.affine(x2, &crate::grad::live(self.weight.base()), b, false)?)
         };
-        let base = self.base();
+        let base = self.base()?;
         let mut outs = Vec::with_capacity(g.groups.len());
         for (name, idx) in &g.groups {
             let xg = x2.index_select(idx, 0)?;
@@ -295,16 +368,23 @@ impl Linear {
             let Some(adapter) = self.adapters.get(name) else {
                 continue;
             };
-            let base = self.base();
+            let base = self.base()?;
             let weight = self.adapters.weight(name);
             let (w, b) = weighted_merge(adapter.merge(&base)?, &base, weight)?;
             if weight != 1.0 {
                 let snapshot = (
                     name.clone(),
-                    self.weight.base().clone(),
+                    self.stored(),
                     self.bias.as_ref().map(|b| b.base().clone()),
                 );
                 self.snapshots.push(snapshot);
+            }
+            if self.quant().is_some() {
+                tracing::warn!(
+                    "Merge {name} into the quantized layer {} may give different generations \
+                     due to rounding errors (the merged weight is re-quantized)",
+                    self.name
+                );
             }
             self.apply_weights(w, b)?;
             self.adapters.mark_merged(name, true);
@@ -318,12 +398,22 @@ impl Linear {
             if let Some(i) = self.snapshots.iter().position(|(n, _, _)| *n == name) {
                 // Merged at a weight other than 1: restore the weights from before.
                 let (_, w, b) = self.snapshots.remove(i);
-                self.weight.set_base(w)?;
+                match w {
+                    Stored::Dense(w) => self.weight.set_base(w)?,
+                    Stored::Quant(q) => self.weight.set_quant(q)?,
+                }
                 if let (Some(b), Some(p)) = (b, self.bias.as_mut()) {
                     p.set_base(b)?;
                 }
             } else if let Some(adapter) = self.adapters.get(&name) {
-                let (w, b) = adapter.unmerge(&self.base())?;
+                if self.quant().is_some() {
+                    tracing::warn!(
+                        "Unmerge {name} from the quantized layer {} may give different \
+                         generations due to rounding errors (the weight is re-quantized)",
+                        self.name
+                    );
+                }
+                let (w, b) = adapter.unmerge(&self.base()?)?;
                 self.apply_weights(w, b)?;
             }
             self.adapters.mark_merged(&name, false);
@@ -331,7 +421,22 @@ impl Linear {
         Ok(())
     }
 
+    fn stored(&self) -> Stored {
+        match self.quant() {
+            Some(q) => Stored::Quant(q.clone()),
+            None => Stored::Dense(self.weight.base().clone()),
+        }
+    }
+
     fn apply_weights(&mut self, w_out_in: Tensor, bias: Option<Tensor>) -> Result<()> {
+        if let Some(q) = self.quant() {
+            let q = q.requantize(&w_out_in.detach())?;
+            self.weight.set_quant(q)?;
+            if let (Some(b), Some(p)) = (bias, self.bias.as_mut()) {
+                p.set_base(b)?;
+            }
+            return Ok(());
+        }
         let w = if self.transposed {
             w_out_in.t()?.contiguous()?
         } else {

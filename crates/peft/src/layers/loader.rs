@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use super::{Conv2d, ConvParams, Embedding, GroupNorm, HookPoint, LayerNorm, Linear, RmsNorm};
 use crate::io::Weights;
+use crate::quant::{BitsAndBytesConfig, Quant4, QuantWeight, Scheme};
 use crate::{Error, Result};
 
 /// Hands out layers by Hugging Face path. `pp` descends one level, as in candle's `VarBuilder`.
@@ -25,13 +26,17 @@ pub struct Loader<'a> {
     init: &'a HeadInit,
 }
 
-/// Random initialisation of task heads the checkpoint lacks (a classifier on a base model),
-/// as transformers does it: normal(0, initializer_range) weights and zero biases.
+/// What every loader of one model load shares: the random initialisation of task heads the
+/// checkpoint lacks (a classifier on a base model), as transformers does it (normal(0,
+/// initializer_range) weights and zero biases), and the quantization of the base's Linear
+/// layers, if one was asked for.
 pub struct HeadInit {
     pub std: f64,
     pub seed: u64,
     /// Names of the tensors that were initialised rather than loaded.
     pub initialized: Mutex<Vec<String>>,
+    /// Quantize every dense Linear the loader hands out (heads and skipped modules aside).
+    pub quantization: Option<(BitsAndBytesConfig, Scheme)>,
 }
 
 impl HeadInit {
@@ -40,8 +45,28 @@ impl HeadInit {
             std,
             seed,
             initialized: Mutex::new(Vec::new()),
+            quantization: None,
         }
     }
+
+    /// Quantizes the base's Linear layers at load as `config` asks (checked here).
+    pub fn with_quantization(mut self, config: Option<&BitsAndBytesConfig>) -> Result<Self> {
+        self.quantization = match config {
+            Some(c) => c.scheme()?.map(|s| (c.clone(), s)),
+            None => None,
+        };
+        Ok(self)
+    }
+}
+
+/// Output heads, which transformers never quantizes (its `get_keys_to_not_convert` keeps the
+/// output embedding dense; classifiers are heads too): the module's own name, or a
+/// `classifier` above it (RoBERTa's `classifier.dense` / `classifier.out_proj`).
+const HEAD_NAMES: [&str; 4] = ["lm_head", "score", "classifier", "qa_outputs"];
+
+fn is_head(path: &str) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    HEAD_NAMES.contains(&last) || path.split('.').any(|p| p == "classifier")
 }
 
 impl<'a> Loader<'a> {
@@ -136,22 +161,101 @@ impl<'a> Loader<'a> {
         Ok(t.to_dtype(self.dtype)?)
     }
 
-    /// A `Linear` with weight `[out, in]`.
+    /// A `Linear` with weight `[out, in]`: kept quantized when the checkpoint stores it in
+    /// bitsandbytes' 4-bit format, quantized here when the load asks for it, else dense.
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-        let w = self.tensor("weight", &[out_dim, in_dim])?;
-        let b = if bias {
-            Some(self.tensor("bias", &[out_dim])?)
-        } else {
-            None
+        // The weight first: a shape error then names the weight, not its bias.
+        let bias = || -> Result<Option<Tensor>> {
+            Ok(if bias {
+                Some(self.tensor("bias", &[out_dim])?)
+            } else {
+                None
+            })
         };
-        Ok(Linear::new(self.path.clone(), w, b, false))
+        if let Some(q) = self.stored_quant(in_dim, out_dim)? {
+            return Linear::quantized(self.path.clone(), q, bias()?, &self.device);
+        }
+        let w = self.tensor("weight", &[out_dim, in_dim])?;
+        let b = bias()?;
+        match self.load_scheme() {
+            Some(scheme) => {
+                let q = QuantWeight::quantize(&w, &scheme)?;
+                Linear::quantized(self.path.clone(), q, b, &self.device)
+            }
+            None => Ok(Linear::new(self.path.clone(), w, b, false)),
+        }
     }
 
-    /// A `Linear` stored `[in, out]`, as transformers' `Conv1D` (GPT-2) stores it.
+    /// A `Linear` stored `[in, out]`, as transformers' `Conv1D` (GPT-2) stores it. Quantized,
+    /// it is stored `[out, in]` as bitsandbytes stores the `Linear4bit` transformers makes of it.
     pub fn conv1d(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        if let Some(q) = self.stored_quant(in_dim, out_dim)? {
+            let b = self.tensor("bias", &[out_dim])?;
+            return Linear::quantized(self.path.clone(), q, Some(b), &self.device);
+        }
         let w = self.tensor("weight", &[in_dim, out_dim])?;
         let b = self.tensor("bias", &[out_dim])?;
-        Ok(Linear::new(self.path.clone(), w, Some(b), true))
+        match self.load_scheme() {
+            Some(scheme) => {
+                let q = QuantWeight::quantize(&w.t()?.contiguous()?, &scheme)?;
+                Linear::quantized(self.path.clone(), q, Some(b), &self.device)
+            }
+            None => Ok(Linear::new(self.path.clone(), w, Some(b), true)),
+        }
+    }
+
+    /// The scheme this Linear is quantized with at load, if any: none for heads and for
+    /// `llm_int8_skip_modules`, as transformers does.
+    fn load_scheme(&self) -> Option<Scheme> {
+        let (config, scheme) = self.init.quantization.as_ref()?;
+        if is_head(&self.path) || config.skips(&self.path) {
+            tracing::debug!("{}: kept dense", self.path);
+            return None;
+        }
+        Some(*scheme)
+    }
+
+    /// The 4-bit weight a transformers checkpoint stores at this path (`weight`,
+    /// `weight.absmax`, ..., `weight.quant_state.bitsandbytes__nf4|fp4`), checked against the
+    /// layer's shape.
+    fn stored_quant(&self, in_dim: usize, out_dim: usize) -> Result<Option<QuantWeight>> {
+        let Some(key) = self.resolve(&self.full("weight")) else {
+            return Ok(None);
+        };
+        let state = ["nf4", "fp4"].iter().any(|t| {
+            self.weights
+                .contains(&format!("{key}.quant_state.bitsandbytes__{t}"))
+        });
+        if !state {
+            if self.weights.contains(&format!("{key}.SCB")) {
+                return Err(Error::Config(format!(
+                    "{key}: 8-bit (LLM.int8) checkpoints are not read yet; load the dense \
+                     checkpoint with load_in_8bit instead"
+                )));
+            }
+            return Ok(None);
+        }
+        let mut parts = std::collections::HashMap::new();
+        let prefix = format!("{key}.");
+        for name in self.weights.names() {
+            if name == key || name.starts_with(&prefix) {
+                // Codes and the quant state are bytes: read them on the CPU as stored.
+                parts.insert(
+                    name.to_string(),
+                    self.weights.load(name, &candle_core::Device::Cpu)?,
+                );
+            }
+        }
+        let q = Quant4::from_state_dict(&key, &parts)?
+            .ok_or_else(|| Error::Config(format!("{key}: unreadable 4-bit quant state")))?;
+        if q.shape != [out_dim, in_dim] {
+            return Err(Error::ShapeMismatch {
+                name: key,
+                expected: vec![out_dim, in_dim],
+                found: q.shape.clone(),
+            });
+        }
+        Ok(Some(QuantWeight::bnb4(q)?))
     }
 
     /// A task head: loaded when the checkpoint has it, else freshly initialised.

@@ -6,7 +6,8 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::Result;
+use crate::quant::QuantWeight;
+use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Param {
@@ -19,6 +20,9 @@ pub struct Param {
     copies: Vec<(String, Var)>,
     /// Which copy the forward pass uses; `None` uses the base.
     active_copy: Option<usize>,
+    /// A frozen base kept quantized (a QLoRA base weight). `base` is then an empty placeholder
+    /// of the weight's dtype: the dense weight exists only when someone asks for it.
+    quant: Option<QuantWeight>,
 }
 
 impl Param {
@@ -29,7 +33,58 @@ impl Param {
             base_var: None,
             copies: Vec::new(),
             active_copy: None,
+            quant: None,
         }
+    }
+
+    /// A frozen base weight stored quantized on `device`.
+    pub fn quantized(
+        name: impl Into<String>,
+        q: QuantWeight,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let placeholder = Tensor::zeros(0, q.dtype(), device)?;
+        let mut p = Self::new(name, placeholder);
+        p.quant = Some(q);
+        Ok(p)
+    }
+
+    /// The quantized base, when the base is stored quantized.
+    pub fn quant(&self) -> Option<&QuantWeight> {
+        self.quant.as_ref()
+    }
+
+    /// Replaces a quantized base (merging into a quantized layer re-quantizes).
+    pub fn set_quant(&mut self, q: QuantWeight) -> Result<()> {
+        if self.quant.is_none() {
+            return Err(Error::Config(format!(
+                "`{}` is stored dense; it cannot take a quantized value",
+                self.name
+            )));
+        }
+        self.quant = Some(q);
+        Ok(())
+    }
+
+    /// The dense base value: the stored tensor, or the quantized weight dequantized (saving a
+    /// dense checkpoint, `merge_and_unload` to a dense model).
+    pub fn dense(&self) -> Result<Tensor> {
+        match &self.quant {
+            Some(q) => q.dequantize(self.base.device()),
+            None => Ok(self.base.clone()),
+        }
+    }
+
+    fn refuse_training(&self, what: &str) -> Result<()> {
+        if self.quant.is_some() {
+            return Err(Error::Config(format!(
+                "`{}` is a quantized base weight and cannot be {what}: quantized weights stay \
+                 frozen (train an adapter on top of them, or load the model without \
+                 quantization to train this layer)",
+                self.name
+            )));
+        }
+        Ok(())
     }
 
     /// The value the forward pass uses right now (detached inside [`crate::no_grad`]).
@@ -53,12 +108,21 @@ impl Param {
         }
     }
 
+    /// Elements of the dense weight (a quantized weight counts as its dense size, as PEFT's
+    /// `get_nb_trainable_parameters` counts a `Params4bit`).
     pub fn elem_count(&self) -> usize {
-        self.base.elem_count()
+        match &self.quant {
+            Some(q) => {
+                let (o, i) = q.dims();
+                o * i
+            }
+            None => self.base.elem_count(),
+        }
     }
 
     /// Replaces the base value (merging a delta into it, loading a checkpoint). Keeps trainability.
     pub fn set_base(&mut self, value: Tensor) -> Result<()> {
+        self.refuse_training("overwritten with a dense value")?;
         match &self.base_var {
             Some(v) => v.set(&value)?,
             None => self.base = value,
@@ -68,6 +132,7 @@ impl Param {
 
     /// Makes the base value itself trainable and returns its variable.
     pub fn train_in_place(&mut self) -> Result<Var> {
+        self.refuse_training("trained")?;
         if let Some(v) = &self.base_var {
             return Ok(v.clone());
         }
@@ -91,6 +156,7 @@ impl Param {
 
     /// Creates (or returns) the trainable copy owned by `adapter`.
     pub fn add_copy(&mut self, adapter: &str) -> Result<Var> {
+        self.refuse_training("given a trainable copy (modules_to_save)")?;
         if let Some((_, v)) = self.copies.iter().find(|(n, _)| n == adapter) {
             return Ok(v.clone());
         }

@@ -235,6 +235,9 @@ pub struct LoadOptions {
     pub device: Device,
     /// Seed for heads the checkpoint does not contain.
     pub seed: u64,
+    /// Quantize the base's Linear layers at load (transformers' `quantization_config`):
+    /// every Linear but the embeddings, norms, heads and `llm_int8_skip_modules`.
+    pub quantization: Option<crate::quant::BitsAndBytesConfig>,
 }
 
 impl Default for LoadOptions {
@@ -244,6 +247,7 @@ impl Default for LoadOptions {
             num_labels: None,
             device: Device::Cpu,
             seed: 42,
+            quantization: None,
         }
     }
 }
@@ -257,7 +261,18 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         .get("initializer_range")
         .and_then(|v| v.as_f64())
         .unwrap_or(0.02);
-    let init = HeadInit::new(std, opts.seed);
+    if let Some(q) = config.get("quantization_config") {
+        // A checkpoint saved quantized: its layers come back quantized from their stored
+        // state; the config is checked so an unsupported method is named, not misread.
+        let c = crate::quant::BitsAndBytesConfig::from_json(q)
+            .map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?;
+        tracing::info!(
+            "{}: a {} checkpoint; its quantized layers stay quantized",
+            config_path.display(),
+            if c.load_in_8bit { "8-bit" } else { "4-bit" }
+        );
+    }
+    let init = HeadInit::new(std, opts.seed).with_quantization(opts.quantization.as_ref())?;
     // diffusers models name their class instead of a model_type.
     if let Some(class) = config.get("_class_name").and_then(|v| v.as_str()) {
         return Ok(match class {
@@ -445,7 +460,8 @@ pub fn save_pretrained(model: &dyn Model, dir: &Path) -> Result<()> {
     let mut tensors = Vec::new();
     for module in model.modules() {
         for p in module.params() {
-            tensors.push((p.name.clone(), p.base().detach()));
+            // A quantized base is written dequantized: the directory is a dense checkpoint.
+            tensors.push((p.name.clone(), p.dense()?.detach()));
         }
     }
     let mut config = info.config.clone();

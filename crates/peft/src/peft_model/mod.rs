@@ -598,7 +598,12 @@ impl PeftModel {
         let mut cast: std::collections::HashMap<candle_core::TensorId, Tensor> = Default::default();
         let mut result = Ok(());
         self.for_each_param(|p| {
-            if p.base_var().is_none() && p.base().dtype() != dtype && result.is_ok() {
+            // A quantized weight keeps its codes; its products follow the activations' dtype.
+            if p.base_var().is_none()
+                && p.quant().is_none()
+                && p.base().dtype() != dtype
+                && result.is_ok()
+            {
                 let id = p.base().id();
                 let t = match cast.get(&id) {
                     Some(t) => Ok(t.clone()),

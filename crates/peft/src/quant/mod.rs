@@ -34,6 +34,59 @@ impl QuantWeight {
         Ok(Self::Bnb4(Arc::new(q)))
     }
 
+    /// Quantizes a dense `[out, in]` weight as `scheme` asks (what transformers does to each
+    /// Linear when it loads a model with a `BitsAndBytesConfig`). The 4-bit weight keeps `w`'s
+    /// dtype, which it dequantizes to.
+    pub fn quantize(w: &Tensor, scheme: &Scheme) -> Result<Self> {
+        let (rows, cols) = w.dims2()?;
+        let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        match *scheme {
+            Scheme::FourBit {
+                quant_type,
+                double_quant,
+                blocksize,
+                ..
+            } => Self::bnb4(Quant4::quantize(
+                &values,
+                &[rows, cols],
+                quant_type,
+                blocksize,
+                double_quant,
+                w.dtype(),
+            )?),
+            Scheme::EightBit { .. } => Ok(Self::Int8(Arc::new(Int8Rows::quantize(
+                &values, rows, cols,
+            )?))),
+        }
+    }
+
+    /// The scheme this weight was quantized with.
+    pub fn scheme(&self) -> Scheme {
+        match self {
+            Self::Bnb4(q) => Scheme::FourBit {
+                quant_type: q.quant_type,
+                double_quant: matches!(q.absmax, Absmax::Nested { .. }),
+                blocksize: q.blocksize,
+                compute_dtype: q.dtype,
+            },
+            Self::Int8(_) => Scheme::EightBit { threshold: 6.0 },
+        }
+    }
+
+    /// `w` (`[out, in]`, same shape) quantized with this weight's scheme and dtype: merging an
+    /// adapter into a quantized layer dequantizes, adds, and comes back here.
+    pub fn requantize(&self, w: &Tensor) -> Result<Self> {
+        let (out, inp) = self.dims();
+        if w.dims() != [out, inp] {
+            return Err(Error::ShapeMismatch {
+                name: "weight to re-quantize".into(),
+                expected: vec![out, inp],
+                found: w.dims().to_vec(),
+            });
+        }
+        Self::quantize(&w.to_dtype(self.dtype())?, &self.scheme())
+    }
+
     /// `(out, in)`.
     pub fn dims(&self) -> (usize, usize) {
         match self {

@@ -24,6 +24,10 @@ pub struct ModelSection {
     pub path: PathBuf,
     pub task_type: Option<TaskType>,
     pub num_labels: Option<usize>,
+    /// Quantize the base at load (QLoRA), with transformers' `BitsAndBytesConfig` names:
+    /// `quantization = { load_in_4bit = true, bnb_4bit_quant_type = "nf4",
+    /// bnb_4bit_use_double_quant = true, bnb_4bit_compute_dtype = "bfloat16" }`.
+    pub quantization: Option<crate::quant::BitsAndBytesConfig>,
 }
 
 /// Where the examples are, which columns hold what, and how long sequences may be. Column names
@@ -316,6 +320,12 @@ impl TrainConfig {
         let model: ModelSection = table("model")?
             .try_into()
             .map_err(|e| section_error("model", e))?;
+        if let Some(q) = &model.quantization {
+            q.scheme().map_err(|e| match e {
+                Error::Config(m) => Error::Config(format!("[model] quantization: {m}")),
+                other => other,
+            })?;
+        }
         let data: DataSection = table("data")?
             .try_into()
             .map_err(|e| section_error("data", e))?;

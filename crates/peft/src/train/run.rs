@@ -82,6 +82,7 @@ fn load_base_for(
             num_labels,
             device: device.clone(),
             seed: cfg.training.seed,
+            quantization: cfg.model.quantization.clone(),
         },
     )
 }

@@ -85,7 +85,7 @@ impl LinearAdapter for Ia3Linear {
         let l = live(&self.l);
         if self.feedforward {
             let xs = ops::scale_columns(x, &(l - 1.0)?)?;
-            let h = ops::frozen_linear(&xs, &base.weight, base.transposed)?;
+            let h = base.product(&xs)?;
             Ok((out + h)?)
         } else {
             ops::scale_columns(&out, &l)

@@ -81,7 +81,7 @@ impl LinearAdapter for DoraLinear {
         let dropping = lora.dropout > 0.0 && train;
         let (x, base_result) = if dropping {
             let xd = ops::dropout(x, lora.dropout, true)?;
-            let y = ops::frozen_linear(&xd, &base.weight, base.transposed)?;
+            let y = base.product(&xd)?;
             (xd, y)
         } else {
             let y = match &base.bias {

@@ -136,7 +136,7 @@ pub fn inject(
                     mutate_base(l, key, &mut lora, method, r, scaling, &mut rng)?;
                 }
                 if config.use_dora {
-                    let dora = DoraLinear::new(lora, &l.base())?;
+                    let dora = DoraLinear::new(lora, &l.base()?)?;
                     l.adapters.insert(name, Box::new(dora));
                 } else {
                     l.adapters.insert(name, Box::new(lora));
@@ -204,6 +204,18 @@ fn mutate_base(
     scaling: f64,
     rng: &mut rand::rngs::StdRng,
 ) -> Result<()> {
+    if l.quant().is_some()
+        && matches!(
+            method,
+            InitMethod::Pissa | InitMethod::PissaNiter(_) | InitMethod::Olora
+        )
+    {
+        return Err(Error::Config(format!(
+            "init_lora_weights {method:?} rewrites the base weight of `{key}`, which is quantized; \
+             initialise such an adapter on the dense model (PEFT does it there too) or use the \
+             default initialisation"
+        )));
+    }
     let stored = l.weight.base().clone();
     let d = match method {
         InitMethod::Olora if l.transposed => {
@@ -214,8 +226,8 @@ fn mutate_base(
             )))
         }
         InitMethod::Olora => init::olora(&stored, r, scaling)?,
-        InitMethod::Pissa => init::pissa(&l.base().weight_out_in()?, r, scaling)?,
-        InitMethod::PissaNiter(n) => init::pissa_niter(&l.base().weight_out_in()?, r, scaling, n, rng)?,
+        InitMethod::Pissa => init::pissa(&l.base()?.weight_out_in()?, r, scaling)?,
+        InitMethod::PissaNiter(n) => init::pissa_niter(&l.base()?.weight_out_in()?, r, scaling, n, rng)?,
         _ => return Ok(()),
     };
     lora.a.set(&d.a)?;
