@@ -78,27 +78,15 @@ pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Resul
             found: out_dims,
         });
     }
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_dim;
+    }
     if !fast(x) || bias.is_some_and(|b| !fast(b)) {
         // Another device or dtype: the dense weight, once per call.
         let dense = w.dequantize(x.device())?.to_dtype(x.dtype())?;
-        return super::frozen_linear_bias(
-            &x.reshape(((), in_dim))?,
-            &dense,
-            bias.map(|b| b.to_dtype(x.dtype())).transpose()?.as_ref(),
-            false,
-        )?
-        .reshape(
-            x.dims()
-                .iter()
-                .take(x.rank() - 1)
-                .copied()
-                .chain([out_dim])
-                .collect::<Vec<_>>(),
-        )
-        .map_err(Into::into);
-    }
-    if let Some(last) = out_dims.last_mut() {
-        *last = out_dim;
+        let bias = bias.map(|b| b.to_dtype(x.dtype())).transpose()?;
+        let y = super::frozen_linear_bias(&x.reshape(((), in_dim))?, &dense, bias.as_ref(), false)?;
+        return Ok(y.reshape(out_dims)?);
     }
     let bias: Option<Vec<f32>> = match bias {
         Some(b) => Some(b.flatten_all()?.to_vec1()?),
