@@ -7,19 +7,21 @@
 //! a full GEMM thrown away. Parameter-efficient training is exactly the case where almost every
 //! weight is frozen, so skipping that GEMM cuts the backward pass by about a third.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
-use std::sync::Mutex;
+use candle_core::{DType, Tensor, D};
 
 use crate::Result;
 
 mod attention;
 mod fused;
+mod precomputed;
 mod quant;
 mod scale;
 mod spatial;
 
 pub use attention::attention_merged_heads;
 pub use fused::gelu_erf;
+use precomputed::BackwardFn;
+pub use precomputed::{with_backward, with_backward2};
 pub use quant::quant_linear;
 pub use scale::scale_columns;
 pub use spatial::{
@@ -226,6 +228,27 @@ pub fn dropout_draws() -> u64 {
     DROPOUT_DRAWS.with(|d| d.get())
 }
 
+/// This thread's dropout generator and draw count, exactly: a block recomputed in backward
+/// (gradient checkpointing) puts it back to draw the masks its forward drew.
+#[derive(Clone)]
+pub(crate) struct DropoutState(rand::rngs::SmallRng, u64);
+
+/// Replaces this thread's dropout state with `state`, returning the one it had.
+pub(crate) fn swap_dropout_state(state: DropoutState) -> DropoutState {
+    let DropoutState(rng, draws) = state;
+    let rng = DROPOUT_RNG.with(|r| std::mem::replace(&mut *r.borrow_mut(), rng));
+    let draws = DROPOUT_DRAWS.with(|d| d.replace(draws));
+    DropoutState(rng, draws)
+}
+
+/// This thread's dropout state now.
+pub(crate) fn dropout_state() -> DropoutState {
+    DropoutState(
+        DROPOUT_RNG.with(|r| r.borrow().clone()),
+        DROPOUT_DRAWS.with(|d| d.get()),
+    )
+}
+
 /// Puts this thread's dropout generator where it was after `draws` masks from `seed`.
 pub fn restore_dropout(seed: u64, draws: u64) {
     use rand::Rng;
@@ -320,95 +343,6 @@ pub fn frozen_linear_bias(
         y = y.broadcast_add(b)?;
     }
     with_backward(x, y, move |_x, _y, g| g.matmul(&wt.t()?))
-}
-
-type BackwardFn = dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
-
-/// Returns `y` (computed by the caller from `x` without recording a graph) as a node whose
-/// gradient with respect to `x` is `bwd(x, y, dy)`. Lets a fast forward kernel that has no
-/// backward, or a product whose other operand is frozen, take part in training.
-pub fn with_backward<F>(x: &Tensor, y: Tensor, bwd: F) -> Result<Tensor>
-where
-    F: Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
-{
-    if !x.track_op() {
-        return Ok(y);
-    }
-    let op = Precomputed {
-        out: Mutex::new(Some(y)),
-        bwd: Box::new(bwd),
-    };
-    Ok(x.apply_op1(op)?)
-}
-
-/// Hands over a precomputed result as its forward pass; taken out of the op once delivered so it
-/// is not kept alive twice.
-struct Precomputed {
-    out: Mutex<Option<Tensor>>,
-    bwd: Box<BackwardFn>,
-}
-
-impl Precomputed {
-    fn take(&self) -> candle_core::Result<Tensor> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("precomputed op: lock poisoned".into()))?
-            .take();
-        out.ok_or_else(|| candle_core::Error::Msg("precomputed op: forward ran twice".into()))
-    }
-}
-
-impl CustomOp1 for Precomputed {
-    fn name(&self) -> &'static str {
-        "precomputed"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self.take()?.contiguous()?;
-        let (storage, layout) = y.storage_and_layout();
-        let (start, end) = (
-            layout.start_offset(),
-            layout.start_offset() + y.elem_count(),
-        );
-        match &*storage {
-            Storage::Cpu(s) => {
-                let data = match s {
-                    CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
-                    CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
-                    CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
-                    CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
-                    _ => candle_core::bail!("precomputed op: unsupported dtype {:?}", y.dtype()),
-                };
-                Ok((data, y.shape().clone()))
-            }
-            _ => candle_core::bail!("precomputed op: tensor on an unexpected device"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = self.take()?.contiguous()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-            _ => candle_core::bail!("precomputed op: tensor on an unexpected device"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some((self.bwd)(arg, res, grad)?))
-    }
 }
 
 #[cfg(test)]
