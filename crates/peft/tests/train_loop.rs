@@ -203,6 +203,28 @@ fn accumulating_k_micro_batches_equals_one_k_times_larger_batch() {
     }
 }
 
+/// `gradient_checkpointing = true` trains the adapter the plain run trains, dropout included.
+#[test]
+fn gradient_checkpointing_trains_the_same_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture_model("seq_cls");
+    let data = examples(TaskType::SeqCls, 12, 3);
+    let mut a = args(&tmp.path().join("plain"));
+    a.per_device_train_batch_size = 4;
+    a.max_steps = 3;
+    let mut plain = model(&dir, TaskType::SeqCls, 0.1);
+    run(&mut plain, a.clone(), TaskType::SeqCls, &data, None);
+    let mut ckpt = model(&dir, TaskType::SeqCls, 0.1);
+    a.output_dir = tmp.path().join("ckpt");
+    a.gradient_checkpointing = true;
+    run(&mut ckpt, a, TaskType::SeqCls, &data, None);
+    let fresh = adapter(&model(&dir, TaskType::SeqCls, 0.1));
+    let (p, c) = (adapter(&plain), adapter(&ckpt));
+    assert!(max_diff(&p, &fresh) > 1e-3, "training changed the adapter");
+    let d = max_diff(&p, &c);
+    assert!(d < 1e-5, "checkpointed and plain runs differ by {d}");
+}
+
 #[test]
 fn resumed_and_interrupted_runs_end_with_the_uninterrupted_adapter() {
     let tmp = tempfile::tempdir().unwrap();

@@ -5,8 +5,13 @@
 //! dropped — for an evaluation batch of 64 sequences, gigabytes. Inside [`no_grad`], layers read
 //! their variables detached and nothing is recorded.
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use std::cell::Cell;
+
+pub mod checkpoint;
+
+pub use checkpoint::Checkpointing;
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(true) };
@@ -22,6 +27,29 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(ENABLED.with(|e| e.replace(false)));
     f()
+}
+
+/// Runs `f` recording gradients on this thread (a checkpointed block recomputed in backward).
+pub(crate) fn with_grad<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENABLED.with(|e| e.set(self.0));
+        }
+    }
+    let _restore = Restore(ENABLED.with(|e| e.replace(true)));
+    f()
+}
+
+/// The gradients of `loss`, including those of variables inside checkpointed blocks (which
+/// `loss.backward()` alone would leave with the blocks).
+pub fn backward(loss: &Tensor) -> crate::Result<GradStore> {
+    let _ = checkpoint::take_pending();
+    let mut grads = loss.backward()?;
+    if let Some(inner) = checkpoint::take_pending() {
+        grads.extend(inner)?;
+    }
+    Ok(grads)
 }
 
 /// Whether operations are being recorded for backward.

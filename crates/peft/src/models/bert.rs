@@ -12,6 +12,7 @@ use super::{
     num_labels, task_from_architectures, Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims,
     ModelInfo, TaskType,
 };
+use crate::grad::checkpoint::{self, Checkpointed, Enrollment};
 use crate::io::Weights;
 use crate::layers::{Embedding, HookLocation, HookPoint, LayerNorm, Linear};
 use crate::layers::{HeadInit, Loader};
@@ -163,6 +164,7 @@ pub struct Bert {
     /// NEZHA's relative position table `[max_positions, max_positions, head_dim]`.
     relative: Option<Tensor>,
     device: Device,
+    checkpointing: Enrollment,
 }
 impl_modules!(Bert {
     embeddings,
@@ -352,6 +354,7 @@ impl Bert {
             },
             cfg,
             device: opts.device.clone(),
+            checkpointing: Enrollment::default(),
         })
     }
 
@@ -415,8 +418,18 @@ impl Bert {
             c.self_attn.resize(self.layers.len(), None);
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.self_attn[i]);
-            x = self.layer_forward(layer, &x, mask.as_ref(), kv, train)?;
+            x = match cache.as_deref_mut() {
+                Some(c) => {
+                    let kv = Some(&mut c.self_attn[i]);
+                    self.layer_forward(layer, &x, mask.as_ref(), kv, train)?
+                }
+                None => {
+                    let mask = mask.clone();
+                    checkpoint::block(self, &x, None, move |m: &Self, x, _| {
+                        m.layer_forward(&m.layers[i], x, mask.as_ref(), None, train)
+                    })?
+                }
+            };
         }
         Ok(x)
     }
@@ -530,7 +543,18 @@ fn load_layer(vb: &Loader, cfg: &BertConfig, index: usize) -> Result<Layer> {
     })
 }
 
+// SAFETY: the enrollment is a field of the model.
+unsafe impl Checkpointed for Bert {
+    fn enrollment(&self) -> &Enrollment {
+        &self.checkpointing
+    }
+}
+
 impl Model for Bert {
+    fn checkpointing(&self) -> Option<&Enrollment> {
+        Some(&self.checkpointing)
+    }
+
     fn info(&self) -> &ModelInfo {
         &self.info
     }

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use super::decoder::{self, Activation, Head};
 use super::{Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims, ModelInfo, TaskType};
+use crate::grad::checkpoint::{self, Checkpointed, Enrollment};
 use crate::io::Weights;
 use crate::layers::attention::{attention, causal_mask, extend_cache};
 use crate::layers::{Embedding, HookLocation, HookPoint, LayerNorm, Linear};
@@ -89,6 +90,7 @@ pub struct Gpt2 {
     head: Head,
     pad_token_id: Option<u32>,
     device: Device,
+    checkpointing: Enrollment,
 }
 impl_modules!(Gpt2 {
     wte,
@@ -200,6 +202,7 @@ impl Gpt2 {
             ln_f,
             head,
             device: opts.device.clone(),
+            checkpointing: Enrollment::default(),
         })
     }
 
@@ -280,14 +283,34 @@ impl Gpt2 {
             c.self_attn.resize(self.blocks.len(), None);
         }
         for (i, blk) in self.blocks.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.self_attn[i]);
-            x = self.block_forward(i, blk, &x, &mask, kv, train)?;
+            x = match cache.as_deref_mut() {
+                Some(c) => {
+                    self.block_forward(i, blk, &x, &mask, Some(&mut c.self_attn[i]), train)?
+                }
+                None => {
+                    let mask = mask.clone();
+                    checkpoint::block(self, &x, None, move |m: &Self, x, _| {
+                        m.block_forward(i, &m.blocks[i], x, &mask, None, train)
+                    })?
+                }
+            };
         }
         self.ln_f.forward(&x)
     }
 }
 
+// SAFETY: the enrollment is a field of the model.
+unsafe impl Checkpointed for Gpt2 {
+    fn enrollment(&self) -> &Enrollment {
+        &self.checkpointing
+    }
+}
+
 impl Model for Gpt2 {
+    fn checkpointing(&self) -> Option<&Enrollment> {
+        Some(&self.checkpointing)
+    }
+
     fn info(&self) -> &ModelInfo {
         &self.info
     }

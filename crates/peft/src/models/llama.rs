@@ -11,6 +11,7 @@ use std::path::Path;
 
 use super::decoder::{self, Activation, Head};
 use super::{Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims, ModelInfo, TaskType};
+use crate::grad::checkpoint::{self, Checkpointed, Enrollment};
 use crate::io::Weights;
 use crate::layers::attention::{attention, causal_mask, extend_cache};
 use crate::layers::rotary::{apply_rotary, Rotary};
@@ -114,6 +115,7 @@ pub struct Llama {
     head: Head,
     pad_token_id: Option<u32>,
     device: Device,
+    checkpointing: Enrollment,
 }
 impl_modules!(Llama {
     embed_tokens,
@@ -264,6 +266,7 @@ impl Llama {
             norm,
             head,
             device: opts.device.clone(),
+            checkpointing: Enrollment::default(),
         };
         if !class_prefix.is_empty() && class_prefix != ckpt_prefix {
             decoder::rename_prefix(&mut model, ckpt_prefix, class_prefix);
@@ -345,13 +348,24 @@ impl Llama {
             c.self_attn.resize(self.layers.len(), None);
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.self_attn[i]);
-            x = self.layer_forward(layer, &x, &rope, &masks, kv, train)?;
+            x = match cache.as_deref_mut() {
+                Some(c) => {
+                    let kv = Some(&mut c.self_attn[i]);
+                    self.layer_forward(layer, &x, &rope, &masks, kv, train)?
+                }
+                None => {
+                    let (rope, masks) = (rope.clone(), masks.clone());
+                    checkpoint::block(self, &x, None, move |m: &Self, x, _| {
+                        m.layer_forward(&m.layers[i], x, &rope, &masks, None, train)
+                    })?
+                }
+            };
         }
         self.norm.forward(&x)
     }
 }
 
+#[derive(Clone)]
 struct Masks {
     full: Tensor,
     sliding: Tensor,
@@ -419,7 +433,18 @@ fn load_layer(
     })
 }
 
+// SAFETY: the enrollment is a field of the model.
+unsafe impl Checkpointed for Llama {
+    fn enrollment(&self) -> &Enrollment {
+        &self.checkpointing
+    }
+}
+
 impl Model for Llama {
+    fn checkpointing(&self) -> Option<&Enrollment> {
+        Some(&self.checkpointing)
+    }
+
     fn info(&self) -> &ModelInfo {
         &self.info
     }

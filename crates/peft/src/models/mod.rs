@@ -207,6 +207,12 @@ pub trait Model: Modules + Send + Sync {
         self.forward_with_cache(inputs, None, train)
     }
 
+    /// The mark that enrolls this model in a gradient-checkpointing session; `None` for a model
+    /// whose blocks are not checkpointed.
+    fn checkpointing(&self) -> Option<&crate::grad::checkpoint::Enrollment> {
+        None
+    }
+
     /// A module path from an adapter file as this model names the module: the identity, except
     /// for models whose library renamed its modules between versions (CLIP's text encoder lost
     /// its `text_model.` wrapper in transformers 5), so adapters saved under either name load.

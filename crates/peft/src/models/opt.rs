@@ -10,6 +10,7 @@ use std::path::Path;
 
 use super::decoder::{self, Activation, Head};
 use super::{Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims, ModelInfo, TaskType};
+use crate::grad::checkpoint::{self, Checkpointed, Enrollment};
 use crate::io::Weights;
 use crate::layers::attention::{attention, causal_mask, extend_cache};
 use crate::layers::{Embedding, HookLocation, HookPoint, LayerNorm, Linear};
@@ -96,6 +97,7 @@ pub struct Opt {
     head: Head,
     pad_token_id: Option<u32>,
     device: Device,
+    checkpointing: Enrollment,
 }
 impl_modules!(Opt {
     embed_tokens,
@@ -233,6 +235,7 @@ impl Opt {
             project_out,
             head,
             device: opts.device.clone(),
+            checkpointing: Enrollment::default(),
         })
     }
 
@@ -352,8 +355,17 @@ impl Opt {
             c.self_attn.resize(self.layers.len(), None);
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.self_attn[i]);
-            x = self.layer_forward(layer, &x, &mask, kv, train)?;
+            x = match cache.as_deref_mut() {
+                Some(c) => {
+                    self.layer_forward(layer, &x, &mask, Some(&mut c.self_attn[i]), train)?
+                }
+                None => {
+                    let mask = mask.clone();
+                    checkpoint::block(self, &x, None, move |m: &Self, x, _| {
+                        m.layer_forward(&m.layers[i], x, &mask, None, train)
+                    })?
+                }
+            };
         }
         if let Some(n) = &self.final_layer_norm {
             x = n.forward(&x)?;
@@ -365,7 +377,18 @@ impl Opt {
     }
 }
 
+// SAFETY: the enrollment is a field of the model.
+unsafe impl Checkpointed for Opt {
+    fn enrollment(&self) -> &Enrollment {
+        &self.checkpointing
+    }
+}
+
 impl Model for Opt {
+    fn checkpointing(&self) -> Option<&Enrollment> {
+        Some(&self.checkpointing)
+    }
+
     fn info(&self) -> &ModelInfo {
         &self.info
     }

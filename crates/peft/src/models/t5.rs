@@ -16,6 +16,7 @@ use super::bert::Activation;
 use super::t5_heads::{class_of, needs_decoder, T5Heads};
 use super::{task_from_architectures, Cache, Inputs, KeyValue, LoadOptions, Model, ModelDims};
 use super::{ModelInfo, TaskType};
+use crate::grad::checkpoint::{self, Checkpointed, Enrollment};
 use crate::io::Weights;
 use crate::layers::attention::{attention, causal_mask, extend_cache};
 use crate::layers::{Embedding, HookLocation, HookPoint, Linear, RmsNorm};
@@ -211,6 +212,7 @@ pub struct T5 {
     decoder: Option<Stack>,
     heads: T5Heads,
     device: Device,
+    checkpointing: Enrollment,
 }
 impl_modules!(T5 {
     shared,
@@ -297,6 +299,7 @@ impl T5 {
             decoder,
             heads,
             device: opts.device.clone(),
+            checkpointing: Enrollment::default(),
         })
     }
 
@@ -352,6 +355,100 @@ impl T5 {
         Ok(emb.forward(&buckets)?.permute((2, 0, 1))?.unsqueeze(0)?)
     }
 
+    /// One encoder block; `prefix` holds prompt-learning keys and values put in front.
+    fn encoder_block(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        bias: &Tensor,
+        prefix: Option<&KeyValue>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let p = self.cfg.dropout_rate;
+        let h = blk.self_norm.forward(x)?;
+        let a = &blk.self_attn;
+        let q = self.project(&a.q, &h, train)?;
+        let mut k = self.project(&a.k, &h, train)?;
+        let mut v = self.project(&a.v, &h, train)?;
+        if let Some(pre) = prefix {
+            k = Tensor::cat(&[&pre.key, &k], 2)?;
+            v = Tensor::cat(&[&pre.value, &v], 2)?;
+        }
+        let out = self.attend(a, &q, &k, &v, mask, Some(bias), train)?;
+        let x = blk
+            .self_hook
+            .forward(&ops::dropout(&out, p, train)?, x, None, train)?;
+        self.feed_forward(blk, &x, train)
+    }
+
+    /// One decoder block over the encoder output `enc`. With cache `slots` (self-attention,
+    /// cross-attention), attends to and extends the first and uses the second when filled.
+    #[allow(clippy::too_many_arguments)]
+    fn decoder_block(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        enc: &Tensor,
+        enc_mask: Option<&Tensor>,
+        mask: &Tensor,
+        bias: &Tensor,
+        slots: Option<(&mut Option<KeyValue>, &mut Option<KeyValue>)>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let p = self.cfg.dropout_rate;
+        let (self_slot, cross_slot) = match slots {
+            Some((s, c)) => (Some(s), Some(c)),
+            None => (None, None),
+        };
+        let h = blk.self_norm.forward(x)?;
+        let a = &blk.self_attn;
+        let q = self.project(&a.q, &h, train)?;
+        let k = self.project(&a.k, &h, train)?;
+        let v = self.project(&a.v, &h, train)?;
+        let (k, v) = extend_cache(self_slot, k, v)?;
+        let out = self.attend(a, &q, &k, &v, Some(mask), Some(bias), train)?;
+        let x = blk
+            .self_hook
+            .forward(&ops::dropout(&out, p, train)?, x, None, train)?;
+
+        let (ca, cn, ch) = match (&blk.cross_attn, &blk.cross_norm, &blk.cross_hook) {
+            (Some(a), Some(n), Some(hook)) => (a, n, hook),
+            _ => {
+                return Err(Error::Config(
+                    "T5 decoder block without cross-attention".into(),
+                ))
+            }
+        };
+        let h = cn.forward(&x)?;
+        let q = self.project(&ca.q, &h, train)?;
+        let filled = cross_slot
+            .as_deref()
+            .and_then(|kv| kv.clone())
+            .filter(|kv| !kv.is_empty());
+        let (k, v) = match filled {
+            Some(kv) => (kv.key, kv.value),
+            None => {
+                let k = self.project(&ca.k, enc, train)?;
+                let v = self.project(&ca.v, enc, train)?;
+                if let Some(slot) = cross_slot {
+                    *slot = Some(KeyValue {
+                        key: k.clone(),
+                        value: v.clone(),
+                    });
+                }
+                (k, v)
+            }
+        };
+        let cross_mask = match enc_mask {
+            Some(m) => Some(ops::padding_mask(m, k.dim(2)?, x.dtype())?),
+            None => None,
+        };
+        let out = self.attend(ca, &q, &k, &v, cross_mask.as_ref(), None, train)?;
+        let x = ch.forward(&ops::dropout(&out, p, train)?, &x, None, train)?;
+        self.feed_forward(blk, &x, train)
+    }
+
     fn feed_forward(&self, blk: &Block, x: &Tensor, train: bool) -> Result<Tensor> {
         let p = self.cfg.dropout_rate;
         let h = blk.ff_norm.forward(x)?;
@@ -395,20 +492,17 @@ impl T5 {
         let bias = self.position_bias(&self.encoder, t, past, false)?;
         let mut x = ops::dropout(&x, p, train)?;
         for (i, blk) in self.encoder.blocks.iter().enumerate() {
-            let h = blk.self_norm.forward(&x)?;
-            let a = &blk.self_attn;
-            let q = self.project(&a.q, &h, train)?;
-            let mut k = self.project(&a.k, &h, train)?;
-            let mut v = self.project(&a.v, &h, train)?;
-            if let Some(Some(pre)) = prefixes.get(i) {
-                k = Tensor::cat(&[&pre.key, &k], 2)?;
-                v = Tensor::cat(&[&pre.value, &v], 2)?;
-            }
-            let out = self.attend(a, &q, &k, &v, mask.as_ref(), Some(&bias), train)?;
-            x = blk
-                .self_hook
-                .forward(&ops::dropout(&out, p, train)?, &x, None, train)?;
-            x = self.feed_forward(blk, &x, train)?;
+            x = match prefixes.get(i) {
+                Some(Some(pre)) => {
+                    self.encoder_block(blk, &x, mask.as_ref(), &bias, Some(pre), train)?
+                }
+                _ => {
+                    let (mask, bias) = (mask.clone(), bias.clone());
+                    checkpoint::block(self, &x, None, move |m: &Self, x, _| {
+                        m.encoder_block(&m.encoder.blocks[i], x, mask.as_ref(), &bias, None, train)
+                    })?
+                }
+            };
         }
         let x = self.encoder.final_norm.forward(&x)?;
         ops::dropout(&x, p, train)
@@ -460,53 +554,20 @@ impl T5 {
         let bias = self.position_bias(dec, t, past, true)?;
         let mut x = ops::dropout(&x, p, train)?;
         for (i, blk) in dec.blocks.iter().enumerate() {
-            let h = blk.self_norm.forward(&x)?;
-            let a = &blk.self_attn;
-            let q = self.project(&a.q, &h, train)?;
-            let k = self.project(&a.k, &h, train)?;
-            let v = self.project(&a.v, &h, train)?;
-            let slot = cache.as_deref_mut().map(|c| &mut c.self_attn[i]);
-            let (k, v) = extend_cache(slot, k, v)?;
-            let out = self.attend(a, &q, &k, &v, Some(&mask), Some(&bias), train)?;
-            x = blk
-                .self_hook
-                .forward(&ops::dropout(&out, p, train)?, &x, None, train)?;
-
-            let (ca, cn, ch) = match (&blk.cross_attn, &blk.cross_norm, &blk.cross_hook) {
-                (Some(a), Some(n), Some(hook)) => (a, n, hook),
-                _ => {
-                    return Err(Error::Config(
-                        "T5 decoder block without cross-attention".into(),
-                    ))
+            x = match cache.as_deref_mut() {
+                Some(c) => {
+                    let slots = Some((&mut c.self_attn[i], &mut c.cross_attn[i]));
+                    self.decoder_block(blk, &x, enc, enc_mask, &mask, &bias, slots, train)?
                 }
-            };
-            let h = cn.forward(&x)?;
-            let q = self.project(&ca.q, &h, train)?;
-            let filled = cache
-                .as_deref()
-                .and_then(|c| c.cross_attn[i].clone())
-                .filter(|kv| !kv.is_empty());
-            let (k, v) = match filled {
-                Some(kv) => (kv.key, kv.value),
                 None => {
-                    let k = self.project(&ca.k, enc, train)?;
-                    let v = self.project(&ca.v, enc, train)?;
-                    if let Some(c) = cache.as_deref_mut() {
-                        c.cross_attn[i] = Some(KeyValue {
-                            key: k.clone(),
-                            value: v.clone(),
-                        });
-                    }
-                    (k, v)
+                    let (enc_mask, mask, bias) = (enc_mask.cloned(), mask.clone(), bias.clone());
+                    checkpoint::block(self, &x, Some(enc), move |m: &Self, x, enc| {
+                        let blk = &m.decoder.as_ref().expect("a decoder").blocks[i];
+                        let enc = enc.expect("the encoder output");
+                        m.decoder_block(blk, x, enc, enc_mask.as_ref(), &mask, &bias, None, train)
+                    })?
                 }
             };
-            let cross_mask = match enc_mask {
-                Some(m) => Some(ops::padding_mask(m, k.dim(2)?, x.dtype())?),
-                None => None,
-            };
-            let out = self.attend(ca, &q, &k, &v, cross_mask.as_ref(), None, train)?;
-            x = ch.forward(&ops::dropout(&out, p, train)?, &x, None, train)?;
-            x = self.feed_forward(blk, &x, train)?;
         }
         let x = dec.final_norm.forward(&x)?;
         ops::dropout(&x, p, train)
@@ -585,7 +646,18 @@ fn load_stack(vb: &Loader, cfg: &T5Config, n: usize, gated: bool, decoder: bool)
     })
 }
 
+// SAFETY: the enrollment is a field of the model.
+unsafe impl Checkpointed for T5 {
+    fn enrollment(&self) -> &Enrollment {
+        &self.checkpointing
+    }
+}
+
 impl Model for T5 {
+    fn checkpointing(&self) -> Option<&Enrollment> {
+        Some(&self.checkpointing)
+    }
+
     fn info(&self) -> &ModelInfo {
         &self.info
     }

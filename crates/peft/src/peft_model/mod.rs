@@ -495,6 +495,16 @@ impl PeftModel {
             .find_map(|e| e.tuner.input_transform())
     }
 
+    /// Gradient checkpointing for forward passes on this thread until the guard drops: each block
+    /// keeps only its input and runs again in backward (transformers'
+    /// `gradient_checkpointing_enable`). Take gradients with [`crate::grad::backward`] inside
+    /// the session. `None` when the base model's blocks cannot be checkpointed.
+    pub fn gradient_checkpointing(&self) -> Option<crate::grad::Checkpointing<'_>> {
+        self.model
+            .checkpointing()
+            .map(|e| crate::grad::Checkpointing::enable([e]))
+    }
+
     /// Runs the model with the active adapters, as PEFT's forward does (for an input method, the
     /// output includes the positions it put in front, as PEFT returns them). `train` switches
     /// dropout on.

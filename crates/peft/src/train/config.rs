@@ -169,6 +169,9 @@ pub struct TrainingArguments {
     pub greater_is_better: Option<bool>,
     /// bf16 compute with fp32 master weights and optimizer moments.
     pub bf16: bool,
+    /// Recompute each block in backward instead of keeping its activations: activation memory
+    /// flat in depth for about a third more compute (transformers' name).
+    pub gradient_checkpointing: bool,
     /// A `checkpoint-N` directory, or `true`-like `"last"` for the newest in `output_dir`.
     pub resume_from_checkpoint: Option<String>,
     /// Batch examples of similar length together (transformers' LengthGroupedSampler), which cuts
@@ -189,6 +192,7 @@ impl Default for TrainingArguments {
             per_device_train_batch_size: 8,
             per_device_eval_batch_size: 8,
             gradient_accumulation_steps: 1,
+            gradient_checkpointing: false,
             warmup_ratio: 0.0,
             warmup_steps: 0,
             lr_scheduler_type: SchedulerType::Linear,

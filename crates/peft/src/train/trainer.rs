@@ -144,6 +144,12 @@ impl Trainer<'_> {
         if args.bf16 {
             self.model.cast_frozen(DType::BF16)?;
         }
+        if args.gradient_checkpointing && self.model.base_model().checkpointing().is_none() {
+            tracing::warn!(
+                "gradient_checkpointing: this model's blocks cannot be checkpointed; training \
+                 keeps every activation"
+            );
+        }
         let out_dir = args.output_dir.clone();
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
         let bs = args.per_device_train_batch_size;
@@ -273,6 +279,13 @@ impl Trainer<'_> {
                     if count == 0 {
                         continue;
                     }
+                    // Open for this micro-batch's forward and backward only: the model is
+                    // borrowed while it is open.
+                    let _checkpointing = if args.gradient_checkpointing {
+                        self.model.gradient_checkpointing()
+                    } else {
+                        None
+                    };
                     let (logits, prefix) = self.model.forward_with_prefix(&b.inputs, true)?;
                     let mut loss = adapter_loss(self.model, task, &logits, prefix, &b.targets)?;
                     // Method-specific terms (AdaLoRA's orthogonal regularisation), as PEFT adds
@@ -301,7 +314,7 @@ impl Trainer<'_> {
                     let share = count as f64 / n_total as f64;
                     step_loss += loss_v * share;
                     let loss = if share != 1.0 { (loss * share)? } else { loss };
-                    let g = opt.gradients(&loss.backward()?);
+                    let g = opt.gradients(&crate::grad::backward(&loss)?);
                     grads = Some(match grads {
                         None => g,
                         Some(acc) => acc
