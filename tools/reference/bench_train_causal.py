@@ -9,6 +9,12 @@ The counterpart of `peft bench --model GGUF --task-type CAUSAL_LM --target-modul
     (transformers shifts them inside the loss);
   * step: forward + loss + backward + AdamW(lr=1e-4) step + zero_grad, model.train().
 
+`--base` picks how the frozen base is stored: f32 (default), bf16 (bf16 weights; PEFT keeps the
+adapter in fp32), nf4 (bitsandbytes NF4 with double quantization, compute dtype f32, after
+`prepare_model_for_kbit_training`); `--model-dir` loads a Hugging Face directory instead of the
+GGUF. `--gradient-checkpointing` turns on transformers' gradient checkpointing (non-reentrant,
+inputs requiring grad as PEFT's `enable_input_require_grads` makes them).
+
 After --warmup steps it times --steps steps and prints one JSON line with seq_per_s, step_s and
 peak_rss_mb (ru_maxrss of the process, MiB), plus other_load (mean cores other processes kept busy
 while timing; see bench_train.py). Run from the repository root:
@@ -43,13 +49,40 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--gguf", default=GGUF)
+    p.add_argument("--model-dir", help="a Hugging Face model directory instead of the GGUF")
+    p.add_argument("--base", choices=["f32", "bf16", "nf4"], default="f32")
+    p.add_argument("--gradient-checkpointing", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    d, f = os.path.dirname(args.gguf), os.path.basename(args.gguf)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    kw = {"dtype": torch.bfloat16 if args.base == "bf16" else torch.float32}
+    if args.base == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    if args.model_dir:
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, **kw)
+    else:
+        d, f = os.path.dirname(args.gguf), os.path.basename(args.gguf)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, **kw)
     model.config.use_cache = False
+    if args.base == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = get_peft_model(
         model,
         LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
@@ -79,6 +112,8 @@ def main():
             {
                 "impl": "pytorch+peft",
                 "task": "CAUSAL_LM",
+                "base": args.base,
+                "gradient_checkpointing": args.gradient_checkpointing,
                 "seq_per_s": round(args.batch / step_s, 2),
                 "step_s": round(step_s, 4),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),

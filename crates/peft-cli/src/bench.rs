@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::args::{parse_device, DeviceArg, TaskTypeArg, DEVICE_HELP};
+use crate::args::{parse_device, DeviceArg, QuantArgs, TaskTypeArg, DEVICE_HELP};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -56,6 +56,14 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Option<DeviceArg>,
+    /// bf16 frozen weights and compute, fp32 adapter weights (the trainer's `bf16 = true`).
+    #[arg(long)]
+    pub bf16: bool,
+    /// Recompute each block in backward (the trainer's `gradient_checkpointing = true`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    #[command(flatten)]
+    pub quant: QuantArgs,
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
@@ -76,7 +84,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         num_labels: (task_type == TaskType::SeqCls).then_some(2),
         device: device.clone(),
         seed: 0,
-        quantization: None,
+        quantization: a.quant.config()?,
     };
     let base = models::load(&a.model, &opts)?;
     let vocab = base.dims().vocab_size as u32;
@@ -140,6 +148,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         _ => config.peft_type(),
     };
     let mut model = get_peft_model_with_seed(base, config, "default", 0)?;
+    if a.bf16 {
+        model.cast_frozen(DType::BF16)?;
+    }
     let (b, t) = (a.batch, a.seq_len);
     let ids = Tensor::from_vec(random_ids(b * t), (b, t), &device)?;
     let inputs = Inputs {
@@ -167,6 +178,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     for step in 0..a.warmup + a.steps {
         let start = Instant::now();
         // The loss as the trainer computes it (an input method's virtual positions included).
+        let checkpointing = if a.gradient_checkpointing {
+            Some(model.gradient_checkpointing().ok_or_else(|| {
+                Error::Config("this model's blocks cannot be checkpointed".into())
+            })?)
+        } else {
+            None
+        };
         let (logits, prefix) = model.forward_with_prefix(&inputs, true)?;
         let targets = match task_type {
             TaskType::CausalLm => Targets::Tokens(labels.clone()),
@@ -178,7 +196,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             loss = (loss + reg)?;
         }
         let t_f = start.elapsed().as_secs_f64();
-        let grads = loss.backward()?;
+        let grads = peft::grad::backward(&loss)?;
+        drop(checkpointing);
         let t_b = start.elapsed().as_secs_f64();
         opt.step(&grads, 1e-4, 1.0)?;
         model.update_and_allocate(step, &grads)?;
@@ -200,12 +219,37 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .map(|(_, v)| v.as_tensor().elem_count())
         .sum();
     println!(
-        "{{\"impl\":\"peft\",\"method\":\"{method}\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable}}}",
+        "{{\"impl\":\"peft\",\"method\":\"{method}\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable},\"base\":\"{}\",\"gradient_checkpointing\":{}}}",
         task_type.as_str(),
         b as f64 / step_s,
-        peak_rss_mb()
+        peak_rss_mb(),
+        base_kind(a),
+        a.gradient_checkpointing
     );
     Ok(())
+}
+
+/// How the frozen base was stored, for the JSON line: `f32`, `bf16`, `nf4-dq`, `int8`, ...
+fn base_kind(a: &BenchArgs) -> String {
+    let q = &a.quant;
+    let mut kind = if q.load_in_4bit {
+        q.bnb_4bit_quant_type
+            .clone()
+            .unwrap_or_else(|| "fp4".into())
+    } else if q.load_in_8bit {
+        "int8".into()
+    } else if a.model.extension().is_some_and(|e| e == "gguf") {
+        "gguf".into()
+    } else {
+        "f32".into()
+    };
+    if q.bnb_4bit_use_double_quant {
+        kind.push_str("-dq");
+    }
+    if a.bf16 {
+        kind.push_str("+bf16");
+    }
+    kind
 }
 
 /// Peak resident set size of this process (VmHWM), in MB; 0 where /proc is unavailable.

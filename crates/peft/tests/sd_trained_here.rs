@@ -122,7 +122,10 @@ fn adapters_trained_here_give_diffusers_outputs_in_every_layout() {
             assert_close(&format!("{sd} {layout} unet"), &u, want_u, 1e-4);
             assert_close(&format!("{sd} {layout} text encoder"), &h, want_h, 1e-4);
             // The adapter does something, so agreeing means something.
-            assert!(max_diff(want_u, &e["base.unet.sample"]) > 0.1, "{sd} {layout}");
+            assert!(
+                max_diff(want_u, &e["base.unet.sample"]) > 0.1,
+                "{sd} {layout}"
+            );
             assert!(
                 max_diff(want_h, &e["base.text_encoder.last_hidden_state"]) > 0.1,
                 "{sd} {layout}"
