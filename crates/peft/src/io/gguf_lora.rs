@@ -481,3 +481,20 @@ pub(crate) fn read_for_model(
 pub(crate) fn base_task(_path: &Path) -> Result<Option<crate::models::TaskType>> {
     Ok(Some(crate::models::TaskType::CausalLm))
 }
+
+/// The config.json of the base model at `path` without loading its weights: a Hugging Face
+/// directory's `config.json`, or the one a GGUF model's metadata describes (what llama.cpp's
+/// converter takes from `--base`).
+pub fn read_base_config(path: &Path) -> Result<Json> {
+    let config = path.join("config.json");
+    if path.is_dir() && config.exists() {
+        return super::read_json(&config);
+    }
+    match super::gguf::find_gguf(path)? {
+        Some(file) => GgufFile::open(&file)?.config_json(),
+        None => Err(Error::Config(format!(
+            "{}: neither a model directory with config.json nor a GGUF model",
+            path.display()
+        ))),
+    }
+}

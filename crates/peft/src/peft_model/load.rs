@@ -372,6 +372,30 @@ impl AdapterFiles {
         })
     }
 
+    /// [`AdapterFiles::read`], and also a llama.cpp GGUF LoRA file (read as the LoRA it is),
+    /// which needs the base model's config.json (`base_config`) for its q/k row permutation.
+    pub fn read_for_base(
+        path: &Path,
+        base_config: Option<&serde_json::Value>,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        if !crate::io::gguf_lora::is_gguf_adapter(path) {
+            return Self::read(path, device);
+        }
+        let base = base_config.ok_or_else(|| {
+            Error::Adapter(format!(
+                "{}: a GGUF LoRA adapter needs its base model's config to be read",
+                path.display()
+            ))
+        })?;
+        let lora = crate::io::gguf_lora::read_gguf_lora(path, base, device)?;
+        Ok(Self {
+            config: PeftConfig::from_adapter_json(&lora.config)?,
+            tensors: lora.tensors.into_iter().collect(),
+            dir: path.to_path_buf(),
+        })
+    }
+
     /// Bytes the tensors take.
     pub fn size_in_bytes(&self) -> usize {
         self.tensors
