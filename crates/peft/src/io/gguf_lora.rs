@@ -64,6 +64,9 @@ impl GgufOutType {
     }
 }
 
+/// GGUF metadata key/values, in file order.
+pub type Metadata = Vec<(String, Value)>;
+
 /// What a GGUF LoRA needs from the base model's config.json.
 struct Base {
     heads: usize,
@@ -144,7 +147,7 @@ pub fn peft_to_gguf(
     tensors: &HashMap<String, Tensor>,
     base_config: &Json,
     out_type: GgufOutType,
-) -> Result<(Vec<(String, Value)>, Vec<GgufTensor>)> {
+) -> Result<(Metadata, Vec<GgufTensor>)> {
     let base = Base::from_config(base_config)?;
     check_exportable(adapter_config)?;
     let alpha = adapter_config["lora_alpha"].as_f64().unwrap_or(8.0);
