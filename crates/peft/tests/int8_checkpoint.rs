@@ -1,6 +1,7 @@
 //! LLM.int8 checkpoints as transformers 5 + bitsandbytes 0.50.2 save them (`weight` int8, `SCB`,
 //! `weight_format`, `quantization_config` with load_in_8bit), and transformers' skip-module
-//! rules. Fixtures: tools/fixtures/make_int8_fixtures.py (a tiny random Llama, dense and saved
+//! rules; and writing quantized checkpoints (8-bit and 4-bit) as transformers writes them.
+//! Fixtures: tools/fixtures/make_int8_fixtures.py (a tiny random Llama, dense and saved
 //! 8-bit by transformers on the CPU, its logits and bitsandbytes' dequantized weights).
 
 mod common;
@@ -118,5 +119,86 @@ fn skip_modules_select_the_layers_transformers_selects() {
             .map(|v| v.as_str().unwrap().to_string())
             .collect();
         assert_eq!(got, want, "llm_int8_skip_modules = {skip}");
+    }
+}
+
+/// Written back here, the checkpoint holds exactly the tensors transformers wrote (names, dtypes,
+/// shapes, bytes) and the same quantization_config, and loads 8-bit again.
+#[test]
+fn an_8bit_model_saves_as_transformers_saved_it() {
+    let m = load("llama_8bit", None);
+    let cfg = peft::io::read_json(&dir().join("llama_8bit/config.json")).unwrap();
+    let q = BitsAndBytesConfig::from_json(&cfg["quantization_config"]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    peft::io::quantized_checkpoint::save_quantized(m.as_ref(), tmp.path(), &q).unwrap();
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let ours = read(&tmp.path().join("model.safetensors"));
+    let theirs = read(&dir().join("llama_8bit/model.safetensors"));
+    let (ours, theirs) = (
+        safetensors::SafeTensors::deserialize(&ours).unwrap(),
+        safetensors::SafeTensors::deserialize(&theirs).unwrap(),
+    );
+    let mut names: Vec<String> = ours.names().into_iter().map(String::from).collect();
+    let mut want: Vec<String> = theirs.names().into_iter().map(String::from).collect();
+    names.sort();
+    want.sort();
+    assert_eq!(names, want);
+    for n in &names {
+        let (a, b) = (ours.tensor(n).unwrap(), theirs.tensor(n).unwrap());
+        assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "{n}");
+        assert_eq!(a.data(), b.data(), "{n}");
+    }
+    let saved = peft::io::read_json(&tmp.path().join("config.json")).unwrap();
+    let (a, b) = (&saved["quantization_config"], &cfg["quantization_config"]);
+    for key in [
+        "load_in_8bit",
+        "llm_int8_skip_modules",
+        "llm_int8_threshold",
+        "quant_method",
+    ] {
+        assert_eq!(a[key], b[key], "{key}");
+    }
+    let back = models::load(
+        tmp.path(),
+        &LoadOptions {
+            task: Some(TaskType::CausalLm),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(int8_linears(back.as_ref()).len(), 13);
+    let y = back.forward(&inputs(), false).unwrap();
+    assert_close("reloaded", &y, &expected("logits_8bit_fp"), 1e-4);
+}
+
+/// The same writer on transformers' 4-bit checkpoint (NF4 + double quantization, from
+/// tools/fixtures/make_qlora_fixtures.py): the same tensors, byte for byte.
+#[test]
+fn a_4bit_model_saves_as_transformers_saved_it() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qlora/llama_4bit");
+    let opts = LoadOptions {
+        task: Some(TaskType::CausalLm),
+        ..Default::default()
+    };
+    let m = models::load(&src, &opts).unwrap();
+    let cfg = peft::io::read_json(&src.join("config.json")).unwrap();
+    let q = BitsAndBytesConfig::from_json(&cfg["quantization_config"]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    peft::io::quantized_checkpoint::save_quantized(m.as_ref(), tmp.path(), &q).unwrap();
+    let ours = std::fs::read(tmp.path().join("model.safetensors")).unwrap();
+    let theirs = std::fs::read(src.join("model.safetensors")).unwrap();
+    let (ours, theirs) = (
+        safetensors::SafeTensors::deserialize(&ours).unwrap(),
+        safetensors::SafeTensors::deserialize(&theirs).unwrap(),
+    );
+    let mut names: Vec<String> = ours.names().into_iter().map(String::from).collect();
+    let mut want: Vec<String> = theirs.names().into_iter().map(String::from).collect();
+    names.sort();
+    want.sort();
+    assert_eq!(names, want);
+    for n in &names {
+        let (a, b) = (ours.tensor(n).unwrap(), theirs.tensor(n).unwrap());
+        assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "{n}");
+        assert_eq!(a.data(), b.data(), "{n}");
     }
 }

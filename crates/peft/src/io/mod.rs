@@ -8,6 +8,7 @@ pub mod gguf_lora;
 pub mod gguf_write;
 pub mod hub;
 pub mod image;
+pub mod quantized_checkpoint;
 pub mod tokenizer;
 pub mod weights;
 
