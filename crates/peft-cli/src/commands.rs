@@ -421,8 +421,31 @@ pub struct MergeArgs {
     /// the tokenizer files, loadable by transformers.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// With a quantized base: merge into the dequantized weights and write a dense model in
+    /// this dtype (no re-quantization, no quantization_config), instead of PEFT's
+    /// dequantize-add-requantize. Also casts a dense base.
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    pub dequantize: Option<DenseDtypeArg>,
     #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Option<DeviceArg>,
+}
+
+/// `--dequantize` of `peft merge`: the dtype of the dense merged model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DenseDtypeArg {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16.
+    Bf16,
+}
+
+impl DenseDtypeArg {
+    fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 /// Merges one adapter, or a weighted combination of several (PEFT's `add_weighted_adapter`
@@ -488,7 +511,10 @@ pub fn merge(a: MergeArgs) -> Result<()> {
             a.combination_type.name()
         );
     }
-    let merged = peft_model.merge_and_unload()?;
+    let merged = match a.dequantize {
+        Some(d) => peft_model.merge_and_unload_dequantized(d.dtype())?,
+        None => peft_model.merge_and_unload()?,
+    };
     models::save_pretrained(merged.as_ref(), &a.out)?;
     tracing::info!("merged model written to {}", a.out.display());
     Ok(())

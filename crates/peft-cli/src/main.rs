@@ -10,6 +10,7 @@ mod args;
 mod bench;
 mod commands;
 mod diffusion;
+mod export;
 mod generate;
 mod logging;
 mod serve;
@@ -75,6 +76,9 @@ enum Command {
     GenerateImage(diffusion::GenerateImageArgs),
     /// Rewrite a Stable Diffusion adapter in PEFT's, diffusers' or kohya's layout.
     Convert(diffusion::ConvertArgs),
+    /// Rewrite a LoRA adapter as llama.cpp's GGUF LoRA (--format gguf, from a PEFT adapter on a
+    /// llama-family base) or a GGUF LoRA as a PEFT adapter directory (--format peft).
+    Export(export::ExportArgs),
     /// Time training steps (LoRA r=8 on PEFT's default targets unless --target-modules, or the
     /// method of --peft-config) on fixed-length random batches, or with --generate the speed of
     /// greedy generation; prints one JSON line.
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::generate(a),
         Command::GenerateImage(a) => diffusion::generate_image(a),
         Command::Convert(a) => diffusion::convert(a),
+        Command::Export(a) => export::export(a),
         Command::Bench(a) => bench::run(&a),
         Command::Serve(a) => serve::serve(a),
     };

@@ -53,8 +53,57 @@ fn serve_answers_as_generate_and_exits_0_on_sigterm() {
         .unwrap()
         .save_pretrained(&adapter)
         .unwrap();
+    serves_as_generate(&adapter, &adapter);
+}
+
+/// The same adapter as a llama.cpp GGUF LoRA (`peft export --format gguf`): served, it answers
+/// with the text `peft generate` prints for the PEFT adapter.
+#[cfg(unix)]
+#[test]
+fn serve_takes_a_gguf_lora_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("a");
+    let model = models::load(
+        &tiny(),
+        &LoadOptions {
+            task: Some(TaskType::CausalLm),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 16.0,
+        target_modules: Some(ModuleSpec::List(vec!["q_proj".into(), "k_proj".into()])),
+        init_lora_weights: InitLoraWeights::Bool(false),
+        ..Default::default()
+    };
+    get_peft_model_with_seed(model, config, "default", 7)
+        .unwrap()
+        .save_pretrained(&adapter)
+        .unwrap();
+    let gguf = tmp.path().join("a.gguf");
+    let status = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["export", "--format", "gguf", "--adapter"])
+        .args([
+            &adapter,
+            &PathBuf::from("--base"),
+            &tiny(),
+            &PathBuf::from("--out"),
+            &gguf,
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    serves_as_generate(&adapter, &gguf);
+}
+
+/// `peft generate` through `generate_adapter` and `peft serve` through `serve_adapter` give the
+/// same greedy text; the server exits 0 on SIGTERM.
+#[cfg(unix)]
+fn serves_as_generate(generate_adapter: &Path, serve_adapter: &Path) {
     let m = tiny();
-    let spec = format!("a={}", adapter.display());
+    let spec = format!("a={}", generate_adapter.display());
     let out = Command::new(env!("CARGO_BIN_EXE_peft"))
         .args([
             "generate",
@@ -84,6 +133,7 @@ fn serve_answers_as_generate_and_exits_0_on_sigterm() {
         )
         .unwrap();
 
+    let spec = format!("a={}", serve_adapter.display());
     let mut server = Command::new(env!("CARGO_BIN_EXE_peft"))
         .args(["serve", "--model", m.to_str().unwrap(), "--adapter", &spec])
         .args(["--port", "0", "--served-model-name", "tiny"])

@@ -90,8 +90,14 @@ fn now_secs() -> u64 {
 }
 
 /// Reads an adapter and checks that this server can serve it.
-fn read_adapter(dir: &Path, device: &candle_core::Device) -> peft::Result<AdapterFiles> {
-    let files = AdapterFiles::read(dir, device)?;
+fn read_adapter(
+    dir: &Path,
+    base: &Path,
+    device: &candle_core::Device,
+) -> peft::Result<AdapterFiles> {
+    // The base's config is needed only by GGUF LoRA files (their q/k permutation).
+    let base_config = peft::io::gguf_lora::read_base_config(base).ok();
+    let files = AdapterFiles::read_for_base(dir, base_config.as_ref(), device)?;
     let c = &files.config;
     if c.kind() == MethodKind::Input {
         return Err(peft::Error::Adapter(format!(
@@ -164,7 +170,10 @@ impl App {
         for (name, dir) in &cfg.adapters {
             catalog.next_version += 1;
             let internal = format!("{name}@{}", catalog.next_version);
-            files.push((internal.clone(), Arc::new(read_adapter(dir, &cfg.device)?)));
+            files.push((
+                internal.clone(),
+                Arc::new(read_adapter(dir, &cfg.model, &cfg.device)?),
+            ));
             catalog.adapters.insert(
                 name.clone(),
                 Entry {
@@ -606,7 +615,8 @@ async fn load_adapter_inner(
     let dir = resolve_in_root(root, &req.lora_path)?;
     let device = st.cfg.device.clone();
     let d = dir.clone();
-    let files = tokio::task::spawn_blocking(move || read_adapter(&d, &device))
+    let base = st.cfg.model.clone();
+    let files = tokio::task::spawn_blocking(move || read_adapter(&d, &base, &device))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| ApiError::bad_request(e.to_string()).param("lora_path"))?;

@@ -128,9 +128,11 @@ impl Served {
             peft::Error::Adapter(format!("adapter version `{name}` is no longer known"))
         })?;
         tracing::info!("reading adapter {name} from {} again", dir.display());
-        let files = Arc::new(AdapterFiles::read(
+        let base = self.model.base_model();
+        let files = Arc::new(AdapterFiles::read_for_base(
             &dir,
-            &self.model.base_model().device().clone(),
+            Some(&base.info().config),
+            &base.device().clone(),
         )?);
         self.keep_resident(name, files.clone());
         Ok(files)

@@ -438,6 +438,18 @@ fn byte_alphabet() -> Vec<char> {
         .collect()
 }
 
+/// The Linear layers of a llama block: llama.cpp's tensor stem and the transformers module path
+/// under `model.layers.N.` (llama.cpp's `MODEL_TENSOR` names for `LLM_ARCH_LLAMA`).
+pub(crate) const BLOCK_LINEARS: &[(&str, &str)] = &[
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
 /// llama.cpp name → (transformers name, heads to un-permute with).
 fn hf_name(name: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<usize>)> {
     let (stem, suffix) = name.rsplit_once('.')?;
@@ -456,14 +468,15 @@ fn hf_name(name: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<
     let (hf, unpermute) = match part {
         "attn_norm" => ("input_layernorm", None),
         "ffn_norm" => ("post_attention_layernorm", None),
-        "attn_q" => ("self_attn.q_proj", Some(heads)),
-        "attn_k" => ("self_attn.k_proj", Some(kv_heads)),
-        "attn_v" => ("self_attn.v_proj", None),
-        "attn_output" => ("self_attn.o_proj", None),
-        "ffn_gate" => ("mlp.gate_proj", None),
-        "ffn_up" => ("mlp.up_proj", None),
-        "ffn_down" => ("mlp.down_proj", None),
-        _ => return None,
+        _ => {
+            let (_, hf) = BLOCK_LINEARS.iter().find(|(g, _)| *g == part)?;
+            let unpermute = match part {
+                "attn_q" => Some(heads),
+                "attn_k" => Some(kv_heads),
+                _ => None,
+            };
+            (*hf, unpermute)
+        }
     };
     Some((
         format!("model.layers.{layer}.{hf}.{suffix}"),
@@ -471,9 +484,27 @@ fn hf_name(name: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<
     ))
 }
 
+/// llama.cpp's `LlamaModel.permute`: rows `[heads, 2, half, ...]` reordered to
+/// `[heads, half, 2, ...]`, the pair layout of its RoPE kernel.
+pub(crate) fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    if heads == 0 || !rows.is_multiple_of(heads * 2) {
+        return Err(Error::Config(format!(
+            "a tensor with {rows} rows cannot be split into {heads} heads of RoPE pairs"
+        )));
+    }
+    let half = rows / heads / 2;
+    let rest: usize = dims[1..].iter().product();
+    Ok(t.reshape((heads, 2, half, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
 /// Inverse of llama.cpp's `permute`: its rows are `[heads, 2, half, ...]` viewed as
 /// `[heads, half, 2, ...]`; transformers' rotate-half RoPE wants the former order back.
-fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+pub(crate) fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
     if heads == 0 || !rows.is_multiple_of(heads * 2) {
@@ -546,6 +577,10 @@ mod tests {
             .unwrap()
             .reshape((rows, inp))
             .unwrap();
+        assert_eq!(
+            permute_rows(&w, heads).unwrap().to_vec2::<f32>().unwrap(),
+            permuted.to_vec2::<f32>().unwrap()
+        );
         let back = unpermute_rows(&permuted, heads).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         assert_ne!(

@@ -4,8 +4,11 @@ pub mod adapterhub;
 pub mod chat;
 pub mod clip_tokenizer;
 pub mod gguf;
+pub mod gguf_lora;
+pub mod gguf_write;
 pub mod hub;
 pub mod image;
+pub mod quantized_checkpoint;
 pub mod tokenizer;
 pub mod weights;
 

@@ -130,6 +130,24 @@ impl Weights {
         self.names.iter().map(|s| s.as_str())
     }
 
+    /// A stored tensor as its raw little-endian bytes with its shape, for the dtypes candle has
+    /// no tensor type for (bitsandbytes' int8 codes): `None` when it is not stored as `dtype`
+    /// in a safetensors file.
+    pub(crate) fn raw(
+        &self,
+        name: &str,
+        dtype: safetensors::Dtype,
+    ) -> Result<Option<(Vec<usize>, Vec<u8>)>> {
+        let Source::Safetensors(st) = &self.source else {
+            return Ok(None);
+        };
+        let view = st.get(name)?;
+        if view.dtype() != dtype {
+            return Ok(None);
+        }
+        Ok(Some((view.shape().to_vec(), view.data().to_vec())))
+    }
+
     pub(crate) fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         match &self.source {
             Source::Safetensors(st) => Ok(st.load(name, device)?),

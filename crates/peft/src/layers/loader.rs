@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use super::{Conv2d, ConvParams, Embedding, GroupNorm, HookPoint, LayerNorm, Linear, RmsNorm};
 use crate::io::Weights;
-use crate::quant::{BitsAndBytesConfig, Quant4, QuantWeight, Scheme};
+use crate::quant::{BitsAndBytesConfig, Int8Rows, Quant4, QuantWeight, Scheme};
 use crate::{Error, Result};
 
 /// Hands out layers by Hugging Face path. `pp` descends one level, as in candle's `VarBuilder`.
@@ -208,7 +208,9 @@ impl<'a> Loader<'a> {
     /// `llm_int8_skip_modules`, as transformers does.
     fn load_scheme(&self) -> Option<Scheme> {
         let (config, scheme) = self.init.quantization.as_ref()?;
-        if is_head(&self.path) || config.skips(&self.path) {
+        // transformers: the default skips (the output head) unless a skip list replaces them.
+        let default_skip = !config.replaces_default_skips() && is_head(&self.path);
+        if default_skip || config.skips(&self.path) {
             tracing::debug!("{}: kept dense", self.path);
             return None;
         }
@@ -227,11 +229,10 @@ impl<'a> Loader<'a> {
                 .contains(&format!("{key}.quant_state.bitsandbytes__{t}"))
         });
         if !state {
-            if self.weights.contains(&format!("{key}.SCB")) {
-                return Err(Error::Config(format!(
-                    "{key}: 8-bit (LLM.int8) checkpoints are not read yet; load the dense \
-                     checkpoint with load_in_8bit instead"
-                )));
+            // transformers saves the row scales beside the weight: `<module>.SCB`.
+            let scb = format!("{}.SCB", key.strip_suffix(".weight").unwrap_or(&key));
+            if self.weights.contains(&scb) {
+                return self.stored_int8(&key, &scb, in_dim, out_dim).map(Some);
             }
             return Ok(None);
         }
@@ -256,6 +257,55 @@ impl<'a> Loader<'a> {
             });
         }
         Ok(Some(QuantWeight::bnb4(q)?))
+    }
+
+    /// The LLM.int8 weight a transformers checkpoint stores at `key` (`weight` int8 `[out, in]`,
+    /// `SCB` f32 `[out]`, `weight_format` 0 = row-major), checked against the layer's shape.
+    fn stored_int8(
+        &self,
+        key: &str,
+        scb_key: &str,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<QuantWeight> {
+        let (shape, bytes) = self
+            .weights
+            .raw(key, safetensors::Dtype::I8)?
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "{key}: has an 8-bit SCB beside it but is not stored as int8 ({})",
+                    self.weights.location
+                ))
+            })?;
+        let format_key = format!("{key}_format");
+        if self.weights.contains(&format_key) {
+            let f = self
+                .weights
+                .load(&format_key, &candle_core::Device::Cpu)?
+                .to_dtype(candle_core::DType::U32)?
+                .flatten_all()?
+                .to_vec1::<u32>()?;
+            // bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING: 0 row, 1 col32, 2 col_turing,
+            // 3 col_ampere; only the row layout is written since bitsandbytes 0.45.
+            if f.first().copied().unwrap_or(0) != 0 {
+                return Err(Error::Config(format!(
+                    "{key}: 8-bit weight_format {f:?} (a tiled GPU layout of old bitsandbytes) is \
+                     not supported; re-save the model with bitsandbytes >= 0.45 (row format)"
+                )));
+            }
+        }
+        if shape != [out_dim, in_dim] {
+            return Err(Error::ShapeMismatch {
+                name: key.to_string(),
+                expected: vec![out_dim, in_dim],
+                found: shape,
+            });
+        }
+        let scb = self.weights.load(scb_key, &candle_core::Device::Cpu)?;
+        let codes: Vec<i8> = bytes.into_iter().map(|b| b as i8).collect();
+        Ok(QuantWeight::Int8(std::sync::Arc::new(
+            Int8Rows::from_parts(codes, &shape, &scb)?,
+        )))
     }
 
     /// A task head: loaded when the checkpoint has it, else freshly initialised.

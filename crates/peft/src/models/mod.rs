@@ -476,6 +476,27 @@ pub fn save_pretrained(model: &dyn Model, dir: &Path) -> Result<()> {
             "architectures".into(),
             serde_json::json!([info.architecture]),
         );
+        // Every weight is written dense: the checkpoint is not a quantized one any more, and
+        // its dtype is the one written (transformers 5 reads `dtype`, 4.x `torch_dtype`).
+        if obj.remove("quantization_config").is_some() {
+            tracing::info!("quantized base written dense: config.json without quantization_config");
+        }
+        let written = tensors
+            .iter()
+            .map(|(_, t)| t.dtype())
+            .find(|d| d.is_float())
+            .map(|d| match d {
+                candle_core::DType::BF16 => "bfloat16",
+                candle_core::DType::F16 => "float16",
+                _ => "float32",
+            });
+        if let Some(name) = written {
+            for key in ["torch_dtype", "dtype"] {
+                if obj.contains_key(key) {
+                    obj.insert(key.into(), name.into());
+                }
+            }
+        }
         if let Some(head) = info.head.first() {
             let rows = model
                 .modules()

@@ -209,6 +209,19 @@ impl PeftModel {
                 return Err(e);
             }
         }
+        // PEFT saves the base weight of an adapted embedding or head with the adapter
+        // (`save_embedding_layers`, on when `embed_tokens` / `lm_head` is a target) and its
+        // loader puts it back on the model: do the same.
+        let (base_weights, rest): (HashMap<_, _>, HashMap<_, _>) = std::mem::take(&mut file)
+            .into_iter()
+            .partition(|(k, _)| k.ends_with(".base_layer.weight"));
+        file = rest;
+        for (key, t) in base_weights {
+            if let Err(e) = self.load_bias(&key, name, t) {
+                self.delete_adapter(name)?;
+                return Err(e);
+            }
+        }
         if bias != Bias::None {
             let (biases, rest): (HashMap<_, _>, HashMap<_, _>) = std::mem::take(&mut file)
                 .into_iter()
@@ -235,7 +248,8 @@ impl PeftModel {
         Ok(())
     }
 
-    /// Places a trained bias saved with the adapter (`bias` = all / lora_only). PEFT writes a
+    /// Places a trained bias saved with the adapter (`bias` = all / lora_only), or a base weight
+    /// saved with it (`base_layer.weight` of an adapted embedding or head). PEFT writes a
     /// wrapped layer's bias under `base_layer`, and for a `modules_to_save` module also under
     /// `original_module` (the base) and `modules_to_save` (the adapter's copy, which the plain
     /// key already carries).
@@ -355,6 +369,30 @@ impl AdapterFiles {
             config,
             tensors,
             dir: dir.to_path_buf(),
+        })
+    }
+
+    /// [`AdapterFiles::read`], and also a llama.cpp GGUF LoRA file (read as the LoRA it is),
+    /// which needs the base model's config.json (`base_config`) for its q/k row permutation.
+    pub fn read_for_base(
+        path: &Path,
+        base_config: Option<&serde_json::Value>,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        if !crate::io::gguf_lora::is_gguf_adapter(path) {
+            return Self::read(path, device);
+        }
+        let base = base_config.ok_or_else(|| {
+            Error::Adapter(format!(
+                "{}: a GGUF LoRA adapter needs its base model's config to be read",
+                path.display()
+            ))
+        })?;
+        let lora = crate::io::gguf_lora::read_gguf_lora(path, base, device)?;
+        Ok(Self {
+            config: PeftConfig::from_adapter_json(&lora.config)?,
+            tensors: lora.tensors.into_iter().collect(),
+            dir: path.to_path_buf(),
         })
     }
 

@@ -47,6 +47,40 @@ impl PeftModel {
         Ok(self.strip(true))
     }
 
+    /// [`PeftModel::merge_and_unload`] into a dense model: every quantized base weight is
+    /// dequantized first, the adapter is added to it in f32 (`dequant(W) + scale·B·A`, never
+    /// re-quantized, so none of the rounding PEFT warns about), and every float weight is then
+    /// cast to `dtype` (f32, bf16 or f16). Saved with [`crate::models::save_pretrained`], the
+    /// result is a plain transformers checkpoint.
+    pub fn merge_and_unload_dequantized(
+        mut self,
+        dtype: candle_core::DType,
+    ) -> Result<Box<dyn Model>> {
+        use candle_core::DType;
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::Config(format!(
+                "a dequantized merge writes f32, bf16 or f16 weights, not {dtype:?}"
+            )));
+        }
+        for module in self.model.modules_mut() {
+            if let crate::layers::ModuleMut::Linear(l) = module {
+                l.dequantize_in_place()?;
+            }
+        }
+        self.merge_adapter()?;
+        let mut model = self.strip(true);
+        for module in model.modules_mut() {
+            for p in module.params_mut() {
+                let t = p.base();
+                if t.dtype().is_float() && t.dtype() != dtype {
+                    let cast = t.to_dtype(dtype)?;
+                    p.set_base(cast)?;
+                }
+            }
+        }
+        Ok(model)
+    }
+
     /// Returns the base model with every adapter removed and nothing merged.
     pub fn unload(mut self) -> Result<Box<dyn Model>> {
         self.unmerge_adapter()?;

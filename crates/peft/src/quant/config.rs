@@ -152,14 +152,22 @@ impl BitsAndBytesConfig {
         }
     }
 
-    /// Whether the Linear at `path` stays dense: listed in `llm_int8_skip_modules` (a name
-    /// component or a suffix, as transformers matches them).
+    /// Whether the Linear at `path` stays dense because `llm_int8_skip_modules` lists it.
+    /// transformers 5's `should_convert_module` matching: a pattern matches as a regex from the
+    /// start of the path up to a module boundary (`layer.1` matches `layer.1.attn`, not
+    /// `layer.11.attn`), or as a plain string suffix (`proj` matches every `*_proj`). A list
+    /// given replaces transformers' default skips (the output head): see
+    /// [`BitsAndBytesConfig::replaces_default_skips`].
     pub fn skips(&self, path: &str) -> bool {
-        self.llm_int8_skip_modules.as_ref().is_some_and(|mods| {
-            mods.iter().any(|m| {
-                path == m || path.ends_with(&format!(".{m}")) || path.contains(&format!("{m}."))
-            })
-        })
+        self.llm_int8_skip_modules
+            .as_ref()
+            .is_some_and(|mods| mods.iter().any(|m| skip_pattern_matches(m, path)))
+    }
+
+    /// Whether `llm_int8_skip_modules` is set: transformers then keeps dense only what it lists
+    /// (`get_modules_to_not_convert`), so an output head not listed is quantized too.
+    pub fn replaces_default_skips(&self) -> bool {
+        self.llm_int8_skip_modules.is_some()
     }
 
     /// As transformers saves it in config.json.
@@ -177,6 +185,27 @@ impl BitsAndBytesConfig {
         }
         v
     }
+}
+
+/// `re.match(rf"(?:{key}){boundary}", path) or path.endswith(key)` with
+/// `boundary = (?:(?<=\.)|(?=\.|$))`: the pattern must match a prefix of `path` that ends at
+/// a boundary (right after a `.`, right before one, or at the end). Each boundary position is
+/// tried, as Python's backtracking would. A pattern that is not a valid regex matches literally.
+fn skip_pattern_matches(key: &str, path: &str) -> bool {
+    if path.ends_with(key) {
+        return true;
+    }
+    let full = regex::Regex::new(&format!("^(?:{key})$")).ok();
+    let bytes = path.as_bytes();
+    (0..=path.len())
+        .filter(|&i| {
+            path.is_char_boundary(i)
+                && (i == path.len() || bytes[i] == b'.' || (i > 0 && bytes[i - 1] == b'.'))
+        })
+        .any(|i| match &full {
+            Some(re) => re.is_match(&path[..i]),
+            None => &path[..i] == key,
+        })
 }
 
 #[cfg(test)]

@@ -1,7 +1,11 @@
 //! LLM.int8()-style 8-bit weights as bitsandbytes 0.50 stores them (`Int8Params`, transformers'
 //! `load_in_8bit`): every row scaled by its absolute maximum onto [-127, 127] and rounded; the
-//! row maxima are `SCB`. The product dequantizes (`code · SCB / 127`) as bitsandbytes' CPU path
-//! does, so the outlier threshold, which only splits the product on CUDA, changes nothing here.
+//! row maxima are `SCB`. The product dequantizes (`code · SCB / 127`) and multiplies in the
+//! input's dtype, as bitsandbytes' CPU training product (`MatMul8bitFp`) does. Its inference
+//! product (`MatMul8bitLt`, eval mode on CPU and CUDA) also quantizes the activations to int8
+//! rows and keeps the columns above `llm_int8_threshold` in fp16; that path is not reproduced, so
+//! the threshold changes nothing here (transformers' eval logits differ by that quantization:
+//! ~0.1 on the tiny fixture model, see tests/int8_checkpoint.rs).
 
 use candle_core::{DType, Device, Tensor};
 use half::f16;

@@ -103,13 +103,22 @@ pub struct AdapterFormat {
     pub task: fn(&std::path::Path) -> Result<Option<TaskType>>,
 }
 
-/// The foreign adapter layouts: AdapterHub's (bottleneck adapters, fusions, heads).
-pub const FORMATS: &[AdapterFormat] = &[AdapterFormat {
-    name: "AdapterHub",
-    detect: crate::io::adapterhub::is_adapterhub_dir,
-    read: bottleneck::hub::read_dir,
-    task: bottleneck::hub::base_task,
-}];
+/// The foreign adapter layouts: AdapterHub's (bottleneck adapters, fusions, heads) and
+/// llama.cpp's GGUF LoRA files.
+pub const FORMATS: &[AdapterFormat] = &[
+    AdapterFormat {
+        name: "AdapterHub",
+        detect: crate::io::adapterhub::is_adapterhub_dir,
+        read: bottleneck::hub::read_dir,
+        task: bottleneck::hub::base_task,
+    },
+    AdapterFormat {
+        name: "GGUF LoRA",
+        detect: crate::io::gguf_lora::is_gguf_adapter,
+        read: crate::io::gguf_lora::read_for_model,
+        task: crate::io::gguf_lora::base_task,
+    },
+];
 
 /// The foreign layout `dir` is in, if any.
 pub fn foreign_format(dir: &std::path::Path) -> Option<&'static AdapterFormat> {
