@@ -3,7 +3,7 @@
 //! tools/fixtures/make_sd_trained_here_fixtures.py trained a LoRA on each tiny pipeline with the
 //! `peft` binary (UNet attention, ResNet convolutions and `proj_in`; text-encoder attention),
 //! kept PEFT's folders, diffusers' file and the kohya file it wrote, loaded each in diffusers 0.42
-//! + PEFT 0.21 and recorded the UNet's and the text encoder's outputs. Here: today's writers
+//! and PEFT 0.21, and recorded the UNet's and the text encoder's outputs. Here: today's writers
 //! produce exactly those files from the PEFT folders (so what diffusers read is what this code
 //! writes), and this code's outputs with each file equal diffusers'.
 
