@@ -3,7 +3,8 @@
 //! adapter directory from a GGUF LoRA.
 
 use clap::{Args, ValueEnum};
-use peft::io::gguf_lora::{export_gguf, read_base_config, read_gguf_lora, GgufOutType};
+use peft::io::read_base_config;
+use peft::tuners::lora::gguf::{export_gguf, read_gguf_lora, GgufOutType};
 use peft::{Error, Result};
 use std::path::PathBuf;
 

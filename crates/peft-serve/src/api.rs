@@ -96,7 +96,7 @@ fn read_adapter(
     device: &candle_core::Device,
 ) -> peft::Result<AdapterFiles> {
     // The base's config is needed only by GGUF LoRA files (their q/k permutation).
-    let base_config = peft::io::gguf_lora::read_base_config(base).ok();
+    let base_config = peft::io::read_base_config(base).ok();
     let files = AdapterFiles::read_for_base(dir, base_config.as_ref(), device)?;
     let c = &files.config;
     if c.kind() == MethodKind::Input {

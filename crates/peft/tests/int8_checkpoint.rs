@@ -130,7 +130,7 @@ fn an_8bit_model_saves_as_transformers_saved_it() {
     let cfg = peft::io::read_json(&dir().join("llama_8bit/config.json")).unwrap();
     let q = BitsAndBytesConfig::from_json(&cfg["quantization_config"]).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    peft::io::quantized_checkpoint::save_quantized(m.as_ref(), tmp.path(), &q).unwrap();
+    peft::models::quantized_checkpoint::save_quantized(m.as_ref(), tmp.path(), &q).unwrap();
     let read = |p: &Path| std::fs::read(p).unwrap();
     let ours = read(&tmp.path().join("model.safetensors"));
     let theirs = read(&dir().join("llama_8bit/model.safetensors"));
@@ -184,7 +184,7 @@ fn a_4bit_model_saves_as_transformers_saved_it() {
     let cfg = peft::io::read_json(&src.join("config.json")).unwrap();
     let q = BitsAndBytesConfig::from_json(&cfg["quantization_config"]).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    peft::io::quantized_checkpoint::save_quantized(m.as_ref(), tmp.path(), &q).unwrap();
+    peft::models::quantized_checkpoint::save_quantized(m.as_ref(), tmp.path(), &q).unwrap();
     let ours = std::fs::read(tmp.path().join("model.safetensors")).unwrap();
     let theirs = std::fs::read(src.join("model.safetensors")).unwrap();
     let (ours, theirs) = (

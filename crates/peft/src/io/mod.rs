@@ -4,11 +4,9 @@ pub mod adapterhub;
 pub mod chat;
 pub mod clip_tokenizer;
 pub mod gguf;
-pub mod gguf_lora;
 pub mod gguf_write;
 pub mod hub;
 pub mod image;
-pub mod quantized_checkpoint;
 pub mod tokenizer;
 pub mod weights;
 
@@ -110,4 +108,21 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The config.json of the base model at `path` without loading its weights: a Hugging Face
+/// directory's `config.json`, or the one a GGUF model's metadata describes (what llama.cpp's
+/// converter takes from `--base`).
+pub fn read_base_config(path: &Path) -> Result<serde_json::Value> {
+    let config = path.join("config.json");
+    if path.is_dir() && config.exists() {
+        return read_json(&config);
+    }
+    match gguf::find_gguf(path)? {
+        Some(file) => gguf::GgufFile::open(&file)?.config_json(),
+        None => Err(Error::Config(format!(
+            "{}: neither a model directory with config.json nor a GGUF model",
+            path.display()
+        ))),
+    }
 }

@@ -10,6 +10,7 @@ pub mod llama;
 pub mod nezha;
 pub mod opt;
 pub mod pooling;
+pub mod quantized_checkpoint;
 pub mod t5;
 mod t5_heads;
 pub mod unet;

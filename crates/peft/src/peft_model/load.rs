@@ -372,26 +372,30 @@ impl AdapterFiles {
         })
     }
 
-    /// [`AdapterFiles::read`], and also a llama.cpp GGUF LoRA file (read as the LoRA it is),
-    /// which needs the base model's config.json (`base_config`) for its q/k row permutation.
+    /// [`AdapterFiles::read`], and also an adapter in a foreign layout that can be read from the
+    /// base model's config.json alone (`base_config`; llama.cpp's GGUF LoRA files, whose q/k rows
+    /// are permuted by the base's head counts).
     pub fn read_for_base(
         path: &Path,
         base_config: Option<&serde_json::Value>,
         device: &candle_core::Device,
     ) -> Result<Self> {
-        if !crate::io::gguf_lora::is_gguf_adapter(path) {
+        let Some((format, read)) = crate::tuners::foreign_format(path)
+            .and_then(|f| f.read_for_config.map(|read| (f, read)))
+        else {
             return Self::read(path, device);
-        }
+        };
         let base = base_config.ok_or_else(|| {
             Error::Adapter(format!(
-                "{}: a GGUF LoRA adapter needs its base model's config to be read",
-                path.display()
+                "{}: a {} adapter needs its base model's config to be read",
+                path.display(),
+                format.name
             ))
         })?;
-        let lora = crate::io::gguf_lora::read_gguf_lora(path, base, device)?;
+        let (config, tensors) = read(path, base, device)?;
         Ok(Self {
-            config: PeftConfig::from_adapter_json(&lora.config)?,
-            tensors: lora.tensors.into_iter().collect(),
+            config,
+            tensors,
             dir: path.to_path_buf(),
         })
     }

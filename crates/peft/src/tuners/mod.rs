@@ -101,6 +101,19 @@ pub struct AdapterFormat {
     )>,
     /// The head the base model needs under such an adapter (what the layout records).
     pub task: fn(&std::path::Path) -> Result<Option<TaskType>>,
+    /// [`AdapterFormat::read`] from the base model's config.json alone, before any model is
+    /// loaded (what a server reads to register an adapter), where the layout allows it.
+    #[allow(clippy::type_complexity)]
+    pub read_for_config: Option<
+        fn(
+            &std::path::Path,
+            &Value,
+            &candle_core::Device,
+        ) -> Result<(
+            PeftConfig,
+            std::collections::HashMap<String, candle_core::Tensor>,
+        )>,
+    >,
 }
 
 /// The foreign adapter layouts: AdapterHub's (bottleneck adapters, fusions, heads) and
@@ -111,12 +124,14 @@ pub const FORMATS: &[AdapterFormat] = &[
         detect: crate::io::adapterhub::is_adapterhub_dir,
         read: bottleneck::hub::read_dir,
         task: bottleneck::hub::base_task,
+        read_for_config: None,
     },
     AdapterFormat {
         name: "GGUF LoRA",
-        detect: crate::io::gguf_lora::is_gguf_adapter,
-        read: crate::io::gguf_lora::read_for_model,
-        task: crate::io::gguf_lora::base_task,
+        detect: lora::gguf::is_gguf_adapter,
+        read: lora::gguf::read_for_model,
+        task: lora::gguf::base_task,
+        read_for_config: Some(lora::gguf::read_for_config),
     },
 ];
 

@@ -4,6 +4,7 @@ pub mod config;
 pub mod conv;
 pub mod convert;
 pub mod dora;
+pub mod gguf;
 pub mod init;
 pub mod layer;
 pub mod model;

@@ -25,9 +25,9 @@ use serde_json::{json, Value as Json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use super::gguf::{permute_rows, unpermute_rows, GgufFile, Source, BLOCK_LINEARS};
-use super::gguf_write::{write_gguf, GgufTensor};
-use super::KEY_PREFIX;
+use crate::io::gguf::{permute_rows, unpermute_rows, GgufFile, Source, BLOCK_LINEARS};
+use crate::io::gguf_write::{write_gguf, GgufTensor};
+use crate::io::KEY_PREFIX;
 use crate::{Error, Result};
 
 /// The float type of the written tensors: convert_lora_to_gguf.py's `--outtype` (f32 is its
@@ -273,9 +273,11 @@ pub fn export_gguf(
     out_type: GgufOutType,
     path: &Path,
 ) -> Result<()> {
-    let config = super::read_json(&adapter_dir.join(super::ADAPTER_CONFIG_NAME))?;
-    let tensors =
-        super::load_safetensors(&adapter_dir.join(super::ADAPTER_WEIGHTS_NAME), &Device::Cpu)?;
+    let config = crate::io::read_json(&adapter_dir.join(crate::io::ADAPTER_CONFIG_NAME))?;
+    let tensors = crate::io::load_safetensors(
+        &adapter_dir.join(crate::io::ADAPTER_WEIGHTS_NAME),
+        &Device::Cpu,
+    )?;
     let (meta, tensors) = peft_to_gguf(&config, &tensors, base_config, out_type)?;
     write_gguf(path, &meta, &tensors)
 }
@@ -290,16 +292,16 @@ pub struct GgufLora {
 /// Whether `path` names a GGUF adapter: a `.gguf` file, or a directory holding one GGUF file and
 /// no PEFT `adapter_config.json`. (A GGUF model passed as an adapter is refused when read.)
 pub fn is_gguf_adapter(path: &Path) -> bool {
-    if path.is_dir() && path.join(super::ADAPTER_CONFIG_NAME).exists() {
+    if path.is_dir() && path.join(crate::io::ADAPTER_CONFIG_NAME).exists() {
         return false;
     }
-    matches!(super::gguf::find_gguf(path), Ok(Some(_)))
+    matches!(crate::io::gguf::find_gguf(path), Ok(Some(_)))
 }
 
 /// Reads the GGUF LoRA adapter at `path` (a file, or a directory holding one) for a base with
 /// config.json `base_config`.
 pub fn read_gguf_lora(path: &Path, base_config: &Json, device: &Device) -> Result<GgufLora> {
-    let file_path = super::gguf::find_gguf(path)?
+    let file_path = crate::io::gguf::find_gguf(path)?
         .ok_or_else(|| Error::Adapter(format!("{}: no GGUF file there", path.display())))?;
     let file = GgufFile::open(&file_path)?;
     let shown = file_path.display();
@@ -462,10 +464,10 @@ impl GgufLora {
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        super::save_safetensors(&dir.join(super::ADAPTER_WEIGHTS_NAME), &tensors)?;
+        crate::io::save_safetensors(&dir.join(crate::io::ADAPTER_WEIGHTS_NAME), &tensors)?;
         let json = serde_json::to_string_pretty(&config.to_adapter_json())
             .map_err(|e| Error::Adapter(e.to_string()))?;
-        super::write_atomic(&dir.join(super::ADAPTER_CONFIG_NAME), json.as_bytes())
+        crate::io::write_atomic(&dir.join(crate::io::ADAPTER_CONFIG_NAME), json.as_bytes())
     }
 }
 
@@ -475,7 +477,17 @@ pub(crate) fn read_for_model(
     model: &dyn crate::models::Model,
     _name: &str,
 ) -> Result<(crate::tuners::PeftConfig, HashMap<String, Tensor>)> {
-    let lora = read_gguf_lora(path, &model.info().config, model.device())?;
+    read_for_config(path, &model.info().config, model.device())
+}
+
+/// [`crate::tuners::AdapterFormat`] hook: the GGUF LoRA at `path` for the base whose config.json
+/// is `base_config`.
+pub(crate) fn read_for_config(
+    path: &Path,
+    base_config: &Json,
+    device: &Device,
+) -> Result<(crate::tuners::PeftConfig, HashMap<String, Tensor>)> {
+    let lora = read_gguf_lora(path, base_config, device)?;
     let config = crate::tuners::PeftConfig::from_adapter_json(&lora.config)?;
     Ok((config, lora.tensors.into_iter().collect()))
 }
@@ -483,21 +495,4 @@ pub(crate) fn read_for_model(
 /// [`crate::tuners::AdapterFormat`] hook: a llama.cpp adapter is for a causal LM.
 pub(crate) fn base_task(_path: &Path) -> Result<Option<crate::models::TaskType>> {
     Ok(Some(crate::models::TaskType::CausalLm))
-}
-
-/// The config.json of the base model at `path` without loading its weights: a Hugging Face
-/// directory's `config.json`, or the one a GGUF model's metadata describes (what llama.cpp's
-/// converter takes from `--base`).
-pub fn read_base_config(path: &Path) -> Result<Json> {
-    let config = path.join("config.json");
-    if path.is_dir() && config.exists() {
-        return super::read_json(&config);
-    }
-    match super::gguf::find_gguf(path)? {
-        Some(file) => GgufFile::open(&file)?.config_json(),
-        None => Err(Error::Config(format!(
-            "{}: neither a model directory with config.json nor a GGUF model",
-            path.display()
-        ))),
-    }
 }

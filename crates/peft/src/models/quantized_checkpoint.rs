@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor};
 use safetensors::tensor::View;
 use safetensors::Dtype;
 
-use crate::models::Model;
+use super::Model;
 use crate::quant::{BitsAndBytesConfig, QuantWeight};
 use crate::{Error, Result};
 
@@ -138,7 +138,7 @@ pub fn save_quantized(model: &dyn Model, dir: &Path, config: &BitsAndBytesConfig
         obj.insert("quantization_config".into(), config.to_json());
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    super::write_atomic(&dir.join("model.safetensors"), &st)?;
+    crate::io::write_atomic(&dir.join("model.safetensors"), &st)?;
     let json = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Config(e.to_string()))?;
-    super::write_atomic(&dir.join("config.json"), json.as_bytes())
+    crate::io::write_atomic(&dir.join("config.json"), json.as_bytes())
 }
