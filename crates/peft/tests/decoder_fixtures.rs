@@ -350,3 +350,44 @@ tests_for!(gradients, every_trainable_parameter_gets_a_gradient:
     llama_gqa, llama_tied, mistral, qwen2, llama_linear, llama_dynamic, llama_llama3, llama_yarn, llama_seq_cls,
     gpt2, gpt2_seq_cls, opt, opt_post, opt_seq_cls,
 );
+
+/// A tied model saved with the one shared tensor under the head's name (transformers keeps one
+/// copy of tied weights and may keep either name) loads as transformers ties it: the base
+/// logits of the fixture.
+#[test]
+fn tied_weights_saved_under_the_head_name_load() {
+    for (case, embed) in [
+        ("llama_tied", "model.embed_tokens.weight"),
+        ("gpt2", "transformer.wte.weight"),
+        ("opt", "model.decoder.embed_tokens.weight"),
+    ] {
+        let src = model_dir(case);
+        let tmp = tempfile::tempdir().unwrap();
+        let mut tensors: Vec<(String, Tensor)> = load_st(&src.join("model.safetensors"))
+            .into_iter()
+            .filter(|(k, _)| k != "lm_head.weight")
+            .collect();
+        let n = tensors.len();
+        for (k, _) in tensors.iter_mut() {
+            if k == embed {
+                *k = "lm_head.weight".into();
+            }
+        }
+        assert!(tensors.iter().any(|(k, _)| k == "lm_head.weight"), "{case}");
+        assert_eq!(tensors.len(), n);
+        peft::io::save_safetensors(&tmp.path().join("model.safetensors"), &tensors).unwrap();
+        std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let opts = LoadOptions {
+            task: Some(task(case)),
+            ..Default::default()
+        };
+        let m = models::load(tmp.path(), &opts).unwrap();
+        let right = inputs(false);
+        check(
+            &format!("{case}: head-named tied weight"),
+            &m.forward(&right, false).unwrap(),
+            &expected(case)["base_logits"],
+            &right,
+        );
+    }
+}

@@ -338,6 +338,19 @@ impl<'a> Loader<'a> {
         ))
     }
 
+    /// The input embedding of a model whose output head shares its weight: this path's
+    /// `weight`, or, when the checkpoint holds only the head's (`head`; transformers keeps one
+    /// copy of tied weights, under either name), that one, as transformers ties them on load.
+    pub fn tied_embedding(&self, num: usize, dim: usize, head: &Loader) -> Result<Embedding> {
+        if !self.contains("weight") && head.contains("weight") {
+            return Ok(Embedding::new(
+                self.path.clone(),
+                head.tensor("weight", &[num, dim])?,
+            ));
+        }
+        self.embedding(num, dim)
+    }
+
     pub fn layer_norm(&self, dim: usize, eps: f64) -> Result<LayerNorm> {
         // Old BERT checkpoints name LayerNorm parameters gamma/beta.
         let (w, b) = if !self.contains("weight") && self.contains("gamma") {

@@ -141,7 +141,9 @@ impl Gpt2 {
         };
         let (h, inner) = (cfg.n_embd, cfg.n_inner.unwrap_or(4 * cfg.n_embd));
         let eps = cfg.layer_norm_epsilon;
-        let wte = base.pp("wte").embedding(cfg.vocab_size, h)?;
+        let wte = base
+            .pp("wte")
+            .tied_embedding(cfg.vocab_size, h, &root.pp("lm_head"))?;
         let wpe = base.pp("wpe").embedding(cfg.n_positions, h)?;
         let blocks = (0..cfg.n_layer)
             .map(|i| {

@@ -203,7 +203,12 @@ impl Llama {
             root.pp(ckpt_prefix)
         };
         let h = cfg.hidden_size;
-        let embed_tokens = base.pp("embed_tokens").embedding(cfg.vocab_size, h)?;
+        let embed_tokens = if cfg.tie_word_embeddings {
+            base.pp("embed_tokens")
+                .tied_embedding(cfg.vocab_size, h, &root.pp("lm_head"))?
+        } else {
+            base.pp("embed_tokens").embedding(cfg.vocab_size, h)?
+        };
         let sliding = sliding_layers(&model_type, &cfg);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {

@@ -158,7 +158,9 @@ impl Opt {
         };
         let proj = cfg.word_embed_proj_dim.unwrap_or(h);
         let affine = cfg.layer_norm_elementwise_affine;
-        let embed_tokens = base.pp("embed_tokens").embedding(cfg.vocab_size, proj)?;
+        let embed_tokens =
+            base.pp("embed_tokens")
+                .tied_embedding(cfg.vocab_size, proj, &root.pp("lm_head"))?;
         let embed_positions = base
             .pp("embed_positions")
             .embedding(cfg.max_position_embeddings + POSITION_OFFSET as usize, h)?;
