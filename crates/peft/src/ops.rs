@@ -12,6 +12,7 @@ use candle_core::{DType, Tensor, D};
 use crate::Result;
 
 mod attention;
+mod cross_entropy;
 mod fused;
 mod precomputed;
 mod quant;
@@ -288,34 +289,7 @@ fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
 /// Mean cross-entropy over the rows whose label is not `ignore_index` (-100, as in torch).
 /// `logits`: [n, classes]; `labels`: [n] (i64).
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let labels_v: Vec<i64> = labels.to_vec1()?;
-    let classes = logits.dim(1)?;
-    let keep: Vec<u32> = labels_v
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l != -100)
-        .map(|(i, _)| i as u32)
-        .collect();
-    if keep.is_empty() {
-        return Err(crate::Error::Data(
-            "every label in the batch is -100 (ignored); nothing to learn from".into(),
-        ));
-    }
-    if let Some(bad) = labels_v
-        .iter()
-        .find(|&&l| l != -100 && (l < 0 || l as usize >= classes))
-    {
-        return Err(crate::Error::Data(format!(
-            "label {bad} is out of range for a head with {classes} classes"
-        )));
-    }
-    let dev = logits.device();
-    let rows = Tensor::new(keep.as_slice(), dev)?;
-    let targets: Vec<u32> = keep.iter().map(|&i| labels_v[i as usize] as u32).collect();
-    let targets = Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?;
-    let logp = log_softmax(&logits.index_select(&rows, 0)?)?;
-    let picked = logp.gather(&targets, 1)?;
-    Ok(picked.mean_all()?.neg()?)
+    cross_entropy::cross_entropy(logits, labels)
 }
 
 /// `x @ w.T` (or `x @ w` when `w` is stored `[in, out]`, `transposed`) for a weight that is not

@@ -46,13 +46,20 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
                 .into(),
         ));
     }
-    let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let labels = labels
-        .to_dtype(DType::I64)?
-        .narrow(1, 1, t - 1)?
-        .contiguous()?
-        .flatten_all()?;
-    ops::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)
+    // Position i predicts label i + 1: shift the labels, not the logits (a narrowed logits
+    // tensor would be copied, and its gradient padded back, each vocabulary-sized).
+    let labels = labels.to_dtype(DType::I64)?;
+    let shifted = Tensor::cat(
+        &[
+            &labels.narrow(1, 1, t - 1)?,
+            &Tensor::full(-100i64, (b, 1), labels.device())?,
+        ],
+        1,
+    )?;
+    ops::cross_entropy(
+        &logits.to_dtype(DType::F32)?.reshape((b * t, v))?,
+        &shifted.flatten_all()?,
+    )
 }
 
 /// The task's mean loss over the batch's targets (see [`super::data::Batch::num_targets`]).
