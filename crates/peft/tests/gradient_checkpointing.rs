@@ -127,6 +127,14 @@ fn checkpointed_gradients_equal_the_plain_ones_for_every_family() {
         let ckpt = grad::backward(&ckpt_loss).unwrap();
         drop(session);
 
+        // A gradient still attached to a block's recomputed graph would keep that block's
+        // activations alive until the step ends.
+        for id in ckpt.get_ids() {
+            assert!(
+                !ckpt.get_id(*id).unwrap().track_op(),
+                "{name}: a checkpointed gradient holds its graph"
+            );
+        }
         let (a, b) = (
             plain_loss.to_scalar::<f32>().unwrap(),
             ckpt_loss.to_scalar::<f32>().unwrap(),

@@ -174,6 +174,10 @@ where
     let y = super::with_grad(|| f(owner, xv.as_tensor(), c_in.as_ref()));
     ops::swap_dropout_state(now);
     let mut grads = (y? * g)?.sum_all()?.backward()?;
+    // candle leaves the gradients of variables attached to the graph they were computed
+    // through: kept as they are, they would keep every recomputed block alive until the step
+    // ends, which is what checkpointing is for avoiding.
+    super::detach_all(&mut grads);
     let gx = grads.remove(xv.as_tensor());
     let gc = cv.and_then(|v| grads.remove(v.as_tensor()));
     PENDING.with(|p| {

@@ -42,14 +42,31 @@ pub(crate) fn with_grad<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// The gradients of `loss`, including those of variables inside checkpointed blocks (which
-/// `loss.backward()` alone would leave with the blocks).
+/// `loss.backward()` alone would leave with the blocks), detached: candle leaves a variable's
+/// gradient attached to the graph it was computed through, which would keep the step's
+/// activations alive for as long as the gradients are.
 pub fn backward(loss: &Tensor) -> crate::Result<GradStore> {
     let _ = checkpoint::take_pending();
     let mut grads = loss.backward()?;
     if let Some(inner) = checkpoint::take_pending() {
         grads.extend(inner)?;
     }
+    detach_all(&mut grads);
     Ok(grads)
+}
+
+/// Every gradient in `grads` without its graph (same storage).
+pub(crate) fn detach_all(grads: &mut GradStore) {
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in ids {
+        if let Some(t) = grads
+            .get_id(id)
+            .filter(|t| t.track_op())
+            .map(Tensor::detach)
+        {
+            grads.insert_id(id, t);
+        }
+    }
 }
 
 /// Whether operations are being recorded for backward.
