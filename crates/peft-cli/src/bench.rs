@@ -56,6 +56,10 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, value_parser = parse_device, help = DEVICE_HELP)]
     pub device: Option<DeviceArg>,
+    /// bf16 mixed precision, as the trainer's `bf16 = true`: frozen weights and activations in
+    /// bf16, fp32 adapter weights and optimizer state (PyTorch: bench_train.py --bf16).
+    #[arg(long)]
+    pub bf16: bool,
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
@@ -140,6 +144,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         _ => config.peft_type(),
     };
     let mut model = get_peft_model_with_seed(base, config, "default", 0)?;
+    if a.bf16 {
+        model.cast_frozen(DType::BF16)?;
+    }
     let (b, t) = (a.batch, a.seq_len);
     let ids = Tensor::from_vec(random_ids(b * t), (b, t), &device)?;
     let inputs = Inputs {
@@ -200,10 +207,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .map(|(_, v)| v.as_tensor().elem_count())
         .sum();
     println!(
-        "{{\"impl\":\"peft\",\"method\":\"{method}\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable}}}",
+        "{{\"impl\":\"peft\",\"method\":\"{method}\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable},\"bf16\":{},\"gemm_bf16\":\"{}\"}}",
         task_type.as_str(),
         b as f64 / step_s,
-        peak_rss_mb()
+        peak_rss_mb(),
+        a.bf16,
+        peft::ops::gemm::bf16_backend().name()
     );
     Ok(())
 }
