@@ -24,7 +24,7 @@ and other_load, the mean number of cores other processes kept busy while the ste
 /proc/stat; a measurement is only meaningful when it is near 0). Run from the repository root:
 
     python tools/reference/bench_train.py [--threads 2] [--steps 20] [--batch 8] [--seq-len 128]
-        [--peft-config tools/reference/methods/dora.json]
+        [--peft-config tools/reference/methods/dora.json] [--bf16]
 """
 
 import argparse
@@ -77,6 +77,9 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda (the step then waits for the GPU)")
     p.add_argument("--model", default=os.path.join(ROOT, ".assets", "all-MiniLM-L6-v2"))
     p.add_argument("--peft-config", help="a PEFT config JSON to train instead of LoRA r=8 q/v")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 mixed precision: forward and loss under torch.autocast(dtype=bfloat16), "
+                        "fp32 weights and optimizer (as transformers' Trainer with bf16=True)")
     p.add_argument("--data", default=os.path.join(ROOT, ".assets", "rotten_tomatoes", "train.csv"))
     args = p.parse_args()
 
@@ -120,8 +123,9 @@ def main():
     def step(i):
         sl = [(i * args.batch + j) % n_rows for j in range(args.batch)]
         # task_ids (all task 0) reach multitask prompt tuning; the other methods ignore them.
-        out = model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], labels=labels[sl],
-                    task_ids=torch.zeros(len(sl), dtype=torch.long, device=dev))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
+            out = model(input_ids=input_ids[sl], attention_mask=attention_mask[sl], labels=labels[sl],
+                        task_ids=torch.zeros(len(sl), dtype=torch.long, device=dev))
         out.loss.backward()
         opt.step()
         if adalora:
@@ -155,6 +159,7 @@ def main():
                 "other_load": other,
                 "torch": torch.__version__,
                 "device": args.device,
+                "bf16": args.bf16,
             }
         )
     )

@@ -219,12 +219,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .map(|(_, v)| v.as_tensor().elem_count())
         .sum();
     println!(
-        "{{\"impl\":\"peft\",\"method\":\"{method}\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable},\"base\":\"{}\",\"gradient_checkpointing\":{}}}",
+        "{{\"impl\":\"peft\",\"method\":\"{method}\",\"task\":\"{}\",\"seq_per_s\":{:.2},\"step_s\":{step_s:.4},\"peak_rss_mb\":{:.0},\"batch\":{b},\"seq_len\":{t},\"trainable\":{trainable},\"base\":\"{}\",\"gradient_checkpointing\":{},\"gemm_bf16\":\"{}\"}}",
         task_type.as_str(),
         b as f64 / step_s,
         peak_rss_mb(),
         base_kind(a),
-        a.gradient_checkpointing
+        a.gradient_checkpointing,
+        peft::ops::gemm::bf16_backend().name()
     );
     Ok(())
 }

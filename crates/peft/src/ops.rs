@@ -12,8 +12,11 @@ use candle_core::{DType, Tensor, D};
 use crate::Result;
 
 mod attention;
+mod bf16;
 mod cross_entropy;
 mod fused;
+pub mod gemm;
+mod linear;
 mod precomputed;
 mod quant;
 mod scale;
@@ -29,9 +32,16 @@ pub use spatial::{
     conv2d, frozen_conv2d, group_norm, upsample_nearest, upsample_nearest2x, ConvParams,
 };
 
-/// Whether the fused CPU kernels (f32 on the CPU) serve these tensors.
+/// Whether the one-node frozen linear op (f32 or bf16 on the CPU) serves these tensors.
 pub fn fused_applies(x: &Tensor, w: &Tensor) -> bool {
-    fused::fast(x) && fused::fast(w)
+    linear::applies(x, w, None)
+}
+
+/// bf16 activations on the CPU: the fused f32 kernels serve them between two casts (the casts
+/// are single passes; the composed bf16 ops they replace are many, and candle computes each
+/// bf16 element through f32 anyway). The matrix products take bf16 directly ([`gemm`]).
+pub(crate) fn bf16_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::BF16
 }
 
 /// Softmax over the last dimension. Forward with candle's fused kernel; backward in closed form,
@@ -105,6 +115,15 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     }
     if fused::fast(x) && fused::fast(weight) {
         return fused::layer_norm_frozen(x, weight, bias, eps);
+    }
+    if bf16_cpu(x) {
+        let b = match bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?),
+            None => None,
+        };
+        let w = weight.to_dtype(DType::F32)?;
+        let y = fused::layer_norm_frozen(&x.to_dtype(DType::F32)?, &w, b.as_ref(), eps)?;
+        return Ok(y.to_dtype(DType::BF16)?);
     }
     let zeros;
     let beta = match bias {
@@ -186,6 +205,10 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     let seed = next_dropout_seed();
     if fused::fast(x) {
         return fused::dropout_f32(x, p, seed);
+    }
+    if bf16_cpu(x) {
+        let y = fused::dropout_f32(&x.to_dtype(DType::F32)?, p, seed)?;
+        return Ok(y.to_dtype(DType::BF16)?);
     }
     let y = (x.detach() * dropout_mask(x, p, seed)?)?;
     with_backward(x, y, move |x, _y, g| {
@@ -308,8 +331,8 @@ pub fn frozen_linear_bias(
     bias: Option<&Tensor>,
     transposed: bool,
 ) -> Result<Tensor> {
-    if fused::fast(x) && fused::fast(w) && bias.is_none_or(fused::fast) {
-        return fused::frozen_linear_f32(x, w, bias, transposed);
+    if linear::applies(x, w, bias) {
+        return linear::frozen_linear(x, w, bias, transposed);
     }
     let wt = if transposed { w.clone() } else { w.t()? };
     let mut y = x.detach().matmul(&wt)?;

@@ -293,6 +293,62 @@ fn frozen_linear_matches_matmul_for_3d_inputs_in_both_layouts() {
     }
 }
 
+/// Each element of `got` (bf16) is `want` (f32, from the same bf16 inputs) rounded once to
+/// bf16: within half a bf16 ulp (2^-9 relative), plus slack for the f32 summation order.
+fn assert_bf16_rounding_of(what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.dtype(), DType::BF16, "{what}: dtype");
+    let g: Vec<f32> = got
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let scale = w.iter().fold(0f32, |a, b| a.max(b.abs()));
+    assert!(scale > 0.0, "{what}: reference is all zeros");
+    for (i, (g, w)) in g.iter().zip(&w).enumerate() {
+        let tol = w.abs() / 256.0 + 1e-5 * scale;
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: [{i}] {g} vs {w} (tolerance {tol})"
+        );
+    }
+}
+
+/// bf16 activations and weights (mixed-precision training): the product accumulates in f32
+/// and is rounded once, forward and backward, on the bf16 gemm backend this CPU offers. Odd
+/// sizes so the native kernel's ragged tiles and odd k are exercised.
+#[test]
+fn frozen_linear_in_bf16_rounds_the_f32_product_forward_and_backward() {
+    let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let (rows, inp, out) = (45, 37, 70);
+    let x = Var::from_tensor(&bf(data(&[2, rows, inp], 0.7, 2.0))).unwrap();
+    let w = bf(data(&[out, inp], 1.9, 1.0)); // [out, in]
+    let b = bf(data(&[out], 3.1, 1.0));
+    let want = f32_of(x.as_tensor())
+        .broadcast_matmul(&f32_of(&w).t().unwrap())
+        .unwrap()
+        .broadcast_add(&f32_of(&b))
+        .unwrap();
+    let r = bf(data(&[2, rows, out], 3.3, 1.0));
+    let dx_want = f32_of(&r).broadcast_matmul(&f32_of(&w)).unwrap();
+    eprintln!("bf16 gemm backend: {}", ops::gemm::bf16_backend().name());
+    for transposed in [false, true] {
+        let stored = if transposed {
+            w.t().unwrap().contiguous().unwrap()
+        } else {
+            w.clone()
+        };
+        let y = ops::frozen_linear_bias(x.as_tensor(), &stored, Some(&b), transposed).unwrap();
+        assert_bf16_rounding_of("bf16 frozen linear forward", &y, &want);
+        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(x.as_tensor()).unwrap();
+        assert_bf16_rounding_of("bf16 frozen linear backward", dx, &dx_want);
+    }
+}
+
 #[test]
 fn scale_columns_matches_candle_forward_and_backward() {
     // Rows not a multiple of the parallel task size, 3-d input, a column count that is not a

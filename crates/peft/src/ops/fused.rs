@@ -264,6 +264,10 @@ fn apply_map(
 /// `x * Φ(x)` with the exact (erf) normal CDF, as torch's `gelu` and transformers' `"gelu"`.
 /// Vectorised erf and a one-pass closed-form backward, `dy · (Φ(x) + x φ(x))`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if super::bf16_cpu(x) {
+        let y = gelu_erf(&x.to_dtype(candle_core::DType::F32)?)?;
+        return Ok(y.to_dtype(candle_core::DType::BF16)?);
+    }
     if !fast(x) {
         return Ok(x.gelu_erf()?);
     }
@@ -383,98 +387,4 @@ pub(crate) fn layer_norm_frozen(
             Tensor::from_vec(dx, x.shape(), x.device())
         },
     )
-}
-
-/// `x @ w.T + bias` (`x @ w + bias` when `w` is stored `[in, out]`) for frozen `w` and `bias`,
-/// any number of leading dimensions. The product runs inside the op, straight into the output
-/// (no copy into the graph, no reshape nodes); the backward is `dy · W` for `x` only.
-pub(crate) fn frozen_linear_f32(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    transposed: bool,
-) -> Result<Tensor> {
-    let (d0, d1) = w.dims2()?;
-    let (in_dim, out_dim) = if transposed { (d0, d1) } else { (d1, d0) };
-    let w = w.contiguous()?;
-    let bias: Option<Vec<f32>> = match bias {
-        Some(b) => Some(b.flatten_all()?.to_vec1()?),
-        None => None,
-    };
-    let w_bwd = w.clone();
-    let fwd = move |x: &[f32]| -> candle_core::Result<Vec<f32>> {
-        let rows = x.len() / in_dim;
-        let mut y = vec![0f32; rows * out_dim];
-        if let Some(b) = &bias {
-            for row in y.chunks_exact_mut(out_dim) {
-                row.copy_from_slice(b);
-            }
-        }
-        let threads = candle_core::utils::get_num_threads();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // (row, column) strides of the `in × out` right-hand side as stored.
-        let (rhs_rs, rhs_cs) = if transposed {
-            (out_dim, 1)
-        } else {
-            (1, in_dim)
-        };
-        with_f32(&w, |wv| {
-            // SAFETY: `x` holds `rows × in`, `w` `in × out` (as strided), `y` `rows × out`.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    out_dim,
-                    in_dim,
-                    y.as_mut_ptr(),
-                    1,
-                    out_dim as isize,
-                    bias.is_some(),
-                    x.as_ptr(),
-                    1,
-                    in_dim as isize,
-                    wv.as_ptr(),
-                    rhs_cs as isize,
-                    rhs_rs as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
-                )
-            }
-        })?;
-        Ok(y)
-    };
-    let x = x.contiguous()?;
-    let mut out_dims = x.dims().to_vec();
-    if out_dims.last() != Some(&in_dim) {
-        return Err(crate::Error::ShapeMismatch {
-            name: "input of a linear layer".into(),
-            expected: vec![in_dim],
-            found: out_dims,
-        });
-    }
-    if let Some(last) = out_dims.last_mut() {
-        *last = out_dim;
-    }
-    let op = MapOp {
-        name: "frozen-linear",
-        fwd: Box::new(fwd),
-        bwd: Box::new(move |x, _y, g| {
-            let g2 = g.reshape(((), out_dim))?;
-            let dx = if transposed {
-                g2.matmul(&w_bwd.t()?)?
-            } else {
-                g2.matmul(&w_bwd)?
-            };
-            dx.reshape(x.dims())
-        }),
-        shape: Some(Shape::from(out_dims)),
-    };
-    Ok(x.apply_op1(op)?)
 }
