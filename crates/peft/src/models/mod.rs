@@ -238,6 +238,11 @@ pub struct LoadOptions {
     /// Quantize the base's Linear layers at load (transformers' `quantization_config`):
     /// every Linear but the embeddings, norms, heads and `llm_int8_skip_modules`.
     pub quantization: Option<crate::quant::BitsAndBytesConfig>,
+    /// Dequantize a GGUF file's block-quantized Linear weights to f32 at load, as transformers
+    /// does, instead of keeping them in their blocks (the default: QLoRA on a GGUF base). The
+    /// blocks' product quantizes activations to 8 bits as llama.cpp does, so comparisons with
+    /// transformers' numbers want this on.
+    pub dequantize_gguf: bool,
 }
 
 impl Default for LoadOptions {
@@ -248,6 +253,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             seed: 42,
             quantization: None,
+            dequantize_gguf: false,
         }
     }
 }
@@ -272,7 +278,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             if c.load_in_8bit { "8-bit" } else { "4-bit" }
         );
     }
-    let init = HeadInit::new(std, opts.seed).with_quantization(opts.quantization.as_ref())?;
+    let mut init = HeadInit::new(std, opts.seed).with_quantization(opts.quantization.as_ref())?;
+    init.dequantize_gguf = opts.dequantize_gguf;
     // diffusers models name their class instead of a model_type.
     if let Some(class) = config.get("_class_name").and_then(|v| v.as_str()) {
         return Ok(match class {
