@@ -2,6 +2,11 @@
 //! stores weights in. Truth is candle: its `QMatMul` for the forward (which quantizes the
 //! activations to Q8 as llama.cpp does) and its dequantized weight for the input gradient and
 //! for merges. Weights are random values quantized by candle.
+//!
+//! The types candle multiplies with SIMD (Q4_0, Q8_0, the K-quants) run its very kernel and
+//! must equal `QMatMul` bit for bit; Q4_1/Q5_0/Q5_1, whose candle dot products are scalar,
+//! take the banded f32 product, which must equal the dequantized product and stay within the
+//! Q8 activation rounding of `QMatMul`.
 
 use std::sync::Arc;
 
@@ -35,6 +40,10 @@ fn shapes(dtype: GgmlDType) -> Vec<(usize, usize)> {
     } else {
         vec![(300, 128), (70, 4096), (5, 64)]
     }
+}
+
+fn has_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -73,63 +82,45 @@ fn forward_equals_candle_qmatmul_for_every_type() {
             let name = format!("{} [{rows}, {cols}]", type_name(dtype));
             let g = weight(dtype, rows, cols, rows as f64);
             let reference = QMatMul::from_arc(Arc::clone(g.qtensor())).unwrap();
+            let kernel = g.uses_candle_kernel();
+            let scalar_in_candle =
+                matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
+            assert!(!has_avx2() || kernel != scalar_in_candle, "{name}: path");
             let q = QuantWeight::Ggml(g.clone());
+            let dense_w = g.dequantize(&Device::Cpu).unwrap();
             for x_dims in [vec![7, cols], vec![2, 3, cols]] {
                 let x = tensor(&x_dims, 0.5);
                 let want = reference.forward(&x).unwrap();
                 let got = peft::ops::quant_linear(&x, &q, None).unwrap();
                 assert_eq!(got.dims(), want.dims(), "{name}");
-                assert_eq!(
-                    max_abs_diff(&got, &want),
-                    0.0,
-                    "{name}: not candle's output"
-                );
-                // And it is the product with the dequantized weight, up to the Q8 rounding of the
+                // The product with the dequantized weight, up to the Q8 rounding of the
                 // activations (an independent check that the blocks are the right ones).
-                let dense = x
-                    .broadcast_matmul(&g.dequantize(&Device::Cpu).unwrap().t().unwrap())
-                    .unwrap();
+                let dense = x.broadcast_matmul(&dense_w.t().unwrap()).unwrap();
                 let err = max_abs_diff(&got, &dense) / max_abs(&dense);
-                assert!(err < 2e-2, "{name}: {err} off the dequantized product");
+                if kernel {
+                    let d = max_abs_diff(&got, &want);
+                    assert_eq!(d, 0.0, "{name}: not candle's output");
+                    assert!(err < 2e-2, "{name}: {err} off the dequantized product");
+                } else {
+                    assert!(err < 1e-5, "{name}: {err} off the dequantized product");
+                    let err = max_abs_diff(&got, &want) / max_abs(&want);
+                    assert!(err < 2e-2, "{name}: {err} off candle's QMatMul");
+                }
             }
-            // A bias is added after the quantized product.
+            // A bias is added after the product.
             let b = tensor(&[rows], 9.0);
             let x = tensor(&[4, cols], 1.5);
-            let want = reference.forward(&x).unwrap().broadcast_add(&b).unwrap();
+            let without = peft::ops::quant_linear(&x, &q, None).unwrap();
             let got = peft::ops::quant_linear(&x, &q, Some(&b)).unwrap();
-            assert_eq!(max_abs_diff(&got, &want), 0.0, "{name} with bias");
+            let want = without.broadcast_add(&b).unwrap();
+            assert!(max_abs_diff(&got, &want) < 1e-5, "{name} with bias");
         }
     }
 }
 
-#[test]
-fn input_gradient_equals_the_gradient_through_the_dequantized_weight() {
-    for dtype in SUPPORTED {
-        for (rows, cols) in shapes(dtype) {
-            let name = format!("{} [{rows}, {cols}]", type_name(dtype));
-            let g = weight(dtype, rows, cols, 3.0 + rows as f64);
-            let dense = g.dequantize(&Device::Cpu).unwrap();
-            let q = QuantWeight::Ggml(g);
-            let x = Var::from_tensor(&tensor(&[2, 5, cols], 2.0)).unwrap();
-            let c = tensor(&[2, 5, rows], 4.0);
-            let loss = |y: Tensor| (y * &c).unwrap().sum_all().unwrap();
-            let got = loss(peft::ops::quant_linear(x.as_tensor(), &q, None).unwrap())
-                .backward()
-                .unwrap();
-            let got = got.get(x.as_tensor()).expect("a gradient for x");
-            let want = loss(x.as_tensor().broadcast_matmul(&dense.t().unwrap()).unwrap())
-                .backward()
-                .unwrap();
-            let want = want.get(x.as_tensor()).unwrap();
-            let err = max_abs_diff(got, want) / max_abs(want);
-            assert!(err < 1e-5, "{name}: input gradient off by {err}");
-        }
-    }
-}
-
-/// candle's Q4_1/Q5_0/Q5_1 dot products assert an even number of blocks per row (its
-/// `QMatMul` panics on a 96-wide Q4_1 weight); those weights take the banded f32 product,
-/// which equals the product with the dequantized weight, and keep the same backward.
+/// candle's scalar dot products assert an even number of blocks per row (its `QMatMul` panics
+/// on a 96-wide Q4_1 weight); such weights take the banded f32 product, which equals the
+/// product with the dequantized weight, and keep the same backward.
 #[test]
 fn odd_block_counts_take_the_banded_product() {
     for dtype in [
@@ -141,7 +132,7 @@ fn odd_block_counts_take_the_banded_product() {
     ] {
         let name = type_name(dtype);
         let g = weight(dtype, 300, 96, 2.0);
-        assert!(!g.candle_kernel_applies(), "{name}");
+        assert!(!g.uses_candle_kernel(), "{name}");
         let dense = g.dequantize(&Device::Cpu).unwrap();
         let q = QuantWeight::Ggml(g);
         let x = Var::from_tensor(&tensor(&[2, 3, 96], 0.5)).unwrap();
@@ -162,9 +153,12 @@ fn odd_block_counts_take_the_banded_product() {
 
 #[test]
 fn bf16_activations_run_through_candles_bf16_path() {
-    let g = weight(GgmlDType::Q4_1, 40, 64, 1.0);
+    let g = weight(GgmlDType::Q4K, 40, 256, 1.0);
+    if !g.uses_candle_kernel() {
+        return; // no SIMD dot products on this CPU: bf16 takes the dense fallback
+    }
     let reference = QMatMul::from_arc(Arc::clone(g.qtensor())).unwrap();
-    let x = tensor(&[3, 64], 0.25).to_dtype(DType::BF16).unwrap();
+    let x = tensor(&[3, 256], 0.25).to_dtype(DType::BF16).unwrap();
     let want = reference.forward(&x).unwrap();
     let got = peft::ops::quant_linear(&x, &QuantWeight::Ggml(g), None).unwrap();
     assert_eq!(got.dtype(), DType::BF16);

@@ -3,8 +3,10 @@
 //! while it is still in cache. The backward is the same walk, `dx = dy · deq(W)`, and there is
 //! no weight gradient (a quantized base weight is never trained).
 //!
-//! GGUF blocks are multiplied as they are, by candle's quantized matmul (what `QMatMul` runs,
-//! so outputs match candle and llama.cpp's CPU path); only their backward takes the banded walk.
+//! GGUF blocks of the types candle has SIMD dot products for are multiplied as they are, by
+//! candle's quantized matmul (what `QMatMul` runs, so outputs match candle bit for bit); the
+//! other types take the banded walk forward too (see [`GgmlWeight::uses_candle_kernel`]), and
+//! every backward does.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
@@ -85,7 +87,7 @@ pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Resul
         *last = out_dim;
     }
     if let QuantWeight::Ggml(g) = w {
-        if g.candle_kernel_applies()
+        if g.uses_candle_kernel()
             && x.device().is_cpu()
             && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
         {

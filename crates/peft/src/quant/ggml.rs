@@ -144,13 +144,29 @@ impl GgmlWeight {
         (self.rows, self.cols)
     }
 
-    /// Whether candle's quantized matmul can multiply these blocks. Its Q4_1, Q5_0 and Q5_1
-    /// dot products (and the NEON Q4_0/Q8_0 ones) take blocks in pairs and assert an even
-    /// number of blocks per row — a panic that also poisons candle's thread pool — where
-    /// llama.cpp handles the odd block; such rows take the banded f32 product instead.
-    pub fn candle_kernel_applies(&self) -> bool {
+    /// Whether the forward runs candle's quantized matmul on these blocks (activations rounded
+    /// to Q8, as `QMatMul` and llama.cpp's CPU kernels do) rather than the banded f32 product
+    /// with the dequantized rows (what llama.cpp's BLAS backend computes for batches).
+    ///
+    /// candle has SIMD dot products (AVX2 + FMA, NEON) only for Q4_0, Q8_0 and the K-quants;
+    /// its Q4_1, Q5_0 and Q5_1 ones are scalar loops, measured 25–30x slower than the banded
+    /// product on a 1024-row training batch and 3x slower on a single row (SmolLM2's Q4_1
+    /// projections, AMD EPYC). Its scalar and NEON dot products also take blocks in pairs and
+    /// assert an even number of blocks per row — a panic that poisons candle's thread pool —
+    /// where llama.cpp handles the odd block; such rows take the banded product too.
+    pub fn uses_candle_kernel(&self) -> bool {
         let block = self.dtype().block_size();
-        block == 256 || (self.cols / block).is_multiple_of(2)
+        let simd_type = matches!(
+            self.dtype(),
+            GgmlDType::Q4_0
+                | GgmlDType::Q8_0
+                | GgmlDType::Q2K
+                | GgmlDType::Q3K
+                | GgmlDType::Q4K
+                | GgmlDType::Q5K
+                | GgmlDType::Q6K
+        );
+        simd_type && has_simd_dot() && (block == 256 || (self.cols / block).is_multiple_of(2))
     }
 
     /// The candle tensor holding the blocks (its forward is candle's quantized matmul).
@@ -222,6 +238,22 @@ impl GgmlWeight {
         }
         let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, self.dtype())?;
         Self::new(QTensor::new(storage, (self.rows, self.cols))?)
+    }
+}
+
+/// Whether candle's quantized dot products run vectorised on this CPU.
+fn has_simd_dot() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        cfg!(target_feature = "neon")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
     }
 }
 
