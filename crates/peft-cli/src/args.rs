@@ -118,6 +118,10 @@ pub struct QuantArgs {
     /// Quantize the 4-bit block scales again (QLoRA's double quantization).
     #[arg(long, requires = "load_in_4bit")]
     pub bnb_4bit_use_double_quant: bool,
+    /// Dequantize a GGUF base's quantized Linear weights to f32 at load, as transformers does
+    /// (by default they stay in their GGUF blocks).
+    #[arg(long)]
+    pub dequantize_gguf: bool,
 }
 
 impl QuantArgs {

@@ -77,6 +77,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         device: device.clone(),
         seed: 0,
         quantization: None,
+        ..Default::default()
     };
     let base = models::load(&a.model, &opts)?;
     let vocab = base.dims().vocab_size as u32;

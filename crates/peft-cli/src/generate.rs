@@ -126,6 +126,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }),
         device: crate::args::device(a.device)?,
         quantization: a.quant.config()?,
+        dequantize_gguf: a.quant.dequantize_gguf,
         ..Default::default()
     };
     let cfg = GenerationConfig {
