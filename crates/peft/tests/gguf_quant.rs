@@ -118,6 +118,31 @@ fn forward_equals_candle_qmatmul_for_every_type() {
     }
 }
 
+#[test]
+fn input_gradient_equals_the_gradient_through_the_dequantized_weight() {
+    for dtype in SUPPORTED {
+        for (rows, cols) in shapes(dtype) {
+            let name = format!("{} [{rows}, {cols}]", type_name(dtype));
+            let g = weight(dtype, rows, cols, 3.0 + rows as f64);
+            let dense = g.dequantize(&Device::Cpu).unwrap();
+            let q = QuantWeight::Ggml(g);
+            let x = Var::from_tensor(&tensor(&[2, 5, cols], 2.0)).unwrap();
+            let c = tensor(&[2, 5, rows], 4.0);
+            let loss = |y: Tensor| (y * &c).unwrap().sum_all().unwrap();
+            let got = loss(peft::ops::quant_linear(x.as_tensor(), &q, None).unwrap())
+                .backward()
+                .unwrap();
+            let got = got.get(x.as_tensor()).expect("a gradient for x");
+            let want = loss(x.as_tensor().broadcast_matmul(&dense.t().unwrap()).unwrap())
+                .backward()
+                .unwrap();
+            let want = want.get(x.as_tensor()).unwrap();
+            let err = max_abs_diff(got, want) / max_abs(want);
+            assert!(err < 1e-5, "{name}: input gradient off by {err}");
+        }
+    }
+}
+
 /// candle's scalar dot products assert an even number of blocks per row (its `QMatMul` panics
 /// on a 96-wide Q4_1 weight); such weights take the banded f32 product, which equals the
 /// product with the dequantized weight, and keep the same backward.
