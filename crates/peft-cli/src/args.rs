@@ -118,6 +118,11 @@ pub struct QuantArgs {
     /// Quantize the 4-bit block scales again (QLoRA's double quantization).
     #[arg(long, requires = "load_in_4bit")]
     pub bnb_4bit_use_double_quant: bool,
+    /// Keep a GGUF base's quantized Linear weights in their GGUF blocks (QLoRA on a GGUF file;
+    /// products as llama.cpp's, 8-bit activations) instead of dequantizing them to f32 at load,
+    /// as transformers does.
+    #[arg(long)]
+    pub keep_gguf_quantized: bool,
 }
 
 impl QuantArgs {

@@ -85,6 +85,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         device: device.clone(),
         seed: 0,
         quantization: a.quant.config()?,
+        keep_gguf_quantized: a.quant.keep_gguf_quantized,
     };
     let base = models::load(&a.model, &opts)?;
     let vocab = base.dims().vocab_size as u32;

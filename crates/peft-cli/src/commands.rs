@@ -50,6 +50,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     }
     let mut cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
     a.quant.apply(&mut cfg.model.quantization)?;
+    cfg.model.keep_gguf_quantized |= a.quant.keep_gguf_quantized;
     if a.resume.is_some() {
         cfg.training.resume_from_checkpoint = a.resume;
     }
@@ -115,6 +116,7 @@ pub struct EvalArgs {
 pub fn eval(a: EvalArgs) -> Result<()> {
     let mut cfg = TrainConfig::from_toml_file_with(&a.config, &a.set)?;
     a.quant.apply(&mut cfg.model.quantization)?;
+    cfg.model.keep_gguf_quantized |= a.quant.keep_gguf_quantized;
     let e = peft::train::run::eval_skipping(
         &cfg,
         a.adapter.as_deref(),
@@ -304,6 +306,7 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
         device,
         seed: 42,
         quantization: a.quant.config()?,
+        keep_gguf_quantized: a.quant.keep_gguf_quantized,
     };
     let specs = crate::adapters::parse_specs(&a.adapter)?;
     let rows = input_ids.dim(0)?;
@@ -359,6 +362,7 @@ fn forward_named(a: &ForwardArgs, file: &Path, device: &Device) -> Result<()> {
         device: device.clone(),
         seed: 42,
         quantization: a.quant.config()?,
+        keep_gguf_quantized: a.quant.keep_gguf_quantized,
     };
     let specs = crate::adapters::parse_specs(&a.adapter)?;
     let outputs = if specs.is_empty() {

@@ -126,6 +126,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }),
         device: crate::args::device(a.device)?,
         quantization: a.quant.config()?,
+        keep_gguf_quantized: a.quant.keep_gguf_quantized,
         ..Default::default()
     };
     let cfg = GenerationConfig {

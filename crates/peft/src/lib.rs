@@ -31,6 +31,7 @@ pub use peft_model::{
     get_peft_model, get_peft_model_with_seed, load_auto, load_with_adapter, FromPretrained,
     PeftModel,
 };
+pub use quant::kbit::prepare_model_for_kbit_training;
 pub use train::optim::{AdamW, AdamWParams};
 pub use train::{causal_lm_loss, classification_loss};
 pub use tuners::adalora::AdaLoraConfig;

@@ -106,11 +106,16 @@ fn rows(v: &serde_json::Value) -> Vec<Vec<u32>> {
     v.as_array().unwrap().iter().map(ids).collect()
 }
 
+fn dequantized() -> peft::LoadOptions {
+    peft::LoadOptions::default()
+}
+
 #[test]
 fn greedy_generation_from_the_dequantized_gguf_matches_transformers() {
     use peft::generation::{generate, GenerationConfig};
     let fx = fixture("smollm2_greedy.json");
-    let model = peft::models::load(&gguf_path(), &peft::LoadOptions::default()).unwrap();
+    // transformers dequantizes GGUF weights to f32; so does this load.
+    let model = peft::models::load(&gguf_path(), &dequantized()).unwrap();
     let dims = model.dims();
     assert_eq!((dims.num_attention_heads, dims.num_key_value_heads), (9, 3));
     let prompts = rows(&fx["prompt_ids"]);
@@ -143,12 +148,16 @@ fn a_model_loaded_from_gguf_saves_as_a_complete_hugging_face_directory() {
     );
     assert!(saved.chat_template().is_some());
     assert_eq!(saved.pad_id(), 2);
-    // The directory loads as a safetensors model with the same weights.
+    // The directory loads as a safetensors model with the same weights: the blocks kept
+    // quantized at load are written dequantized, exactly as a dequantizing load reads them.
+    assert!(quantized_linears(model.as_ref()) > 0);
     let reloaded = peft::models::load(tmp.path(), &peft::LoadOptions::default()).unwrap();
+    assert_eq!(quantized_linears(reloaded.as_ref()), 0);
+    let dequantized = peft::models::load(&gguf, &dequantized()).unwrap();
     let ids =
         candle_core::Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &candle_core::Device::Cpu)
             .unwrap();
-    let a = model
+    let a = dequantized
         .forward(&peft::Inputs::new(ids.clone()), false)
         .unwrap();
     let b = reloaded.forward(&peft::Inputs::new(ids), false).unwrap();
@@ -163,6 +172,13 @@ fn a_model_loaded_from_gguf_saves_as_a_complete_hugging_face_directory() {
         .to_scalar()
         .unwrap();
     assert_eq!(diff, 0.0);
+}
+
+fn quantized_linears(m: &dyn peft::Model) -> usize {
+    m.modules()
+        .into_iter()
+        .filter(|m| matches!(m, peft::layers::ModuleRef::Linear(l) if l.quant().is_some()))
+        .count()
 }
 
 /// SmolLM2 ties its LM head to the token embedding: PEFT counts that tensor once. With LoRA r=8

@@ -398,8 +398,8 @@ fn gguf_path() -> PathBuf {
     p
 }
 
-/// Prompt tuning on the real SmolLM2-135M GGUF (Q4_1, kept quantized here; dequantized by
-/// transformers for the fixture): the TEXT init from the GGUF's own tokenizer gives PEFT's table,
+/// Prompt tuning on the real SmolLM2-135M GGUF (Q4_1, dequantized as transformers does for the
+/// fixture): the TEXT init from the GGUF's own tokenizer gives PEFT's table,
 /// PEFT's line is printed, and PEFT's saved adapter generates transformers' greedy tokens.
 #[test]
 fn prompt_tuning_on_the_real_smollm2_gguf_matches_peft() {

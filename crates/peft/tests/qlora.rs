@@ -267,7 +267,7 @@ fn every_linear_adapter_runs_on_a_quantized_base() {
                 };
                 let want = QuantWeight::quantize(
                     &ld.dense_weight().unwrap(),
-                    &l.quant().unwrap().scheme(),
+                    &l.quant().unwrap().scheme().unwrap(),
                 )
                 .unwrap();
                 let QuantWeight::Bnb4(want) = want else {

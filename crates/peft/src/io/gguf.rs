@@ -1,5 +1,6 @@
-//! GGUF files (llama.cpp's format) as a source of Hugging Face-format models: tensors
-//! dequantized to f32 under their transformers names, a config.json equivalent from the `llama.*`
+//! GGUF files (llama.cpp's format) as a source of Hugging Face-format models: tensors under
+//! their transformers names (block-quantized Linear weights kept in their blocks, everything else
+//! dequantized to f32), a config.json equivalent from the `llama.*`
 //! metadata, and a `tokenizer.json` equivalent from the `tokenizer.ggml.*` metadata.
 //!
 //! llama.cpp's converter renames every tensor (`blk.3.attn_q` for
@@ -13,6 +14,7 @@ use serde_json::{json, Map, Value as Json};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use crate::quant::ggml::{supported_names, GgmlWeight};
 use crate::{Error, Result};
 
 /// An open GGUF file, memory-mapped; tensors are read and dequantized on request.
@@ -37,10 +39,20 @@ impl GgufFile {
         // while it is open.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let content = Content::read(&mut std::io::Cursor::new(&mmap[..])).map_err(|e| {
-            Error::Config(format!(
-                "{}: not a readable GGUF file ({e}); is it truncated or corrupt?",
-                path.display()
-            ))
+            let e = e.to_string();
+            if e.contains("unknown dtype") {
+                // llama.cpp types candle has no blocks for (the IQ* family, TQ*, MXFP4, ...).
+                Error::Config(format!(
+                    "{}: a tensor uses a GGML type that cannot be read here ({e}); supported                      quantized types: {}, plus F32/F16/BF16 — re-quantize the model to one of                      them (llama.cpp's llama-quantize)",
+                    path.display(),
+                    supported_names()
+                ))
+            } else {
+                Error::Config(format!(
+                    "{}: not a readable GGUF file ({e}); is it truncated or corrupt?",
+                    path.display()
+                ))
+            }
         })?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -259,11 +271,9 @@ impl GgufFile {
         Ok(out)
     }
 
-    /// Reads one tensor, dequantized to f32, with llama.cpp's RoPE row permutation undone.
-    pub(crate) fn load(&self, source: &Source, device: &Device) -> Result<Tensor> {
+    fn read(&self, source: &Source) -> Result<candle_core::quantized::QTensor> {
         let mut cursor = std::io::Cursor::new(&self.mmap[..]);
-        let q = self
-            .content
+        self.content
             .tensor(&mut cursor, &source.gguf_name, &Device::Cpu)
             .map_err(|e| {
                 Error::Config(format!(
@@ -271,7 +281,34 @@ impl GgufFile {
                     self.path.display(),
                     source.gguf_name
                 ))
-            })?;
+            })
+    }
+
+    /// Reads one 2-D tensor in its GGML blocks (llama.cpp's RoPE row permutation undone by
+    /// moving whole rows of blocks), or `None` when the file stores it unquantized
+    /// (F32/F16/BF16), which then loads dense.
+    pub(crate) fn load_quantized(&self, source: &Source) -> Result<Option<GgmlWeight>> {
+        use candle_core::quantized::GgmlDType;
+        let q = self.read(source)?;
+        if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(None);
+        }
+        let w = GgmlWeight::new(q).map_err(|e| {
+            Error::Config(format!(
+                "{}: tensor `{}`: {e}",
+                self.path.display(),
+                source.gguf_name
+            ))
+        })?;
+        Ok(Some(match source.unpermute_heads {
+            Some(heads) => w.permute_rows(&unpermute_order(w.dims().0, heads)?)?,
+            None => w,
+        }))
+    }
+
+    /// Reads one tensor, dequantized to f32, with llama.cpp's RoPE row permutation undone.
+    pub(crate) fn load(&self, source: &Source, device: &Device) -> Result<Tensor> {
+        let q = self.read(source)?;
         let mut t = q.dequantize(&Device::Cpu)?;
         if let Some(heads) = source.unpermute_heads {
             t = unpermute_rows(&t, heads)?;
@@ -520,6 +557,25 @@ pub(crate) fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape(dims)?)
 }
 
+/// The row order [`unpermute_rows`] produces: row `i` of the result is row `order[i]` of the
+/// stored tensor.
+fn unpermute_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
+    if heads == 0 || !rows.is_multiple_of(heads * 2) {
+        return Err(Error::Config(format!(
+            "GGUF tensor with {rows} rows cannot be split into {heads} heads of RoPE pairs"
+        )));
+    }
+    let half = rows / heads / 2;
+    let per_head = 2 * half;
+    Ok((0..rows)
+        .map(|n| {
+            let (h, rest) = (n / per_head, n % per_head);
+            let (a, b) = (rest / half, rest % half);
+            h * per_head + b * 2 + a
+        })
+        .collect())
+}
+
 /// The GGUF file that `path` names: the file itself, or the only `.gguf` in a directory.
 pub fn find_gguf(path: &Path) -> Result<Option<PathBuf>> {
     if path.is_file() {
@@ -587,6 +643,23 @@ mod tests {
             permuted.to_vec2::<f32>().unwrap(),
             w.to_vec2::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn unpermute_order_matches_unpermute_rows() {
+        let (rows, heads) = (12usize, 3usize);
+        let w = Tensor::arange(0f32, (rows * 2) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((rows, 2))
+            .unwrap();
+        let want = unpermute_rows(&w, heads).unwrap().to_vec2::<f32>().unwrap();
+        let rows_w = w.to_vec2::<f32>().unwrap();
+        let got: Vec<Vec<f32>> = unpermute_order(rows, heads)
+            .unwrap()
+            .into_iter()
+            .map(|r| rows_w[r].clone())
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -10,7 +10,8 @@ use super::gguf::{find_gguf, GgufFile, Source as GgufSource};
 use crate::{Error, Result};
 
 /// A model's stored tensors under their Hugging Face names: the safetensors files of a model
-/// directory (memory-mapped), or a GGUF file (dequantized on load, names mapped).
+/// directory (memory-mapped), or a GGUF file (names mapped; dequantized on load, except the
+/// Linear weights the loader keeps in their blocks).
 pub struct Weights {
     source: Source,
     names: BTreeSet<String>,
@@ -146,6 +147,18 @@ impl Weights {
             return Ok(None);
         }
         Ok(Some((view.shape().to_vec(), view.data().to_vec())))
+    }
+
+    /// Tensor `name` in its GGUF blocks, when these weights are a GGUF file that stores it
+    /// block-quantized; `None` otherwise (a safetensors file, an F32/F16 GGUF tensor).
+    pub(crate) fn load_ggml(&self, name: &str) -> Result<Option<crate::quant::GgmlWeight>> {
+        match &self.source {
+            Source::Gguf { file, map } => match map.get(name) {
+                Some(src) => file.load_quantized(src),
+                None => Ok(None),
+            },
+            Source::Safetensors(_) => Ok(None),
+        }
     }
 
     pub(crate) fn load(&self, name: &str, device: &Device) -> Result<Tensor> {

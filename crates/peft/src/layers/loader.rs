@@ -37,6 +37,9 @@ pub struct HeadInit {
     pub initialized: Mutex<Vec<String>>,
     /// Quantize every dense Linear the loader hands out (heads and skipped modules aside).
     pub quantization: Option<(BitsAndBytesConfig, Scheme)>,
+    /// Keep a GGUF file's block-quantized Linear weights in their blocks instead of
+    /// dequantizing them to f32 at load (what transformers does).
+    pub keep_gguf_quantized: bool,
 }
 
 impl HeadInit {
@@ -46,6 +49,7 @@ impl HeadInit {
             seed,
             initialized: Mutex::new(Vec::new()),
             quantization: None,
+            keep_gguf_quantized: false,
         }
     }
 
@@ -175,6 +179,9 @@ impl<'a> Loader<'a> {
         if let Some(q) = self.stored_quant(in_dim, out_dim)? {
             return Linear::quantized(self.path.clone(), q, bias()?, &self.device);
         }
+        if let Some(q) = self.stored_ggml(in_dim, out_dim)? {
+            return Linear::quantized(self.path.clone(), q, bias()?, &self.device);
+        }
         let w = self.tensor("weight", &[out_dim, in_dim])?;
         let b = bias()?;
         match self.load_scheme() {
@@ -215,6 +222,29 @@ impl<'a> Loader<'a> {
             return None;
         }
         Some(*scheme)
+    }
+
+    /// The GGUF blocks stored at this path, kept as they are (heads aside, which transformers
+    /// keeps dense, and unless the load asks for dequantized GGUF weights). Off the CPU the
+    /// weight is dequantized at load: the blocks' kernels here are CPU kernels.
+    fn stored_ggml(&self, in_dim: usize, out_dim: usize) -> Result<Option<QuantWeight>> {
+        if !self.init.keep_gguf_quantized || is_head(&self.path) || !self.device.is_cpu() {
+            return Ok(None);
+        }
+        let Some(key) = self.resolve(&self.full("weight")) else {
+            return Ok(None);
+        };
+        let Some(q) = self.weights.load_ggml(&key)? else {
+            return Ok(None);
+        };
+        if q.dims() != (out_dim, in_dim) {
+            return Err(Error::ShapeMismatch {
+                name: key,
+                expected: vec![out_dim, in_dim],
+                found: vec![q.dims().0, q.dims().1],
+            });
+        }
+        Ok(Some(QuantWeight::Ggml(q)))
     }
 
     /// The 4-bit weight a transformers checkpoint stores at this path (`weight`,

@@ -245,6 +245,11 @@ pub struct LoadOptions {
     /// Quantize the base's Linear layers at load (transformers' `quantization_config`):
     /// every Linear but the embeddings, norms, heads and `llm_int8_skip_modules`.
     pub quantization: Option<crate::quant::BitsAndBytesConfig>,
+    /// Keep a GGUF file's block-quantized Linear weights in their blocks (QLoRA on a GGUF base)
+    /// instead of dequantizing them to f32 at load as transformers does (the default). The
+    /// blocks' product quantizes activations to 8 bits as llama.cpp does, so outputs differ
+    /// from transformers' by the quantization of the activations.
+    pub keep_gguf_quantized: bool,
 }
 
 impl Default for LoadOptions {
@@ -255,6 +260,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             seed: 42,
             quantization: None,
+            keep_gguf_quantized: false,
         }
     }
 }
@@ -279,7 +285,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
             if c.load_in_8bit { "8-bit" } else { "4-bit" }
         );
     }
-    let init = HeadInit::new(std, opts.seed).with_quantization(opts.quantization.as_ref())?;
+    let mut init = HeadInit::new(std, opts.seed).with_quantization(opts.quantization.as_ref())?;
+    init.keep_gguf_quantized = opts.keep_gguf_quantized;
     // diffusers models name their class instead of a model_type.
     if let Some(class) = config.get("_class_name").and_then(|v| v.as_str()) {
         return Ok(match class {

@@ -114,6 +114,13 @@ pub fn save_quantized(model: &dyn Model, dir: &Path, config: &BitsAndBytesConfig
                         tensors.push((name, raw(&t)?));
                     }
                 }
+                Some(QuantWeight::Ggml(_)) => {
+                    return Err(Error::Config(format!(
+                        "{}: a GGUF-quantized weight has no bitsandbytes form; merge and save the \
+                         model dequantized instead (peft merge --dequantize f32)",
+                        p.name
+                    )))
+                }
             }
         }
     }

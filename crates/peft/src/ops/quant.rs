@@ -2,11 +2,16 @@
 //! dequantized a band of output rows at a time into a small f32 buffer that the product reads
 //! while it is still in cache. The backward is the same walk, `dx = dy · deq(W)`, and there is
 //! no weight gradient (a quantized base weight is never trained).
+//!
+//! GGUF blocks of the types candle has SIMD dot products for are multiplied as they are, by
+//! candle's quantized matmul (what `QMatMul` runs, so outputs match candle bit for bit); the
+//! other types take the banded walk forward too (see [`GgmlWeight::uses_candle_kernel`]), and
+//! every backward does.
 
-use candle_core::{Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use super::fused::{apply_shaped, fast, with_f32};
-use crate::quant::QuantWeight;
+use crate::quant::{GgmlWeight, QuantWeight};
 use crate::{Error, Result};
 
 /// Output rows dequantized per band: 64 rows of a 4096-wide layer are 1 MiB of f32.
@@ -81,6 +86,14 @@ pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Resul
     if let Some(last) = out_dims.last_mut() {
         *last = out_dim;
     }
+    if let QuantWeight::Ggml(g) = w {
+        if g.uses_candle_kernel()
+            && x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        {
+            return ggml_linear(x, g, bias, out_dims);
+        }
+    }
     if !fast(x) || bias.is_some_and(|b| !fast(b)) {
         // Another device or dtype: the dense weight, once per call.
         let dense = w.dequantize(x.device())?.to_dtype(x.dtype())?;
@@ -127,33 +140,83 @@ pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Resul
     };
     let wb = w.clone();
     let bwd = move |x: &Tensor, _y: &Tensor, g: &Tensor| -> candle_core::Result<Tensor> {
-        let g = g.contiguous()?;
-        let rows = g.elem_count() / out_dim;
-        let mut dx = vec![0f32; rows * in_dim];
-        if rows > 0 {
-            with_f32(&g, |gv| {
-                let read = wb.band_reader();
-                let band = band_rows(in_dim);
-                let mut buf = vec![0f32; band * in_dim];
-                for (i, r0) in (0..out_dim).step_by(band).enumerate() {
-                    let nb = band.min(out_dim - r0);
-                    let buf = &mut buf[..nb * in_dim];
-                    read(r0, buf);
-                    // dx (+)= dy[:, r0..r0+nb] · buf
-                    gemm_into(
-                        (rows, in_dim, nb),
-                        &mut dx,
-                        in_dim,
-                        &gv[r0..],
-                        out_dim,
-                        buf,
-                        false,
-                        i > 0,
-                    );
-                }
-            })?;
-        }
-        Tensor::from_vec(dx, x.shape(), x.device())
+        input_grad(&wb, x, g)
     };
     apply_shaped(x, "quant-linear", Shape::from(out_dims), fwd, bwd)
+}
+
+/// `dx = dy · deq(w)` for `dy` of any leading shape (`[..., out]`), band by band; `dx` has
+/// `x`'s shape and dtype.
+fn input_grad(w: &QuantWeight, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    let (out_dim, in_dim) = w.dims();
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    let rows = g.elem_count() / out_dim.max(1);
+    let mut dx = vec![0f32; rows * in_dim];
+    if rows > 0 {
+        with_f32(&g, |gv| {
+            let read = w.band_reader();
+            let band = band_rows(in_dim);
+            let mut buf = vec![0f32; band * in_dim];
+            for (i, r0) in (0..out_dim).step_by(band).enumerate() {
+                let nb = band.min(out_dim - r0);
+                let buf = &mut buf[..nb * in_dim];
+                read(r0, buf);
+                // dx (+)= dy[:, r0..r0+nb] · buf
+                gemm_into(
+                    (rows, in_dim, nb),
+                    &mut dx,
+                    in_dim,
+                    &gv[r0..],
+                    out_dim,
+                    buf,
+                    false,
+                    i > 0,
+                );
+            }
+        })?;
+    }
+    Tensor::from_vec(dx, x.shape(), x.device())?.to_dtype(x.dtype())
+}
+
+/// candle's quantized matmul on GGUF blocks as the forward (the very kernel `QMatMul::forward`
+/// runs), with the banded input gradient as the backward.
+struct GgmlLinear(GgmlWeight);
+
+impl CustomOp1 for GgmlLinear {
+    fn name(&self) -> &'static str {
+        "ggml-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.qtensor().cpu_fwd(s, l)
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(input_grad(
+            &QuantWeight::Ggml(self.0.clone()),
+            arg,
+            grad,
+        )?))
+    }
+}
+
+fn ggml_linear(
+    x: &Tensor,
+    w: &GgmlWeight,
+    bias: Option<&Tensor>,
+    out_dims: Vec<usize>,
+) -> Result<Tensor> {
+    let in_dim = w.dims().1;
+    // candle's kernel wants a contiguous input of rank 2 or more; the rows are what count.
+    let x2 = x.contiguous()?.reshape(((), in_dim))?;
+    let mut y = x2.apply_op1(GgmlLinear(w.clone()))?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
+    }
+    Ok(y.reshape(out_dims)?)
 }

@@ -1,13 +1,17 @@
 //! Quantized frozen weights: bitsandbytes' 4-bit (NF4, FP4, double quantization) and 8-bit
-//! formats bit for bit, and transformers' `BitsAndBytesConfig` that asks for them. A quantized
-//! weight stays quantized; products dequantize it a band of rows at a time.
+//! formats bit for bit, transformers' `BitsAndBytesConfig` that asks for them, and GGUF's block
+//! quantizations as llama.cpp stores them. A quantized weight stays quantized; products
+//! dequantize it a band of rows at a time (or, for GGUF, multiply the blocks directly).
 
 pub mod bnb4;
 pub mod config;
+pub mod ggml;
 pub mod int8;
+pub mod kbit;
 
 pub use bnb4::{Absmax, Quant4, QuantType};
 pub use config::{BitsAndBytesConfig, Scheme};
+pub use ggml::GgmlWeight;
 pub use int8::Int8Rows;
 
 use std::sync::Arc;
@@ -21,6 +25,8 @@ use crate::{Error, Result};
 pub enum QuantWeight {
     Bnb4(Arc<Quant4>),
     Int8(Arc<Int8Rows>),
+    /// GGUF blocks (Q4_0 … Q6_K) as read from a llama.cpp file.
+    Ggml(GgmlWeight),
 }
 
 impl QuantWeight {
@@ -60,16 +66,18 @@ impl QuantWeight {
         }
     }
 
-    /// The scheme this weight was quantized with.
-    pub fn scheme(&self) -> Scheme {
+    /// The bitsandbytes scheme this weight was quantized with (`None` for GGUF blocks, whose
+    /// type is [`GgmlWeight::dtype`]).
+    pub fn scheme(&self) -> Option<Scheme> {
         match self {
-            Self::Bnb4(q) => Scheme::FourBit {
+            Self::Bnb4(q) => Some(Scheme::FourBit {
                 quant_type: q.quant_type,
                 double_quant: matches!(q.absmax, Absmax::Nested { .. }),
                 blocksize: q.blocksize,
                 compute_dtype: q.dtype,
-            },
-            Self::Int8(_) => Scheme::EightBit { threshold: 6.0 },
+            }),
+            Self::Int8(_) => Some(Scheme::EightBit { threshold: 6.0 }),
+            Self::Ggml(_) => None,
         }
     }
 
@@ -84,7 +92,13 @@ impl QuantWeight {
                 found: w.dims().to_vec(),
             });
         }
-        Self::quantize(&w.to_dtype(self.dtype())?, &self.scheme())
+        match (self, self.scheme()) {
+            (Self::Ggml(g), _) => Ok(Self::Ggml(GgmlWeight::quantize(w, g.dtype())?)),
+            (_, Some(scheme)) => Self::quantize(&w.to_dtype(self.dtype())?, &scheme),
+            (_, None) => Err(Error::Config(
+                "a bitsandbytes weight without a scheme cannot be re-quantized".into(),
+            )),
+        }
     }
 
     /// `(out, in)`.
@@ -92,6 +106,7 @@ impl QuantWeight {
         match self {
             Self::Bnb4(q) => (q.shape[0], q.shape[1]),
             Self::Int8(q) => (q.rows, q.cols),
+            Self::Ggml(g) => g.dims(),
         }
     }
 
@@ -100,7 +115,7 @@ impl QuantWeight {
     pub fn dtype(&self) -> DType {
         match self {
             Self::Bnb4(q) => q.dtype,
-            Self::Int8(_) => DType::F32,
+            Self::Int8(_) | Self::Ggml(_) => DType::F32,
         }
     }
 
@@ -110,7 +125,7 @@ impl QuantWeight {
     pub fn band_reader(&self) -> impl Fn(usize, &mut [f32]) + Send + Sync + '_ {
         let scales = match self {
             Self::Bnb4(q) => q.absmax.values(),
-            Self::Int8(_) => Vec::new(),
+            Self::Int8(_) | Self::Ggml(_) => Vec::new(),
         };
         let (_, cols) = self.dims();
         move |r0: usize, out: &mut [f32]| match self {
@@ -119,6 +134,7 @@ impl QuantWeight {
                 round_through(q.dtype, out);
             }
             Self::Int8(q) => q.dequantize_rows(r0, out),
+            Self::Ggml(g) => g.dequantize_rows(r0, out),
         }
     }
 
@@ -127,6 +143,7 @@ impl QuantWeight {
         match self {
             Self::Bnb4(q) => q.dequantize(device),
             Self::Int8(q) => q.dequantize(device),
+            Self::Ggml(g) => g.dequantize(device),
         }
     }
 
@@ -135,6 +152,7 @@ impl QuantWeight {
         match self {
             Self::Bnb4(q) => (q.bits_per_weight() * q.numel() as f64 / 8.0).round() as usize,
             Self::Int8(q) => q.codes.len() + 4 * q.scb.len(),
+            Self::Ggml(g) => g.storage_bytes(),
         }
     }
 }

@@ -28,6 +28,10 @@ pub struct ModelSection {
     /// `quantization = { load_in_4bit = true, bnb_4bit_quant_type = "nf4",
     /// bnb_4bit_use_double_quant = true, bnb_4bit_compute_dtype = "bfloat16" }`.
     pub quantization: Option<crate::quant::BitsAndBytesConfig>,
+    /// Keep a GGUF base's quantized Linear weights in their blocks (QLoRA on a GGUF file)
+    /// instead of dequantizing them to f32 at load, as transformers does.
+    #[serde(default)]
+    pub keep_gguf_quantized: bool,
 }
 
 /// Where the examples are, which columns hold what, and how long sequences may be. Column names

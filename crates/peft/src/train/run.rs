@@ -83,6 +83,7 @@ fn load_base_for(
             device: device.clone(),
             seed: cfg.training.seed,
             quantization: cfg.model.quantization.clone(),
+            keep_gguf_quantized: cfg.model.keep_gguf_quantized,
         },
     )
 }
