@@ -26,12 +26,12 @@ pub use diffusion::StableDiffusion;
 pub use error::{Error, Result};
 pub use generation::{generate, generate_stream, Generated, GenerationConfig, SamplingConfig};
 pub use grad::no_grad;
+pub use models::kbit::prepare_model_for_kbit_training;
 pub use models::{load as load_model, Inputs, LoadOptions, Model, TaskType};
 pub use peft_model::{
     get_peft_model, get_peft_model_with_seed, load_auto, load_with_adapter, FromPretrained,
     PeftModel,
 };
-pub use quant::kbit::prepare_model_for_kbit_training;
 pub use train::optim::{AdamW, AdamWParams};
 pub use train::{causal_lm_loss, classification_loss};
 pub use tuners::adalora::AdaLoraConfig;

@@ -136,7 +136,11 @@ fn greedy_generation_from_the_dequantized_gguf_matches_transformers() {
 #[test]
 fn a_model_loaded_from_gguf_saves_as_a_complete_hugging_face_directory() {
     let gguf = gguf_path();
-    let model = peft::models::load(&gguf, &peft::LoadOptions::default()).unwrap();
+    let kept = peft::LoadOptions {
+        keep_gguf_quantized: true,
+        ..Default::default()
+    };
+    let model = peft::models::load(&gguf, &kept).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     peft::models::save_pretrained(model.as_ref(), tmp.path()).unwrap();
     let mut from_gguf = Tokenizer::from_gguf(&GgufFile::open(&gguf).unwrap()).unwrap();

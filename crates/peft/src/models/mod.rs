@@ -6,6 +6,7 @@ pub mod bert;
 pub mod clip;
 pub mod decoder;
 pub mod gpt2;
+pub mod kbit;
 pub mod llama;
 pub mod nezha;
 pub mod opt;

@@ -7,7 +7,6 @@ pub mod bnb4;
 pub mod config;
 pub mod ggml;
 pub mod int8;
-pub mod kbit;
 
 pub use bnb4::{Absmax, Quant4, QuantType};
 pub use config::{BitsAndBytesConfig, Scheme};

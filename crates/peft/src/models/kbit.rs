@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, TensorId};
 
-use crate::models::Model;
+use super::Model;
 use crate::Result;
 
 /// What [`prepare_model_for_kbit_training`] changed.
@@ -27,9 +27,9 @@ pub struct KbitPrepared {
 /// weights keep their codes.
 ///
 /// PEFT's third step, `enable_input_require_grads`, has nothing to switch on here: candle
-/// records the graph through any tensor that depends on a trainable variable, so adapters below
-/// a frozen embedding receive their gradients whether or not the embedding output "requires
-/// grad"; there is no flag to set and none is pretended.
+/// records the graph through any tensor that depends on a trainable variable, and a
+/// gradient-checkpointed block gives an input that records nothing a gradient itself
+/// (`grad::checkpoint::block`); there is no flag to set and none is pretended.
 pub fn prepare_model_for_kbit_training(model: &mut dyn Model) -> Result<KbitPrepared> {
     let mut out = KbitPrepared::default();
     let mut cast: HashMap<TensorId, Tensor> = HashMap::new();
