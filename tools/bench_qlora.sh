@@ -15,8 +15,9 @@ peft="$1"; hf="$2"; steps="${3:-5}"; batch="${4:-8}"; len="${5:-128}"
 py="${PYTHON:-python3}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 gguf="${PEFT_ASSETS:-$root/.assets}/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-common=(--task-type CAUSAL_LM --target-modules q_proj,v_proj --steps "$steps" --warmup 2 --batch "$batch" --seq-len "$len")
-ref=("$py" "$root/tools/reference/bench_train_causal.py" --model-dir "$hf" --steps "$steps" --warmup 2 --batch "$batch" --seq-len "$len")
+warmup="${WARMUP:-1}"
+common=(--task-type CAUSAL_LM --target-modules q_proj,v_proj --steps "$steps" --warmup "$warmup" --batch "$batch" --seq-len "$len")
+ref=("$py" "$root/tools/reference/bench_train_causal.py" --model-dir "$hf" --steps "$steps" --warmup "$warmup" --batch "$batch" --seq-len "$len")
 for ckpt in "" "--gradient-checkpointing"; do
   "$peft" -q bench --model "$hf" "${common[@]}" $ckpt
   "${ref[@]}" --base f32 $ckpt 2>/dev/null | tail -1
@@ -24,5 +25,5 @@ for ckpt in "" "--gradient-checkpointing"; do
   "${ref[@]}" --base bf16 $ckpt 2>/dev/null | tail -1
   "$peft" -q bench --model "$hf" "${common[@]}" --load-in-4bit --bnb-4bit-quant-type nf4 --bnb-4bit-use-double-quant $ckpt
   "${ref[@]}" --base nf4 $ckpt 2>/dev/null | tail -1
-  "$peft" -q bench --model "$gguf" "${common[@]}" $ckpt
+  "$peft" -q bench --model "$gguf" "${common[@]}" --keep-gguf-quantized $ckpt
 done

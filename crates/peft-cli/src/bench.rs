@@ -240,8 +240,8 @@ fn base_kind(a: &BenchArgs) -> String {
             .unwrap_or_else(|| "fp4".into())
     } else if q.load_in_8bit {
         "int8".into()
-    } else if a.model.extension().is_some_and(|e| e == "gguf") {
-        "gguf".into()
+    } else if a.quant.keep_gguf_quantized {
+        "gguf-blocks".into()
     } else {
         "f32".into()
     };
