@@ -74,12 +74,12 @@ impl Collective for Mpi {
             DType::F64 => {
                 let mut v = bucket.to_vec1::<f64>()?;
                 sum_in_place(&self.world, &mut v);
-                Ok(Tensor::from_vec(v, v_len(bucket), device)?)
+                Ok(Tensor::from_vec(v, bucket.elem_count(), device)?)
             }
             DType::F32 => {
                 let mut v = bucket.to_vec1::<f32>()?;
                 sum_in_place(&self.world, &mut v);
-                Ok(Tensor::from_vec(v, v_len(bucket), device)?)
+                Ok(Tensor::from_vec(v, bucket.elem_count(), device)?)
             }
             DType::F16 | DType::BF16 => {
                 let wide = self.all_reduce_sum(&bucket.to_dtype(DType::F32)?)?;
@@ -94,8 +94,4 @@ impl Collective for Mpi {
     fn abort(&self, code: i32) -> ! {
         self.world.abort(code)
     }
-}
-
-fn v_len(t: &Tensor) -> usize {
-    t.elem_count()
 }
