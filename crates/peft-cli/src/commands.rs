@@ -7,6 +7,7 @@ use peft::layers::ModuleRef;
 use peft::models::{self, LoadOptions};
 use peft::peft_model::{thousands, CONFIG_NAME, WEIGHTS_NAME};
 use peft::train::config::TrainConfig;
+use peft::train::dist::ProcessGroup;
 use peft::train::run::{Evaluation, TrainJob};
 use peft::train::Outcome;
 use peft::{Error, Inputs, LoraModelExt, Result};
@@ -38,12 +39,35 @@ pub struct TrainArgs {
 
 /// `peft train`: the config file with `--set` overrides (and `--resume`), Ctrl-C saving a
 /// checkpoint. Prints the trainable-parameter line, then after training the metrics and where
-/// the adapter went; progress and logs go to stderr.
+/// the adapter went; progress and logs go to stderr. Under `mpirun` / `srun` (built with
+/// `--features mpi`) each process trains on its shard of every batch and only rank 0 prints
+/// and writes; an error on any rank ends the whole job.
 pub fn train(a: TrainArgs) -> Result<()> {
+    let group = ProcessGroup::from_env()?;
+    let result = train_in(a, &group);
+    if let Err(e) = &result {
+        if group.is_distributed() {
+            eprintln!(
+                "error on rank {} of {}: {e}\nstopping every process of the job",
+                group.rank(),
+                group.world_size()
+            );
+            group.abort(1);
+        }
+    }
+    result
+}
+
+fn train_in(a: TrainArgs, group: &ProcessGroup) -> Result<()> {
     if peft::train::dreambooth::is_pipeline_config(&a.config)? {
         if a.resume.is_some() {
             return Err(Error::Config(
                 "--resume: a DreamBooth run starts from the adapter in its config".into(),
+            ));
+        }
+        if group.is_distributed() {
+            return Err(Error::Config(
+                "DreamBooth training runs in one process; launch it without mpirun".into(),
             ));
         }
         return crate::diffusion::train_dreambooth(&a.config, &a.set, a.device);
@@ -54,18 +78,46 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if a.resume.is_some() {
         cfg.training.resume_from_checkpoint = a.resume;
     }
-    let device = device(a.device)?;
+    let device = rank_device(a.device, group)?;
     let mut job = TrainJob::prepare(&cfg, &device)?;
+    job.group = group.clone().for_device(&device)?;
     peft::train::install_interrupt_handler(job.stop.clone())?;
-    println!("{}", job.model.trainable_parameters_line());
-    let mut progress = crate::logging::TrainProgress::new(crate::logging::shows_info());
+    let main = group.is_main();
+    if main {
+        println!("{}", job.model.trainable_parameters_line());
+        if group.is_distributed() {
+            println!(
+                "data-parallel on {} processes: effective batch {} ({} per process x {} \
+                 accumulation steps x {} processes)",
+                group.world_size(),
+                cfg.training.per_device_train_batch_size
+                    * cfg.training.gradient_accumulation_steps
+                    * group.world_size(),
+                cfg.training.per_device_train_batch_size,
+                cfg.training.gradient_accumulation_steps,
+                group.world_size()
+            );
+        }
+    }
+    let mut progress = crate::logging::TrainProgress::new(main && crate::logging::shows_info());
     let out = job.run(Some(&mut progress))?;
     drop(progress);
+    if !main {
+        return Ok(());
+    }
     let r = &out.report;
     println!(
         "trained {} steps ({:.2} epochs) in {:.1} s, {:.1} examples/s, final loss {:.4}",
         r.steps, r.epochs, r.seconds, r.examples_per_second, r.final_loss
     );
+    if group.is_distributed() {
+        println!(
+            "all-reduce: {:.3} s on rank 0 ({:.1} ms per step, {:.1} % of the run)",
+            r.communication_seconds,
+            1e3 * r.communication_seconds / r.steps.max(1) as f64,
+            100.0 * r.communication_seconds / r.seconds.max(1e-9)
+        );
+    }
     if let Outcome::Interrupted(dir) = &r.outcome {
         println!("checkpoint saved to {}", dir.display());
         return Ok(());
@@ -78,6 +130,24 @@ pub fn train(a: TrainArgs) -> Result<()> {
         out.output_dir.display()
     );
     Ok(())
+}
+
+/// `--device` for this rank: in a data-parallel job, `cuda` (or the default on a GPU build) is
+/// the GPU of the process's local rank, one GPU per process.
+fn rank_device(arg: Option<DeviceArg>, group: &ProcessGroup) -> Result<Device> {
+    if !group.is_distributed() {
+        return device(arg);
+    }
+    let gpu = match arg {
+        Some(DeviceArg::Cuda(_)) => true,
+        Some(DeviceArg::Cpu) => false,
+        None => cfg!(feature = "cuda") && candle_core::utils::cuda_is_available(),
+    };
+    device(Some(if gpu {
+        DeviceArg::Cuda(group.local_rank())
+    } else {
+        DeviceArg::Cpu
+    }))
 }
 
 /// The metrics block `peft train` and `peft eval` print (stdout).

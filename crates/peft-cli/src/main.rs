@@ -104,7 +104,10 @@ fn main() -> ExitCode {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
     }
     let cli = Cli::parse();
-    logging::init(cli.quiet, cli.verbose);
+    // In a data-parallel job only rank 0 logs what the user sees; the others say only
+    // warnings and errors.
+    let other_rank = peft::train::dist::launch::launcher_rank().is_some_and(|r| r > 0);
+    logging::init(cli.quiet || other_rank, cli.verbose);
     let result = match cli.command {
         Command::Train(a) => commands::train(a),
         Command::Eval(a) => commands::eval(a),

@@ -183,6 +183,7 @@ fn main() -> peft::Result<()> {
                 label_names: Vec::new(),
                 callback: None,
                 stop: Default::default(),
+                group: Default::default(),
             };
             t.train()?;
             m.save_pretrained(&dir.join("adapter"))?;

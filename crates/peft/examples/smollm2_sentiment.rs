@@ -127,6 +127,7 @@ fn main() -> peft::Result<()> {
         label_names: Vec::new(),
         callback: Some(&mut log),
         stop: Default::default(),
+        group: Default::default(),
     }
     .train()?;
     let train_s = start.elapsed().as_secs_f64();

@@ -68,6 +68,7 @@ fn trainer<'a>(m: &'a mut PeftModel, train: &'a [Example], out: &Path) -> Traine
         label_names: vec![],
         callback: None,
         stop: Default::default(),
+        group: Default::default(),
     }
 }
 

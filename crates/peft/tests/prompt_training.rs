@@ -187,6 +187,7 @@ fn training_moves_every_trainable_tensor_and_no_base_weight() {
                 label_names: Vec::new(),
                 callback: None,
                 stop: Default::default(),
+                group: Default::default(),
             };
             let report = t.train().unwrap_or_else(|e| panic!("{rel} {what}: {e}"));
             assert!(report.final_loss.is_finite(), "{rel} {what}");
@@ -224,6 +225,7 @@ fn resuming_p_tuning_restores_its_encoder() {
             label_names: Vec::new(),
             callback: None,
             stop: Default::default(),
+            group: Default::default(),
         };
         t.train().unwrap();
         snapshot(&m)

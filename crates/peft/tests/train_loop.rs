@@ -164,6 +164,7 @@ fn run_until(
             .collect(),
         callback: None,
         stop,
+        group: Default::default(),
     };
     let r = t.train().unwrap();
     if r.outcome == Outcome::Finished {
@@ -393,6 +394,7 @@ fn a_non_finite_loss_stops_the_run_and_names_the_last_checkpoint() {
         label_names: vec![],
         callback: None,
         stop: StopSignal::new(),
+        group: Default::default(),
     };
     let e = t.train().expect_err("the loss overflows").to_string();
     assert!(

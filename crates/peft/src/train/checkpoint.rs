@@ -37,6 +37,18 @@ pub struct TrainerState {
     pub micro_batch_in_epoch: usize,
     /// Dropout masks drawn so far (see [`crate::ops::restore_dropout`]).
     pub dropout_draws: u64,
+    /// The processes of the run that wrote this (0 in checkpoints from before data-parallel
+    /// training: 1).
+    #[serde(default)]
+    pub world_size: usize,
+    /// Examples of the current epoch's order already consumed by all processes together (their
+    /// micro-batches × batch size × processes): where a run with another process count or
+    /// batch size resumes. Absent in older checkpoints: `micro_batch_in_epoch` then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub examples_in_epoch: Option<usize>,
+    /// Every rank's dropout draws (rank 0's is `dropout_draws`), to resume each rank's stream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropout_draws_by_rank: Vec<u64>,
 }
 
 /// The `checkpoint-N` directories of `output_dir`, oldest first.

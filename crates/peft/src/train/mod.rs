@@ -7,6 +7,7 @@
 //! - [`optim`], [`schedule`]: AdamW and the learning-rate schedules, as torch / transformers.
 //! - [`eval`], [`metrics`]: task losses and metrics; [`checkpoint`]: save / resume.
 //! - [`plot`], [`card`]: curves and the adapter's model card.
+//! - [`dist`]: data-parallel training over MPI / NCCL processes (`mpirun -np N peft train`).
 //! - [`run`]: everything above from a config file, as `peft train` / `peft eval` run it.
 //! - [`dreambooth`]: the same for a Stable Diffusion pipeline's adapters (DreamBooth data).
 
@@ -15,6 +16,7 @@ pub mod card;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod dreambooth;
 pub mod eval;
 pub mod metrics;

@@ -11,6 +11,7 @@ use super::config::TrainConfig;
 use super::data::{
     build_examples, read_records, split_validation, CollateOptions, Example, LabelSet, TaskData,
 };
+use super::dist::ProcessGroup;
 use super::eval::{evaluate, EvalOptions};
 use super::metrics::Metrics;
 use super::trainer::{Outcome, StopSignal, TrainReport, Trainer};
@@ -192,6 +193,9 @@ pub struct TrainJob {
     /// Stops the run after its current step with a checkpoint (hand a clone to
     /// [`super::install_interrupt_handler`] for Ctrl-C).
     pub stop: StopSignal,
+    /// The processes training together ([`ProcessGroup::from_env`] under `mpirun`); a single
+    /// process by default.
+    pub group: ProcessGroup,
 }
 
 /// An evaluation of an adapter.
@@ -260,12 +264,14 @@ impl TrainJob {
             model: peft_model,
             data: prepared,
             stop: StopSignal::new(),
+            group: ProcessGroup::single(),
         })
     }
 
     /// Trains (reporting to `callback`; `None`: silently), evaluates, and saves the adapter,
     /// model card, curves and `eval_results.json` in `output_dir`. An interrupted run (Ctrl-C)
-    /// returns after its checkpoint, without the final evaluation and save.
+    /// returns after its checkpoint, without the final evaluation and save; so does every rank
+    /// but 0 of a data-parallel run.
     pub fn run(&mut self, callback: Option<&mut dyn TrainerCallback>) -> Result<TrainOutput> {
         let names = label_names(&self.data);
         let output_dir = self.config.training.output_dir.clone();
@@ -279,9 +285,11 @@ impl TrainJob {
             // Reborrowed for the trainer's (shorter) lifetime.
             callback: callback.map(|c| -> &mut dyn TrainerCallback { c }),
             stop: self.stop.clone(),
+            group: self.group.clone(),
         };
         let report = trainer.train()?;
-        if let Outcome::Interrupted(_) = &report.outcome {
+        // Only rank 0 evaluates and writes; the other ranks' work ends with training.
+        if matches!(report.outcome, Outcome::Interrupted(_)) || !self.group.is_main() {
             return Ok(TrainOutput {
                 report,
                 eval: None,

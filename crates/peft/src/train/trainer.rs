@@ -17,6 +17,7 @@ use super::callback::{StepInfo, TrainerCallback, TrainerEvent};
 use super::checkpoint::{self, TrainerState};
 use super::config::{Interval, TrainingArguments};
 use super::data::{collate, CollateOptions, Example};
+use super::dist::{self, sampler, Fingerprint, ProcessGroup};
 use super::eval::{adapter_loss, evaluate, targets_with_prefix, EvalOptions};
 use super::metrics::Metrics;
 use super::optim::{clip_scale, norm_of, AdamW, AdamWParams};
@@ -85,6 +86,9 @@ pub struct TrainReport {
     /// Metrics of the last evaluation, if any.
     pub eval: Option<Metrics>,
     pub best_checkpoint: Option<PathBuf>,
+    /// Seconds this process spent exchanging gradients and step totals with the others (0 for
+    /// a single process).
+    pub communication_seconds: f64,
 }
 
 /// A training run over tokenised examples.
@@ -101,6 +105,9 @@ pub struct Trainer<'a> {
     pub callback: Option<&'a mut dyn TrainerCallback>,
     /// Checked after every optimizer step; see [`install_interrupt_handler`].
     pub stop: StopSignal,
+    /// The processes of a data-parallel run ([`ProcessGroup::single`] for one): each trains on
+    /// its shard of every batch; only rank 0 reports, evaluates and writes.
+    pub group: ProcessGroup,
 }
 
 /// Sends `event` to the callback, if there is one.
@@ -150,11 +157,20 @@ impl Trainer<'_> {
                  keeps every activation"
             );
         }
+        let group = self.group.clone();
+        let (rank, world, main) = (group.rank(), group.world_size(), group.is_main());
+        if !main {
+            self.callback = None;
+        }
         let out_dir = args.output_dir.clone();
-        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+        if main {
+            std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+        }
         let bs = args.per_device_train_batch_size;
         let k = args.gradient_accumulation_steps;
-        let micro_per_epoch = self.train.len().div_ceil(bs);
+        // Each rank's share of an epoch, cut into its micro-batches (transformers: the
+        // per-device batch is per process).
+        let micro_per_epoch = sampler::per_rank_len(self.train.len(), world).div_ceil(bs);
         let steps_per_epoch = micro_per_epoch.div_ceil(k).max(1);
         let total = if args.max_steps > 0 {
             args.max_steps as usize
@@ -178,22 +194,32 @@ impl Trainer<'_> {
                 weight_decay: args.weight_decay,
             },
         )?;
+        let var_tensors: Vec<Tensor> = opt.vars().map(|v| v.as_tensor().clone()).collect();
         let mut state = TrainerState {
             max_steps: total,
             num_train_epochs: args.num_train_epochs,
             seed: args.seed,
+            world_size: world,
             ..Default::default()
         };
-        ops::seed_dropout(args.seed);
+        // Each rank its own dropout stream (rank 0's is a single process's).
+        ops::seed_dropout(dist::rank_seed(args.seed, rank));
         let mut resumed_from = None;
         if let Some(spec) = &args.resume_from_checkpoint {
             let dir = checkpoint::resolve_resume(spec, &out_dir)?;
             let (s, sch) = checkpoint::read_state(&dir)?;
             checkpoint::load_trainable(self.model, &dir)?;
             opt.load_state(&dir.join(checkpoint::OPTIMIZER_NAME))?;
-            ops::restore_dropout(s.seed, s.dropout_draws);
+            let draws = match s.dropout_draws_by_rank.get(rank) {
+                Some(&d) => d,
+                None if rank == 0 => s.dropout_draws,
+                None => 0,
+            };
+            ops::restore_dropout(dist::rank_seed(s.seed, rank), draws);
             schedule = sch;
             state = s;
+            state.micro_batch_in_epoch = resume_position(&state, bs * world);
+            state.world_size = world;
             tracing::info!(
                 "resuming from {} (step {}, epoch {:.2})",
                 dir.display(),
@@ -202,8 +228,14 @@ impl Trainer<'_> {
             );
             resumed_from = Some(dir);
         }
+        if group.is_distributed() {
+            group.check_agreement(
+                self.fingerprint(&var_tensors)?,
+                "the config, the data or the adapter (names, shapes, values)",
+            )?;
+        }
         let metrics_path = out_dir.join("metrics.jsonl");
-        if state.global_step == 0 {
+        if main && state.global_step == 0 {
             let _ = std::fs::remove_file(&metrics_path);
         }
         let device = self.model.base_model().device().clone();
@@ -211,14 +243,16 @@ impl Trainer<'_> {
         // resumed run replays the earlier epochs' draws to reach the same order.
         let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
         let lengths: Vec<usize> = self.train.iter().map(|e| e.input_ids.len()).collect();
+        // The epoch's order is the same on every rank (one seed); each takes its shard of it.
         let next_order = |rng: &mut rand::rngs::StdRng| {
-            if args.group_by_length {
-                length_grouped_order(&lengths, bs, rng)
+            let order = if args.group_by_length {
+                length_grouped_order(&lengths, bs * world, rng)
             } else {
                 let mut order: Vec<usize> = (0..lengths.len()).collect();
                 order.shuffle(rng);
                 order
-            }
+            };
+            sampler::shard(&order, rank, world)
         };
         for _ in 0..state.epochs_started.saturating_sub(1) {
             next_order(&mut rng);
@@ -253,11 +287,12 @@ impl Trainer<'_> {
                     break 'outer;
                 }
                 let group_end = (state.micro_batch_in_epoch + k).min(micro.len());
+                let mut step_seen = 0usize;
                 let batches = micro[state.micro_batch_in_epoch..group_end]
                     .iter()
                     .map(|chunk| {
                         let ex: Vec<&Example> = chunk.iter().map(|&i| &self.train[i]).collect();
-                        seen += ex.len();
+                        step_seen += ex.len();
                         collate(&ex, &self.collate, &device)
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -269,7 +304,19 @@ impl Trainer<'_> {
                     .iter()
                     .map(|b| targets_with_prefix(task, &b.targets, b.num_targets, prefix))
                     .collect::<Result<Vec<_>>>()?;
-                let n_total: usize = counts.iter().sum();
+                // The step's targets over all ranks: each loss is weighted by its share of
+                // them, so the summed gradients are the global batch's (transformers'
+                // `average_tokens_across_devices`).
+                let n_local: usize = counts.iter().sum();
+                let n_total = if world > 1 {
+                    group.sum(n_local as f64)?.round() as usize
+                } else {
+                    n_local
+                };
+                if n_total == 0 {
+                    state.micro_batch_in_epoch = group_end;
+                    continue;
+                }
                 self.model.before_train_step(
                     args.seed.wrapping_mul(1_000_003) ^ state.global_step as u64,
                 )?;
@@ -328,9 +375,16 @@ impl Trainer<'_> {
                     });
                 }
                 state.micro_batch_in_epoch = group_end;
-                let Some(grads) = grads else {
-                    continue;
-                };
+                let grads = grads.unwrap_or_else(|| vec![None; var_tensors.len()]);
+                let (grads, totals) = group.reduce_step(
+                    grads,
+                    &var_tensors,
+                    step_loss,
+                    step_seen,
+                    self.stop.take(),
+                )?;
+                let (step_loss, stop) = (totals.loss, totals.stop);
+                seen += totals.seen;
                 let norm = norm_of(&grads)?;
                 let scale = clip_scale(norm, args.max_grad_norm);
                 let lr = schedule.lr(state.global_step);
@@ -352,6 +406,7 @@ impl Trainer<'_> {
                 state.epoch = (state.epochs_started - 1) as f64
                     + state.micro_batch_in_epoch as f64 / micro_per_epoch as f64;
                 state.dropout_draws = ops::dropout_draws();
+                state.examples_in_epoch = Some(state.micro_batch_in_epoch * bs * world);
                 window_loss += step_loss;
                 window_n += 1;
                 last_loss = step_loss;
@@ -375,7 +430,7 @@ impl Trainer<'_> {
                     });
                     info.loss = window_loss / window_n as f64;
                     emit(&mut self.callback, TrainerEvent::Log(&info));
-                    log(&metrics_path, &mut state, entry)?;
+                    log(main, &metrics_path, &mut state, entry)?;
                     window_loss = 0.0;
                     window_n = 0;
                 }
@@ -387,7 +442,9 @@ impl Trainer<'_> {
                 };
                 if due(args.eval_strategy, args.eval_steps()) {
                     self.model.after_training()?;
-                    if let Some(m) = self.evaluate()? {
+                    // Rank 0 evaluates; the others wait for it at the next step's exchange.
+                    let metrics = if main { self.evaluate()? } else { None };
+                    if let Some(m) = metrics {
                         emit(
                             &mut self.callback,
                             TrainerEvent::Evaluate { step, metrics: &m },
@@ -397,7 +454,7 @@ impl Trainer<'_> {
                         for (k, v) in &m {
                             entry[format!("eval_{k}")] = serde_json::json!(v);
                         }
-                        log(&metrics_path, &mut state, entry)?;
+                        log(main, &metrics_path, &mut state, entry)?;
                         if let Some(&v) = m.get(&args.best_metric()) {
                             let better = state.best_metric.is_none_or(|b| {
                                 if args.greater_is_better() {
@@ -415,10 +472,16 @@ impl Trainer<'_> {
                         last_eval = Some(m);
                     }
                 }
-                let stop = self.stop.take();
                 if due(args.save_strategy, args.save_steps) || stop {
+                    if world > 1 {
+                        state.dropout_draws_by_rank = group.all_gather(ops::dropout_draws())?;
+                    }
                     let t = Instant::now();
-                    let dir = checkpoint::save(&out_dir, self.model, &opt, &schedule, &state)?;
+                    let dir = if main {
+                        checkpoint::save(&out_dir, self.model, &opt, &schedule, &state)?
+                    } else {
+                        out_dir.join(format!("checkpoint-{step}"))
+                    };
                     emit(
                         &mut self.callback,
                         TrainerEvent::Save {
@@ -427,11 +490,13 @@ impl Trainer<'_> {
                             seconds: t.elapsed().as_secs_f64(),
                         },
                     );
-                    checkpoint::rotate(
-                        &out_dir,
-                        args.save_total_limit,
-                        state.best_model_checkpoint.as_deref(),
-                    )?;
+                    if main {
+                        checkpoint::rotate(
+                            &out_dir,
+                            args.save_total_limit,
+                            state.best_model_checkpoint.as_deref(),
+                        )?;
+                    }
                     if stop {
                         emit(
                             &mut self.callback,
@@ -471,7 +536,28 @@ impl Trainer<'_> {
             outcome,
             eval: last_eval,
             best_checkpoint: state.best_model_checkpoint.clone(),
+            communication_seconds: group.communication_seconds(),
         })
+    }
+
+    /// What every rank of a data-parallel run must agree on: the arguments, the collation,
+    /// the training examples, and the adapter's parameter names, shapes and values (as loaded
+    /// or resumed).
+    fn fingerprint(&self, vars: &[Tensor]) -> Result<u64> {
+        let mut f = Fingerprint::default();
+        f.str(&serde_json::to_string(&self.args).unwrap_or_default())
+            .str(&format!("{:?}", self.collate))
+            .u64(self.train.len() as u64);
+        for e in self.train {
+            f.str(&format!("{:?}", e));
+        }
+        for (name, _) in self.model.trainable_parameters() {
+            f.str(&name);
+        }
+        for v in vars {
+            f.tensor(v)?;
+        }
+        Ok(f.finish())
     }
 
     /// After training: the adapter in `output_dir`, a model card, and the curves. `eval`, the
@@ -516,13 +602,34 @@ impl Trainer<'_> {
     }
 }
 
+/// The micro-batch of the epoch a run resumes at when each of its micro-batch rounds takes
+/// `per_round` examples of the epoch's order (batch size × processes): the checkpoint's place in
+/// that order, whatever process count and batch size wrote it, rounded up to a whole round.
+fn resume_position(state: &TrainerState, per_round: usize) -> usize {
+    let Some(done) = state.examples_in_epoch else {
+        return state.micro_batch_in_epoch;
+    };
+    if !done.is_multiple_of(per_round) {
+        tracing::warn!(
+            "the checkpoint stopped {done} examples into the epoch, not a multiple of this \
+             run's {per_round} per micro-batch round (batch size x processes): resuming at the \
+             next whole round skips {} examples",
+            per_round - done % per_round
+        );
+    }
+    done.div_ceil(per_round)
+}
+
 fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
 
-/// Appends `entry` to `metrics.jsonl` and the state's log history.
-fn log(path: &Path, state: &mut TrainerState, entry: serde_json::Value) -> Result<()> {
-    append_line(path, &entry)?;
+/// Appends `entry` to the state's log history and, on the rank that writes (`write`), to
+/// `metrics.jsonl`.
+fn log(write: bool, path: &Path, state: &mut TrainerState, entry: serde_json::Value) -> Result<()> {
+    if write {
+        append_line(path, &entry)?;
+    }
     state.log_history.push(entry);
     Ok(())
 }
