@@ -318,16 +318,27 @@ fn killing_a_rank_stops_the_job_and_keeps_the_last_checkpoint() {
         "--set",
         "training.eval_strategy=no",
     ];
+    // The job's output goes to a file: an unread pipe would fill and stall it.
+    let log_path = tmp.path().join("job.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
     let mut job = mpi_command(&mpirun, 2, &[&["train", "--config", c][..], &sets].concat())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::from(log_file.try_clone().unwrap()))
+        .stderr(Stdio::from(log_file))
         .spawn()
         .unwrap();
     let out = tmp.path().join("job");
     let t = Instant::now();
-    while !out.join("checkpoint-4").exists() {
+    // Some checkpoint from step 4 on (save_total_limit deletes the older ones as it goes, so
+    // waiting for one name could miss it).
+    while !checkpoints(&out).iter().any(|&n| n >= 4) {
+        if let Some(s) = job.try_wait().unwrap() {
+            panic!(
+                "the job ended ({s}) before checkpoint-4: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
         assert!(t.elapsed() < Duration::from_secs(120), "no checkpoint-4");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     let rank1 = rank_pid(job.id(), 1).expect("rank 1's process");
     Command::new("kill")
@@ -345,7 +356,7 @@ fn killing_a_rank_stops_the_job_and_keeps_the_last_checkpoint() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let log = text(&job.wait_with_output().unwrap());
+    let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(!status.success(), "{log}");
     assert!(log.contains("rank 1") && log.contains("signal 9"), "{log}");
     // The newest checkpoint is whole: a single process resumes from it and trains on.
@@ -386,6 +397,22 @@ fn rank_pid(mpirun_pid: u32, rank: usize) -> Option<u32> {
         let is_rank = env.split(|&b| b == 0).any(|v| v == want.as_bytes());
         (ppid == mpirun_pid && is_rank).then_some(pid)
     })
+}
+
+/// The step numbers of the `checkpoint-N` directories in `out` now.
+fn checkpoints(out: &Path) -> Vec<usize> {
+    let Ok(dir) = std::fs::read_dir(out) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 fn newest_checkpoint(out: &Path) -> (usize, PathBuf) {
