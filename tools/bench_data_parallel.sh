@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Scaling of the default job's training step, 1 vs 2 processes with one thread each, and the
-# cost of the gradient exchange alone (docs/decisions/0006). Needs Open MPI, the assets
+# cost of the gradient exchange alone (docs/decisions/0008). Needs Open MPI, the assets
 # (scripts/fetch-assets.sh) and a release build with MPI:
 #   cargo build --release -p peft-cli --features mpi
 #   cargo build --release -p peft --features mpi --example allreduce_bench
