@@ -562,8 +562,14 @@ impl T5 {
                 None => {
                     let (enc_mask, mask, bias) = (enc_mask.cloned(), mask.clone(), bias.clone());
                     checkpoint::block(self, &x, Some(enc), move |m: &Self, x, enc| {
-                        let blk = &m.decoder.as_ref().expect("a decoder").blocks[i];
-                        let enc = enc.expect("the encoder output");
+                        let (Some(dec), Some(enc)) = (&m.decoder, enc) else {
+                            return Err(Error::Config(
+                                "a checkpointed T5 decoder block needs the decoder and the \
+                                 encoder output"
+                                    .into(),
+                            ));
+                        };
+                        let blk = &dec.blocks[i];
                         m.decoder_block(blk, x, enc, enc_mask.as_ref(), &mask, &bias, None, train)
                     })?
                 }
