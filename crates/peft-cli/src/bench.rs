@@ -150,7 +150,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let mut model = get_peft_model_with_seed(base, config, "default", 0)?;
     if a.bf16 {
-        model.cast_frozen(DType::BF16)?;
+        model.autocast_bf16()?;
     }
     let (b, t) = (a.batch, a.seq_len);
     let ids = Tensor::from_vec(random_ids(b * t), (b, t), &device)?;

@@ -37,6 +37,13 @@ pub fn fused_applies(x: &Tensor, w: &Tensor) -> bool {
     linear::applies(x, w, None)
 }
 
+/// Whether `x · wᵀ` runs as `torch.autocast` runs it on the CPU: an f32 input and a bf16
+/// weight, the product in bf16 with f32 accumulation and an f32 result (the one-node frozen
+/// linear serves it; nothing else needs to cast).
+pub fn autocast_applies(x: &Tensor, w: &Tensor) -> bool {
+    linear::autocast(x, w) && x.device().is_cpu() && w.device().is_cpu()
+}
+
 /// bf16 activations on the CPU: the fused f32 kernels serve them between two casts (the casts
 /// are single passes; the composed bf16 ops they replace are many, and candle computes each
 /// bf16 element through f32 anyway). The matrix products take bf16 directly ([`gemm`]).

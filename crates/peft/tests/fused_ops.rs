@@ -350,6 +350,56 @@ fn frozen_linear_in_bf16_rounds_the_f32_product_forward_and_backward() {
 }
 
 #[test]
+fn frozen_linear_under_autocast_rounds_its_inputs_to_bf16_and_stays_f32() {
+    // torch.autocast's bf16 product: an f32 input meets a bf16 weight; the input is rounded to
+    // bf16, the product accumulates in f32 and comes out f32 (so does the input's gradient).
+    let round = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let (rows, inp, out) = (45, 37, 70);
+    let x = Var::from_tensor(&data(&[2, rows, inp], 0.7, 2.0)).unwrap();
+    let w = data(&[out, inp], 1.9, 1.0).to_dtype(DType::BF16).unwrap(); // [out, in]
+    let w32 = w.to_dtype(DType::F32).unwrap();
+    let b = data(&[out], 3.1, 1.0);
+    let want = round(x.as_tensor())
+        .broadcast_matmul(&w32.t().unwrap())
+        .unwrap()
+        .broadcast_add(&b)
+        .unwrap();
+    let unrounded = x
+        .as_tensor()
+        .broadcast_matmul(&w32.t().unwrap())
+        .unwrap()
+        .broadcast_add(&b)
+        .unwrap();
+    let r = data(&[2, rows, out], 3.3, 1.0);
+    let dx_want = round(&r).broadcast_matmul(&w32).unwrap();
+    assert!(ops::autocast_applies(x.as_tensor(), &w));
+    for transposed in [false, true] {
+        let stored = if transposed {
+            w.t().unwrap().contiguous().unwrap()
+        } else {
+            w.clone()
+        };
+        let y = ops::frozen_linear_bias(x.as_tensor(), &stored, Some(&b), transposed).unwrap();
+        assert_eq!(y.dtype(), DType::F32);
+        assert_close("autocast frozen linear forward", &y, &want, 1e-5);
+        // The rounding is real: the exact f32 product is further away than accumulation noise.
+        assert!(max_abs_diff(&y, &unrounded) > 1e-4 * max_abs(&unrounded));
+        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(x.as_tensor()).unwrap();
+        assert_eq!(dx.dtype(), DType::F32);
+        assert_close("autocast frozen linear backward", dx, &dx_want, 1e-5);
+    }
+    // A bf16 input with an f32 weight is not autocast's mix; the op refuses to guess.
+    let xb = x.as_tensor().to_dtype(DType::BF16).unwrap();
+    assert!(!ops::autocast_applies(&xb, &w32));
+}
+
+#[test]
 fn scale_columns_matches_candle_forward_and_backward() {
     // Rows not a multiple of the parallel task size, 3-d input, a column count that is not a
     // multiple of the vector width.

@@ -474,15 +474,62 @@ fn bf16_computes_in_bf16_and_keeps_fp32_master_weights_and_moments() {
         opt.values().all(|t| t.dtype() == candle_core::DType::F32),
         "fp32 moments"
     );
-    // The frozen base really is bf16: the model's logits come out in bf16.
+    // As torch.autocast: the frozen linear weights are stored in bf16, while embeddings, norms
+    // and biases stay f32, and so do the activations and the logits.
+    use peft::layers::ModuleRef;
+    let (mut bf16_linears, mut f32_others) = (0, 0);
+    for m in half.base_model().modules() {
+        match m {
+            ModuleRef::Linear(l) if !l.weight.is_trainable() => {
+                assert_eq!(
+                    l.weight.value().dtype(),
+                    candle_core::DType::BF16,
+                    "{}",
+                    l.name
+                );
+                bf16_linears += 1;
+            }
+            ModuleRef::Embedding(_) | ModuleRef::LayerNorm(_) => {
+                for p in m.params() {
+                    assert_eq!(p.value().dtype(), candle_core::DType::F32, "{}", p.name);
+                }
+                f32_others += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(bf16_linears > 0 && f32_others > 0);
     let batch = peft::train::data::collate(
-        &[&data[0]],
+        &data[..4].iter().collect::<Vec<_>>(),
         &collate_opts(TaskType::SeqCls),
         &candle_core::Device::Cpu,
     )
     .unwrap();
     let logits = half.forward(&batch.inputs, false).unwrap();
-    assert_eq!(logits.dtype(), candle_core::DType::BF16);
+    assert_eq!(logits.dtype(), candle_core::DType::F32);
+    // The same weights widened back to f32 (exactly: every bf16 value is an f32 value): only
+    // the inputs' rounding inside the bf16 products is left, and it moves the logits a little.
+    half.cast_frozen(candle_core::DType::F32).unwrap();
+    let want = half.forward(&batch.inputs, false).unwrap();
+    let d = (&logits - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        d > 0.0 && d < 0.05 * scale.max(1.0),
+        "bf16 vs f32 logits: {d} (scale {scale})"
+    );
 }
 
 /// QUESTION_ANS (BERT), SEQ_2_SEQ_LM (T5) and CAUSAL_LM (Llama) go through the same loop: a few

@@ -18,6 +18,9 @@ pub struct LinearBase {
     /// base is quantized.
     weight: Tensor,
     quant: Option<(QuantWeight, OnceLock<Tensor>)>,
+    /// Set when the layer's products run as `torch.autocast` runs them (a bf16 weight, f32
+    /// activations): adapters that read the dense weight get it widened to f32, once.
+    widened: Option<OnceLock<Tensor>>,
     pub bias: Option<Tensor>,
     pub transposed: bool,
 }
@@ -27,9 +30,20 @@ impl LinearBase {
         Self {
             weight,
             quant: None,
+            widened: None,
             bias,
             transposed,
         }
+    }
+
+    /// This base as an autocast forward sees it: [`Self::product`] multiplies the stored
+    /// (bf16) weight with f32 inputs, and [`Self::weight`] hands adapters an f32 copy, so their
+    /// own f32 arithmetic (DoRA's norm, a materialised delta) meets one dtype.
+    pub fn autocast(mut self) -> Self {
+        if self.quant.is_none() {
+            self.widened = Some(OnceLock::new());
+        }
+        self
     }
 
     /// A quantized `[out, in]` base; `device` is where its dense weight is wanted.
@@ -37,6 +51,7 @@ impl LinearBase {
         Ok(Self {
             weight: Tensor::zeros(0, q.dtype(), device)?,
             quant: Some((q, OnceLock::new())),
+            widened: None,
             bias,
             transposed: false,
         })
@@ -50,7 +65,16 @@ impl LinearBase {
     /// The dense weight in its stored layout (dequantized on first use).
     pub fn weight(&self) -> Result<Tensor> {
         match &self.quant {
-            None => Ok(self.weight.clone()),
+            None => match &self.widened {
+                None => Ok(self.weight.clone()),
+                Some(cell) => {
+                    if let Some(w) = cell.get() {
+                        return Ok(w.clone());
+                    }
+                    let w = self.weight.to_dtype(candle_core::DType::F32)?;
+                    Ok(cell.get_or_init(|| w).clone())
+                }
+            },
             Some((q, dense)) => {
                 if let Some(w) = dense.get() {
                     return Ok(w.clone());

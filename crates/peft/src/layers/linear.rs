@@ -150,8 +150,7 @@ impl Linear {
             if let Some(q) = self.quant() {
                 return ops::quant_linear(x, q, b.as_ref());
             }
-            // Mixed precision: fp32 trainable copies (modules_to_save) meet bf16 activations.
-            let w = cast_to(self.weight.value(), x.dtype())?;
+            let w = weight_for(self.weight.value(), x)?;
             if ops::fused_applies(x, &w) {
                 // One node for the whole layer, whatever the leading dimensions.
                 return ops::frozen_linear_bias(x, &w, b.as_ref(), self.transposed);
@@ -169,7 +168,10 @@ impl Linear {
                     self.bias.as_ref().map(|b| b.value()),
                     self.weight.is_trainable(),
                 )?;
-                let base = self.base()?;
+                let mut base = self.base()?;
+                if ops::autocast_applies(&x2, &self.weight.value()) {
+                    base = base.autocast();
+                }
                 for (adapter, w) in self.adapters.running_weighted() {
                     y = if w == 1.0 {
                         adapter.forward(&x2, y, &base, train)?
@@ -207,8 +209,11 @@ impl Linear {
                 b => ops::quant_linear(x2, q, b.as_ref()),
             };
         }
-        // Mixed precision: fp32 trainable copies (modules_to_save) meet bf16 activations.
-        let w = cast_to(w.clone(), x2.dtype())?;
+        let w = if trainable {
+            cast_to(w.clone(), x2.dtype())?
+        } else {
+            weight_for(w.clone(), x2)?
+        };
         let b = match b {
             Some(b) => Some(cast_to(b, x2.dtype())?),
             None => None,
@@ -253,7 +258,10 @@ impl Linear {
             let b = self.bias.as_ref().map(|b| crate::grad::live(b.base()));
             Some(self.affine(x2, &crate::grad::live(self.weight.base()), b, false)?)
         };
-        let base = self.base()?;
+        let mut base = self.base()?;
+        if ops::autocast_applies(x2, &self.weight.value()) {
+            base = base.autocast();
+        }
         let mut outs = Vec::with_capacity(g.groups.len());
         for (name, idx) in &g.groups {
             let xg = x2.index_select(idx, 0)?;
@@ -465,6 +473,17 @@ impl AdapterSite for Linear {
     }
     fn unmerge(&mut self) -> Result<()> {
         Linear::unmerge(self)
+    }
+}
+
+/// A frozen weight as the product with `x` wants it: as stored when the product runs as autocast
+/// runs it (a bf16 weight, an f32 input, on the CPU), else in `x`'s dtype (mixed precision's
+/// fp32 trainable copies, `modules_to_save`, meeting bf16 activations).
+fn weight_for(w: Tensor, x: &Tensor) -> Result<Tensor> {
+    if ops::autocast_applies(x, &w) {
+        Ok(w)
+    } else {
+        cast_to(w, x.dtype())
     }
 }
 

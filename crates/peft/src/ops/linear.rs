@@ -14,10 +14,20 @@ use super::bf16::narrow;
 use super::gemm::{matmul_bf16, matmul_f32, MatMut, MatRef, Threads};
 use crate::Result;
 
-/// Whether the one-node op serves these tensors: all on the CPU, all f32 or all bf16.
+/// Whether the one-node op serves these tensors: all on the CPU, all f32 or all bf16, or
+/// autocast's mix (f32 input and bias, bf16 weight).
 pub(crate) fn applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == x.dtype();
-    matches!(x.dtype(), DType::F32 | DType::BF16) && ok(x) && ok(w) && bias.is_none_or(ok)
+    let weight_ok = ok(w) || (autocast(x, w) && w.device().is_cpu());
+    matches!(x.dtype(), DType::F32 | DType::BF16) && ok(x) && weight_ok && bias.is_none_or(ok)
+}
+
+/// `torch.autocast`'s bf16 products: an f32 input meets a weight stored in bf16. The input is
+/// rounded to bf16 inside the op and the product accumulates in f32; what comes out (and the
+/// input's gradient) is f32, so the norms, softmaxes and residual stream around the layer stay
+/// in f32 as autocast keeps them.
+pub(crate) fn autocast(x: &Tensor, w: &Tensor) -> bool {
+    x.dtype() == DType::F32 && w.dtype() == DType::BF16
 }
 
 /// `x @ w.T + bias` (`x @ w + bias` when `w` is stored `[in, out]`, `transposed`); the caller
@@ -136,7 +146,22 @@ impl FrozenLinear {
                     Threads::All,
                 )
             }
-            _ => candle_core::bail!("frozen-linear: input and weight dtypes differ"),
+            (Data::F32(x), Data::BF16(w)) => {
+                // Autocast: the input rounded to bf16 once (a pass over `rows × k`, against the
+                // product's `rows × k × n`), then the bf16 kernel.
+                let x = narrow(x);
+                let w = MatRef::row_major(w, r, c)?;
+                let w = if flip { w.t() } else { w };
+                matmul_bf16(
+                    dst,
+                    accumulate,
+                    MatRef::row_major(&x, rows, k)?,
+                    w,
+                    1.0,
+                    Threads::All,
+                )
+            }
+            _ => candle_core::bail!("frozen-linear: a bf16 input needs a bf16 weight"),
         }
     }
 }

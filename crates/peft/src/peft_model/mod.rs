@@ -601,8 +601,44 @@ impl PeftModel {
         Ok((out, prepared.output_prefix))
     }
 
-    /// Stores every frozen base weight in `dtype` (bf16 mixed precision): activations follow
-    /// the weights' dtype, while trainable tensors stay fp32 master weights, cast per use.
+    /// bf16 mixed precision as `torch.autocast(dtype=torch.bfloat16)` runs a training step on
+    /// the CPU: the frozen weights of linear layers are stored in bf16 and their products run in
+    /// bf16 with f32 accumulation, while activations, norms, embeddings, biases and the
+    /// trainable tensors stay f32 (so no elementwise op, residual add or gradient sum runs in
+    /// bf16). Off the CPU the frozen base is cast whole ([`Self::cast_frozen`]).
+    pub fn autocast_bf16(&mut self) -> Result<()> {
+        use candle_core::DType;
+        let mut on_cpu = true;
+        for module in self.model.modules() {
+            if let crate::layers::ModuleRef::Linear(l) = module {
+                on_cpu &= l.weight.base().device().is_cpu();
+            }
+        }
+        if !on_cpu {
+            return self.cast_frozen(DType::BF16);
+        }
+        let mut cast: std::collections::HashMap<candle_core::TensorId, Tensor> = Default::default();
+        for module in self.model.modules_mut() {
+            let crate::layers::ModuleMut::Linear(l) = module else {
+                continue;
+            };
+            let p = &mut l.weight;
+            if p.base_var().is_some() || p.quant().is_some() || p.base().dtype() != DType::F32 {
+                continue;
+            }
+            let id = p.base().id();
+            let t = match cast.get(&id) {
+                Some(t) => t.clone(),
+                None => p.base().to_dtype(DType::BF16)?,
+            };
+            cast.insert(id, t.clone());
+            p.set_base(t)?;
+        }
+        Ok(())
+    }
+
+    /// Stores every frozen base weight in `dtype` (pure bf16 or f16): activations follow the
+    /// weights' dtype, while trainable tensors stay fp32 master weights, cast per use.
     /// Weights shared between layers (tied embeddings) stay shared.
     pub fn cast_frozen(&mut self, dtype: candle_core::DType) -> Result<()> {
         let mut cast: std::collections::HashMap<candle_core::TensorId, Tensor> = Default::default();

@@ -171,7 +171,10 @@ pub struct TrainingArguments {
     pub metric_for_best_model: Option<String>,
     /// Default: false for loss and perplexity, true otherwise.
     pub greater_is_better: Option<bool>,
-    /// bf16 compute with fp32 master weights and optimizer moments.
+    /// bf16 mixed precision with fp32 master weights and optimizer moments. On the CPU it runs
+    /// as `torch.autocast(dtype=torch.bfloat16)` does: frozen linear weights stored and
+    /// multiplied in bf16 (f32 accumulation), everything else f32; on a GPU the frozen base is
+    /// cast to bf16 whole.
     pub bf16: bool,
     /// Recompute each block in backward instead of keeping its activations: activation memory
     /// flat in depth for about a third more compute (transformers' name).

@@ -149,7 +149,7 @@ impl Trainer<'_> {
             ));
         }
         if args.bf16 {
-            self.model.cast_frozen(DType::BF16)?;
+            self.model.autocast_bf16()?;
         }
         if args.gradient_checkpointing && self.model.base_model().checkpointing().is_none() {
             tracing::warn!(
