@@ -211,43 +211,36 @@ fn build_task_examples(
         TaskType::SeqCls => {
             let labels = need_labels()?;
             let hf = truncating(tok, max, TruncationStrategy::LongestFirst)?;
-            records
-                .iter()
-                .map(|r| {
-                    let text = r.text(&d.text_column, file)?;
-                    let pair = d
-                        .text_pair_column
-                        .as_deref()
-                        .map(|c| r.text(c, file))
-                        .transpose()?;
-                    let enc = match &pair {
-                        Some(p) => hf.encode((text.as_str(), p.as_str()), true),
-                        None => hf.encode(text.as_str(), true),
-                    }
-                    .map_err(|e| tok_err(file, r.line, e))?;
-                    let label = labels.id(&r.text(&d.label_column, file)?, file, r.line)?;
-                    Ok(Example {
-                        task_id: None,
-                        input_ids: enc.get_ids().to_vec(),
-                        token_type_ids: enc.get_type_ids().to_vec(),
-                        target: Target::Class(label),
-                    })
+            each_record(records, |r| {
+                let text = r.text(&d.text_column, file)?;
+                let pair = d
+                    .text_pair_column
+                    .as_deref()
+                    .map(|c| r.text(c, file))
+                    .transpose()?;
+                let enc = match &pair {
+                    Some(p) => hf.encode((text.as_str(), p.as_str()), true),
+                    None => hf.encode(text.as_str(), true),
+                }
+                .map_err(|e| tok_err(file, r.line, e))?;
+                let label = labels.id(&r.text(&d.label_column, file)?, file, r.line)?;
+                Ok(Example {
+                    task_id: None,
+                    input_ids: enc.get_ids().to_vec(),
+                    token_type_ids: enc.get_type_ids().to_vec(),
+                    target: Target::Class(label),
                 })
-                .collect()
+            })
         }
         TaskType::TokenCls => {
             let labels = need_labels()?;
             let hf = truncating(tok, max, TruncationStrategy::LongestFirst)?;
-            records
-                .iter()
-                .map(|r| token_cls_example(&hf, r, d, labels, file))
-                .collect()
+            each_record(records, |r| token_cls_example(&hf, r, d, labels, file))
         }
         TaskType::CausalLm => match &d.prompt_column {
-            Some(p) => records
-                .iter()
-                .map(|r| prompt_completion_example(tok, r, p, d, spec.eos_id, file))
-                .collect(),
+            Some(p) => each_record(records, |r| {
+                prompt_completion_example(tok, r, p, d, spec.eos_id, file)
+            }),
             None => packed_blocks(tok, records, d, file),
         },
         TaskType::Seq2SeqLm => {
@@ -257,32 +250,26 @@ fn build_task_examples(
                 d.max_target_length.unwrap_or(max),
                 TruncationStrategy::LongestFirst,
             )?;
-            records
-                .iter()
-                .map(|r| {
-                    let src = r.text(&d.source_column, file)?;
-                    let tgt = r.text(&d.target_column, file)?;
-                    let s = hf
-                        .encode(src.as_str(), true)
-                        .map_err(|e| tok_err(file, r.line, e))?;
-                    let t = hf_t
-                        .encode(tgt.as_str(), true)
-                        .map_err(|e| tok_err(file, r.line, e))?;
-                    Ok(Example {
-                        task_id: None,
-                        input_ids: s.get_ids().to_vec(),
-                        token_type_ids: vec![0; s.get_ids().len()],
-                        target: Target::Sequence(t.get_ids().to_vec()),
-                    })
+            each_record(records, |r| {
+                let src = r.text(&d.source_column, file)?;
+                let tgt = r.text(&d.target_column, file)?;
+                let s = hf
+                    .encode(src.as_str(), true)
+                    .map_err(|e| tok_err(file, r.line, e))?;
+                let t = hf_t
+                    .encode(tgt.as_str(), true)
+                    .map_err(|e| tok_err(file, r.line, e))?;
+                Ok(Example {
+                    task_id: None,
+                    input_ids: s.get_ids().to_vec(),
+                    token_type_ids: vec![0; s.get_ids().len()],
+                    target: Target::Sequence(t.get_ids().to_vec()),
                 })
-                .collect()
+            })
         }
         TaskType::QuestionAns => {
             let hf = truncating(tok, max, TruncationStrategy::OnlySecond)?;
-            records
-                .iter()
-                .map(|r| qa_example(&hf, r, d, file))
-                .collect()
+            each_record(records, |r| qa_example(&hf, r, d, file))
         }
         TaskType::FeatureExtraction => Err(Error::Config(
             "FEATURE_EXTRACTION has no training objective; choose SEQ_CLS, TOKEN_CLS, \
@@ -290,6 +277,18 @@ fn build_task_examples(
                 .into(),
         )),
     }
+}
+
+/// Every record made into an example on all cores (tokenizing is most of the wait before the
+/// first training step), in file order; the error of the first record that fails, as a
+/// sequential pass would report it.
+fn each_record<F>(records: &[Record], f: F) -> Result<Vec<Example>>
+where
+    F: Fn(&Record) -> Result<Example> + Sync + Send,
+{
+    use rayon::prelude::*;
+    let out: Vec<Result<Example>> = records.par_iter().map(f).collect();
+    out.into_iter().collect()
 }
 
 fn tok_err(file: &Path, line: usize, e: impl std::fmt::Display) -> Error {
@@ -432,14 +431,21 @@ fn packed_blocks(
     file: &Path,
 ) -> Result<Vec<Example>> {
     let block = d.block_size.unwrap_or(d.max_length).max(2);
+    use rayon::prelude::*;
+    let encoded: Vec<Result<Vec<u32>>> = records
+        .par_iter()
+        .map(|r| {
+            let text = r.text(&d.text_column, file)?;
+            let enc = tok
+                .inner()
+                .encode(text.as_str(), true)
+                .map_err(|e| tok_err(file, r.line, e))?;
+            Ok(enc.get_ids().to_vec())
+        })
+        .collect();
     let mut all = Vec::new();
-    for r in records {
-        let text = r.text(&d.text_column, file)?;
-        let enc = tok
-            .inner()
-            .encode(text.as_str(), true)
-            .map_err(|e| tok_err(file, r.line, e))?;
-        all.extend_from_slice(enc.get_ids());
+    for ids in encoded {
+        all.extend_from_slice(&ids?);
     }
     Ok(pack(&all, block)
         .into_iter()
