@@ -149,9 +149,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         _ => config.peft_type(),
     };
     let mut model = get_peft_model_with_seed(base, config, "default", 0)?;
-    if a.bf16 {
-        model.autocast_bf16()?;
-    }
+    // false where the CPU has no bf16 matrix instructions and the step stays fp32.
+    let bf16 = a.bf16 && model.autocast_bf16()?;
     let (b, t) = (a.batch, a.seq_len);
     let ids = Tensor::from_vec(random_ids(b * t), (b, t), &device)?;
     let inputs = Inputs {
@@ -224,7 +223,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         task_type.as_str(),
         b as f64 / step_s,
         peak_rss_mb(),
-        base_kind(a),
+        base_kind(a, bf16),
         a.gradient_checkpointing,
         peft::ops::gemm::bf16_backend().name()
     );
@@ -232,7 +231,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 }
 
 /// How the frozen base was stored, for the JSON line: `f32`, `bf16`, `nf4-dq`, `int8`, ...
-fn base_kind(a: &BenchArgs) -> String {
+fn base_kind(a: &BenchArgs, bf16: bool) -> String {
     let q = &a.quant;
     let mut kind = if q.load_in_4bit {
         q.bnb_4bit_quant_type
@@ -248,7 +247,7 @@ fn base_kind(a: &BenchArgs) -> String {
     if q.bnb_4bit_use_double_quant {
         kind.push_str("-dq");
     }
-    if a.bf16 {
+    if bf16 {
         kind.push_str("+bf16");
     }
     kind

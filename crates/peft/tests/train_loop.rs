@@ -474,6 +474,13 @@ fn bf16_computes_in_bf16_and_keeps_fp32_master_weights_and_moments() {
         opt.values().all(|t| t.dtype() == candle_core::DType::F32),
         "fp32 moments"
     );
+    if !peft::ops::gemm::bf16_is_native() {
+        // No bf16 matrix instructions here: bf16 falls back to fp32, exactly.
+        eprintln!("this CPU has no native bf16 products: checked the fp32 fallback instead");
+        assert_eq!(r.final_loss, rf.final_loss);
+        assert_eq!(max_diff(&f, &h), 0.0);
+        return;
+    }
     // As torch.autocast: the frozen linear weights are stored in bf16, while embeddings, norms
     // and biases stay f32, and so do the activations and the logits.
     use peft::layers::ModuleRef;
@@ -629,4 +636,26 @@ fn every_task_trains_through_the_loop() {
             assert!((after["perplexity"].ln() - after["loss"]).abs() < 1e-9);
         }
     }
+}
+
+#[test]
+fn bf16_falls_back_to_fp32_on_a_cpu_without_bf16_products() {
+    // PEFT_GEMM=f32 makes this process's bf16 products widen to f32, as on a CPU without
+    // AVX512-BF16 or AMX; the bf16 test above then checks the exact fp32 fallback.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "bf16_computes_in_bf16_and_keeps_fp32_master_weights_and_moments",
+            "--nocapture",
+        ])
+        .env("PEFT_GEMM", "f32")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("checked the fp32 fallback") && text.contains("1 passed"),
+        "{text}"
+    );
 }

@@ -606,7 +606,11 @@ impl PeftModel {
     /// bf16 with f32 accumulation, while activations, norms, embeddings, biases and the
     /// trainable tensors stay f32 (so no elementwise op, residual add or gradient sum runs in
     /// bf16). Off the CPU the frozen base is cast whole ([`Self::cast_frozen`]).
-    pub fn autocast_bf16(&mut self) -> Result<()> {
+    ///
+    /// On a CPU without bf16 matrix instructions (AVX512-BF16 or AMX) bf16 products would only
+    /// add conversions around f32 ones, so the model stays in fp32 (a warning says so) and this
+    /// returns `false`; `true` when bf16 is in effect.
+    pub fn autocast_bf16(&mut self) -> Result<bool> {
         use candle_core::DType;
         let mut on_cpu = true;
         for module in self.model.modules() {
@@ -615,7 +619,15 @@ impl PeftModel {
             }
         }
         if !on_cpu {
-            return self.cast_frozen(DType::BF16);
+            self.cast_frozen(DType::BF16)?;
+            return Ok(true);
+        }
+        if !crate::ops::gemm::bf16_is_native() {
+            tracing::warn!(
+                "bf16: this CPU has no bf16 matrix instructions (AVX512-BF16, AMX), where bf16 \
+                 products only add conversions to f32 ones; training in fp32 instead"
+            );
+            return Ok(false);
         }
         let mut cast: std::collections::HashMap<candle_core::TensorId, Tensor> = Default::default();
         for module in self.model.modules_mut() {
@@ -634,7 +646,7 @@ impl PeftModel {
             cast.insert(id, t.clone());
             p.set_base(t)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Stores every frozen base weight in `dtype` (pure bf16 or f16): activations follow the

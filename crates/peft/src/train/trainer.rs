@@ -148,6 +148,7 @@ impl Trainer<'_> {
                     .into(),
             ));
         }
+        // Where the CPU has no bf16 matrix instructions this stays fp32 (and warns).
         if args.bf16 {
             self.model.autocast_bf16()?;
         }
