@@ -661,3 +661,57 @@ fn gpt2_qlora_training_here_follows_peft() {
         1e-3,
     );
 }
+
+/// A dense model out of the 4-bit GPT-2 (`peft merge --dequantize`, or `save_pretrained` of a
+/// quantized base) is a GPT-2 checkpoint: Conv1D weights written `[in, out]` again, so that it
+/// loads as one here (and in transformers) and gives the merged adapter's logits.
+#[test]
+fn gpt2_dequantized_merge_writes_conv1d_layout() {
+    let pm = PeftModel::from_pretrained(
+        gpt2_load(&gpt2_dir().join("nf4"), None),
+        &gpt2_dir().join("lora"),
+        Default::default(),
+    )
+    .unwrap();
+    let merged = pm.merge_and_unload_dequantized(DType::F32).unwrap();
+    assert!(sorted_quantized(merged.as_ref()).is_empty());
+    let y = merged.forward(&gpt2_inputs(), false).unwrap();
+    assert_close(
+        "merged in memory",
+        &gpt2_real(&y),
+        &gpt2_real(&gpt2_expected("logits_lora")),
+        TOL,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    models::save_pretrained(merged.as_ref(), tmp.path()).unwrap();
+    let saved = load_st(&tmp.path().join("model.safetensors"));
+    for (name, dims) in [
+        ("transformer.h.0.attn.c_attn.weight", [64, 192]),
+        ("transformer.h.1.mlp.c_fc.weight", [64, 128]),
+        ("transformer.h.1.mlp.c_proj.weight", [128, 64]),
+    ] {
+        assert_eq!(saved[name].dims(), dims, "{name}");
+    }
+    let reloaded = gpt2_load(tmp.path(), None);
+    let y = reloaded.forward(&gpt2_inputs(), false).unwrap();
+    assert_close(
+        "merged, saved and reloaded",
+        &gpt2_real(&y),
+        &gpt2_real(&gpt2_expected("logits_lora")),
+        TOL,
+    );
+
+    // The base alone, saved dense while still quantized: the dequantized weights, [in, out].
+    let tmp = tempfile::tempdir().unwrap();
+    let base = gpt2_load(&gpt2_dir().join("nf4"), None);
+    models::save_pretrained(base.as_ref(), tmp.path()).unwrap();
+    let y = gpt2_load(tmp.path(), None)
+        .forward(&gpt2_inputs(), false)
+        .unwrap();
+    assert_close(
+        "4-bit base saved dense",
+        &gpt2_real(&y),
+        &gpt2_real(&gpt2_expected("logits_nf4")),
+        TOL,
+    );
+}

@@ -198,14 +198,14 @@ impl<'a> Loader<'a> {
     pub fn conv1d(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
         if let Some(q) = self.stored_quant(in_dim, out_dim)? {
             let b = self.tensor("bias", &[out_dim])?;
-            return Linear::quantized(self.path.clone(), q, Some(b), &self.device);
+            return Linear::quantized_conv1d(self.path.clone(), q, Some(b), &self.device);
         }
         let w = self.tensor("weight", &[in_dim, out_dim])?;
         let b = self.tensor("bias", &[out_dim])?;
         match self.load_scheme() {
             Some(scheme) => {
                 let q = QuantWeight::quantize(&w.t()?.contiguous()?, &scheme)?;
-                Linear::quantized(self.path.clone(), q, Some(b), &self.device)
+                Linear::quantized_conv1d(self.path.clone(), q, Some(b), &self.device)
             }
             None => Ok(Linear::new(self.path.clone(), w, Some(b), true)),
         }

@@ -475,8 +475,9 @@ pub fn save_pretrained(model: &dyn Model, dir: &Path) -> Result<()> {
     let mut tensors = Vec::new();
     for module in model.modules() {
         for p in module.params() {
-            // A quantized base is written dequantized: the directory is a dense checkpoint.
-            tensors.push((p.name.clone(), p.dense()?.detach()));
+            // A quantized base is written dequantized, in the dense layout (a quantized
+            // Conv1D `[in, out]` again): the directory is a dense checkpoint.
+            tensors.push((p.name.clone(), p.checkpoint_value()?.detach()));
         }
     }
     let mut config = info.config.clone();
