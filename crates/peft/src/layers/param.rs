@@ -105,8 +105,8 @@ impl Param {
         if self.quant.is_some() {
             return Err(Error::Config(format!(
                 "`{}` is a quantized base weight and cannot be {what}: quantized weights stay \
-                 frozen (train an adapter on top of them, or load the model without \
-                 quantization to train this layer)",
+                 frozen (train an adapter on top of them, or keep this layer dense: list it in \
+                 the quantization config's llm_int8_skip_modules, or load without quantization)",
                 self.name
             )));
         }
