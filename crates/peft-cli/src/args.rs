@@ -103,7 +103,9 @@ impl From<MajoritySignArg> for MajoritySign {
 }
 
 /// `--load-in-4bit` / `--load-in-8bit`: quantize the base model's Linear layers at load, as
-/// transformers' `BitsAndBytesConfig` does (embeddings, norms and heads stay dense).
+/// transformers' `BitsAndBytesConfig` does (embeddings, norms, `lm_head` and a bias-less
+/// `score` stay dense; a classifier with a bias in the checkpoint is quantized, as transformers 5
+/// does: keep it dense with `llm_int8_skip_modules` in the `[model] quantization` table).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct QuantArgs {
     /// Store the base's Linear weights in 4 bits (bitsandbytes NF4/FP4; QLoRA).

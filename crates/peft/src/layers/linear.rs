@@ -66,6 +66,20 @@ impl Linear {
         })
     }
 
+    /// A quantized `Conv1D` (GPT-2): the weight is quantized `[out, in]` as transformers'
+    /// `Linear4bit` holds it, so adapters see a plain Linear (PEFT's `fan_in_fan_out = False`),
+    /// but a dense model made from it stores the weight `[in, out]` again, as GPT-2 expects.
+    pub fn quantized_conv1d(
+        name: impl Into<String>,
+        weight: QuantWeight,
+        bias: Option<Tensor>,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let mut l = Self::quantized(name, weight, bias, device)?;
+        l.weight.set_checkpoint_transposed(true);
+        Ok(l)
+    }
+
     /// The quantized base weight, when the layer is quantized.
     pub fn quant(&self) -> Option<&QuantWeight> {
         self.weight.quant()
@@ -77,12 +91,15 @@ impl Linear {
     }
 
     /// Replaces the base weight by its dequantized value (a dense model out of a quantized one,
-    /// `merge_and_unload` with a dense output). A no-op on a dense layer.
+    /// `merge_and_unload` with a dense output). A no-op on a dense layer. A quantized `Conv1D`
+    /// gets its `[in, out]` layout back.
     pub fn dequantize_in_place(&mut self) -> Result<()> {
         if self.quant().is_some() {
-            let w = self.weight.dense()?;
+            let transposed = self.weight.checkpoint_transposed();
+            let w = self.weight.checkpoint_value()?;
             let mut dense = Param::new(self.weight.name.clone(), w);
             std::mem::swap(&mut self.weight, &mut dense);
+            self.transposed = transposed;
         }
         Ok(())
     }

@@ -35,7 +35,7 @@ pub struct HeadInit {
     pub seed: u64,
     /// Names of the tensors that were initialised rather than loaded.
     pub initialized: Mutex<Vec<String>>,
-    /// Quantize every dense Linear the loader hands out (heads and skipped modules aside).
+    /// Quantize every dense Linear the loader hands out (transformers' skips aside).
     pub quantization: Option<(BitsAndBytesConfig, Scheme)>,
     /// Keep a GGUF file's block-quantized Linear weights in their blocks instead of
     /// dequantizing them to f32 at load (what transformers does).
@@ -63,14 +63,26 @@ impl HeadInit {
     }
 }
 
-/// Output heads, which transformers never quantizes (its `get_keys_to_not_convert` keeps the
-/// output embedding dense; classifiers are heads too): the module's own name, or a
-/// `classifier` above it (RoBERTa's `classifier.dense` / `classifier.out_proj`).
+/// Output heads: the module's own name, or a `classifier` above it (RoBERTa's
+/// `classifier.dense` / `classifier.out_proj`). GGUF heads are kept dense.
 const HEAD_NAMES: [&str; 4] = ["lm_head", "score", "classifier", "qa_outputs"];
 
 fn is_head(path: &str) -> bool {
     let last = path.rsplit('.').next().unwrap_or(path);
     HEAD_NAMES.contains(&last) || path.split('.').any(|p| p == "classifier")
+}
+
+/// Whether transformers 5 keeps the Linear at `path` dense when quantizing at load with no
+/// `llm_int8_skip_modules`. Its `get_keys_to_not_convert` skips the tied weights, the output
+/// embedding (`lm_head`) and the module of the model's last parameter, named by stripping only
+/// `.weight`: a head whose last parameter is its bias (`classifier.bias` of BERT/RoBERTa/GPT-2
+/// classifiers, `qa_outputs.bias`, a Llama token classifier's `score.bias`) leaves the pattern
+/// `classifier.bias`, which matches no module, so that head is quantized with the pooler; only
+/// a bias-less head (`score` of a Llama/GPT-2/OPT sequence classifier) stays dense. (4.x
+/// stripped `.bias` too and kept every last head dense.)
+fn transformers_default_skip(path: &str, bias: bool) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    last == "lm_head" || (!bias && HEAD_NAMES.contains(&last))
 }
 
 impl<'a> Loader<'a> {
@@ -184,7 +196,7 @@ impl<'a> Loader<'a> {
         }
         let w = self.tensor("weight", &[out_dim, in_dim])?;
         let b = bias()?;
-        match self.load_scheme() {
+        match self.load_scheme(b.is_some()) {
             Some(scheme) => {
                 let q = QuantWeight::quantize(&w, &scheme)?;
                 Linear::quantized(self.path.clone(), q, b, &self.device)
@@ -198,25 +210,26 @@ impl<'a> Loader<'a> {
     pub fn conv1d(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
         if let Some(q) = self.stored_quant(in_dim, out_dim)? {
             let b = self.tensor("bias", &[out_dim])?;
-            return Linear::quantized(self.path.clone(), q, Some(b), &self.device);
+            return Linear::quantized_conv1d(self.path.clone(), q, Some(b), &self.device);
         }
         let w = self.tensor("weight", &[in_dim, out_dim])?;
         let b = self.tensor("bias", &[out_dim])?;
-        match self.load_scheme() {
+        match self.load_scheme(true) {
             Some(scheme) => {
                 let q = QuantWeight::quantize(&w.t()?.contiguous()?, &scheme)?;
-                Linear::quantized(self.path.clone(), q, Some(b), &self.device)
+                Linear::quantized_conv1d(self.path.clone(), q, Some(b), &self.device)
             }
             None => Ok(Linear::new(self.path.clone(), w, Some(b), true)),
         }
     }
 
-    /// The scheme this Linear is quantized with at load, if any: none for heads and for
-    /// `llm_int8_skip_modules`, as transformers does.
-    fn load_scheme(&self) -> Option<Scheme> {
+    /// The scheme this Linear (with a bias or not) is quantized with at load, if any: none for
+    /// transformers' default skips ([`transformers_default_skip`]) unless a skip list replaces
+    /// them, and none for `llm_int8_skip_modules`, as transformers does.
+    fn load_scheme(&self, bias: bool) -> Option<Scheme> {
         let (config, scheme) = self.init.quantization.as_ref()?;
-        // transformers: the default skips (the output head) unless a skip list replaces them.
-        let default_skip = !config.replaces_default_skips() && is_head(&self.path);
+        let default_skip =
+            !config.replaces_default_skips() && transformers_default_skip(&self.path, bias);
         if default_skip || config.skips(&self.path) {
             tracing::debug!("{}: kept dense", self.path);
             return None;

@@ -23,6 +23,9 @@ pub struct Param {
     /// A frozen base kept quantized (a QLoRA base weight). `base` is then an empty placeholder
     /// of the weight's dtype: the dense weight exists only when someone asks for it.
     quant: Option<QuantWeight>,
+    /// The quantized weight is `[out, in]` but the model's dense checkpoint stores it `[in, out]`
+    /// (GPT-2's `Conv1D`, which transformers quantizes transposed as a `Linear4bit`).
+    checkpoint_transposed: bool,
 }
 
 impl Param {
@@ -34,6 +37,7 @@ impl Param {
             copies: Vec::new(),
             active_copy: None,
             quant: None,
+            checkpoint_transposed: false,
         }
     }
 
@@ -47,6 +51,28 @@ impl Param {
         let mut p = Self::new(name, placeholder);
         p.quant = Some(q);
         Ok(p)
+    }
+
+    /// Marks a quantized `[out, in]` weight as one a dense checkpoint stores `[in, out]`
+    /// (a quantized `Conv1D`); see [`Param::checkpoint_value`].
+    pub fn set_checkpoint_transposed(&mut self, transposed: bool) {
+        self.checkpoint_transposed = transposed;
+    }
+
+    /// Whether a dense checkpoint stores this quantized weight `[in, out]`.
+    pub fn checkpoint_transposed(&self) -> bool {
+        self.quant.is_some() && self.checkpoint_transposed
+    }
+
+    /// The dense base value in the layout the model's dense checkpoint stores it: the
+    /// dequantized weight transposed back to `[in, out]` for a quantized `Conv1D`, else
+    /// [`Param::dense`]. What a dense checkpoint written from a quantized model holds.
+    pub fn checkpoint_value(&self) -> Result<Tensor> {
+        let w = self.dense()?;
+        if self.checkpoint_transposed() {
+            return Ok(w.t()?.contiguous()?);
+        }
+        Ok(w)
     }
 
     /// The quantized base, when the base is stored quantized.
@@ -79,8 +105,8 @@ impl Param {
         if self.quant.is_some() {
             return Err(Error::Config(format!(
                 "`{}` is a quantized base weight and cannot be {what}: quantized weights stay \
-                 frozen (train an adapter on top of them, or load the model without \
-                 quantization to train this layer)",
+                 frozen (train an adapter on top of them, or keep this layer dense: list it in \
+                 the quantization config's llm_int8_skip_modules, or load without quantization)",
                 self.name
             )));
         }

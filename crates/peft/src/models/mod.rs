@@ -244,7 +244,10 @@ pub struct LoadOptions {
     /// Seed for heads the checkpoint does not contain.
     pub seed: u64,
     /// Quantize the base's Linear layers at load (transformers' `quantization_config`):
-    /// every Linear but the embeddings, norms, heads and `llm_int8_skip_modules`.
+    /// every Linear but transformers 5's default skips (`lm_head`, a bias-less `score`; a
+    /// classifier with a bias is quantized, as transformers 5 does: name it in
+    /// `llm_int8_skip_modules` to train it), or only those `llm_int8_skip_modules` lists. A head
+    /// the checkpoint lacks is initialized dense.
     pub quantization: Option<crate::quant::BitsAndBytesConfig>,
     /// Keep a GGUF file's block-quantized Linear weights in their blocks (QLoRA on a GGUF base)
     /// instead of dequantizing them to f32 at load as transformers does (the default). The
@@ -475,8 +478,9 @@ pub fn save_pretrained(model: &dyn Model, dir: &Path) -> Result<()> {
     let mut tensors = Vec::new();
     for module in model.modules() {
         for p in module.params() {
-            // A quantized base is written dequantized: the directory is a dense checkpoint.
-            tensors.push((p.name.clone(), p.dense()?.detach()));
+            // A quantized base is written dequantized, in the dense layout (a quantized
+            // Conv1D `[in, out]` again): the directory is a dense checkpoint.
+            tensors.push((p.name.clone(), p.checkpoint_value()?.detach()));
         }
     }
     let mut config = info.config.clone();
