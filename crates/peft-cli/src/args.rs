@@ -105,7 +105,7 @@ impl From<MajoritySignArg> for MajoritySign {
 /// `--load-in-4bit` / `--load-in-8bit`: quantize the base model's Linear layers at load, as
 /// transformers' `BitsAndBytesConfig` does (embeddings, norms, `lm_head` and a bias-less
 /// `score` stay dense; a classifier with a bias in the checkpoint is quantized, as transformers 5
-/// does: keep it dense with `llm_int8_skip_modules` in the `[model] quantization` table).
+/// does: keep it dense with `--llm-int8-skip-modules classifier`).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct QuantArgs {
     /// Store the base's Linear weights in 4 bits (bitsandbytes NF4/FP4; QLoRA).
@@ -120,6 +120,11 @@ pub struct QuantArgs {
     /// Quantize the 4-bit block scales again (QLoRA's double quantization).
     #[arg(long, requires = "load_in_4bit")]
     pub bnb_4bit_use_double_quant: bool,
+    /// Modules (names or name suffixes) kept dense when quantizing at load, replacing
+    /// transformers' default skips (`llm_int8_skip_modules`), e.g. `classifier` to train a
+    /// checkpoint's classification head as `modules_to_save`.
+    #[arg(long, value_name = "NAME,NAME,...", value_delimiter = ',')]
+    pub llm_int8_skip_modules: Option<Vec<String>>,
     /// Keep a GGUF base's quantized Linear weights in their GGUF blocks (QLoRA on a GGUF file;
     /// products as llama.cpp's, 8-bit activations) instead of dequantizing them to f32 at load,
     /// as transformers does.
@@ -131,12 +136,18 @@ impl QuantArgs {
     /// The config the flags ask for (checked), or `None` without a flag.
     pub fn config(&self) -> Result<Option<peft::quant::BitsAndBytesConfig>> {
         if !self.load_in_4bit && !self.load_in_8bit {
+            if self.llm_int8_skip_modules.is_some() {
+                return Err(Error::Config(
+                    "--llm-int8-skip-modules needs --load-in-4bit or --load-in-8bit".into(),
+                ));
+            }
             return Ok(None);
         }
         let mut c = peft::quant::BitsAndBytesConfig {
             load_in_4bit: self.load_in_4bit,
             load_in_8bit: self.load_in_8bit,
             bnb_4bit_use_double_quant: self.bnb_4bit_use_double_quant,
+            llm_int8_skip_modules: self.llm_int8_skip_modules.clone(),
             ..Default::default()
         };
         if let Some(t) = &self.bnb_4bit_quant_type {
@@ -255,6 +266,26 @@ mod tests {
 #[cfg(test)]
 mod quant_tests {
     use super::QuantArgs;
+
+    #[test]
+    fn skip_modules_flag_replaces_the_default_skips_and_needs_a_quantization_flag() {
+        let q = QuantArgs {
+            load_in_4bit: true,
+            llm_int8_skip_modules: Some(vec!["classifier".into()]),
+            ..Default::default()
+        };
+        let c = q.config().unwrap().unwrap();
+        assert!(c.skips("classifier") && c.replaces_default_skips());
+        assert!(!c.skips("bert.encoder.layer.0.attention.self.query"));
+        let e = QuantArgs {
+            llm_int8_skip_modules: Some(vec!["classifier".into()]),
+            ..Default::default()
+        }
+        .config()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--load-in-4bit"), "{e}");
+    }
 
     #[test]
     fn quant_flags_make_transformers_configs_and_refuse_bad_types() {
