@@ -93,8 +93,11 @@ fn every_kernel_equals_the_f64_product_with_q8_rounded_activations() {
                             let wr = &deq[r * k..(r + 1) * k];
                             let want: f64 =
                                 wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                            let mag: f64 =
-                                wr.iter().zip(xr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                            let mag: f64 = wr
+                                .iter()
+                                .zip(xr)
+                                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                                .sum();
                             // f32 sums of exact integer block products; Q4_1/Q5_1 also round
                             // each block's `d·Σq` to f16 (llama.cpp's Q8_1), an error of at most
                             // 2^-10 of `|m_w|·|Σ x|` per block, bounded here by `max|w|·Σ|x|`.
@@ -102,7 +105,8 @@ fn every_kernel_equals_the_f64_product_with_q8_rounded_activations() {
                             if with_sum(dtype) {
                                 for b in 0..nb {
                                     let s = b * 32..(b + 1) * 32;
-                                    let wmax = wr[s.clone()].iter().fold(0f32, |a, v| a.max(v.abs()));
+                                    let wmax =
+                                        wr[s.clone()].iter().fold(0f32, |a, v| a.max(v.abs()));
                                     let xsum: f32 = xr[s].iter().sum();
                                     tol += (wmax * xsum.abs()) as f64 / 1024.0;
                                 }

@@ -111,7 +111,10 @@ fn forward_equals_candle_qmatmul_for_every_type() {
                     if has_avx2() && !scalar_in_candle {
                         assert_eq!(off_candle, 0.0, "{name}: not candle's output");
                     } else {
-                        assert!(off_candle < 1e-5, "{name}: {off_candle} off candle's QMatMul");
+                        assert!(
+                            off_candle < 1e-5,
+                            "{name}: {off_candle} off candle's QMatMul"
+                        );
                     }
                     assert!(err < 2e-2, "{name}: {err} off the dequantized product");
                 } else if kernel {
@@ -119,7 +122,10 @@ fn forward_equals_candle_qmatmul_for_every_type() {
                     assert!(err < 2e-2, "{name}: {err} off the dequantized product");
                 } else {
                     assert!(err < 1e-5, "{name}: {err} off the dequantized product");
-                    assert!(off_candle < 2e-2, "{name}: {off_candle} off candle's QMatMul");
+                    assert!(
+                        off_candle < 2e-2,
+                        "{name}: {off_candle} off candle's QMatMul"
+                    );
                 }
             }
             // A bias is added after the product.

@@ -3,10 +3,11 @@
 //! while it is still in cache. The backward is the same walk, `dx = dy · deq(W)`, and there is
 //! no weight gradient (a quantized base weight is never trained).
 //!
-//! GGUF blocks of the types candle has SIMD dot products for are multiplied as they are, by
-//! candle's quantized matmul (what `QMatMul` runs, so outputs match candle bit for bit); the
-//! other types take the banded walk forward too (see [`GgmlWeight::uses_candle_kernel`]), and
-//! every backward does.
+//! GGUF blocks are multiplied as they are for a few rows of Q4_0 … Q8_0 (our kernels,
+//! [`ggml_dot`]: generation's decode steps) and for batches of the types candle has SIMD dot
+//! products for (candle's quantized matmul, what `QMatMul` runs, so outputs match candle bit for
+//! bit); other batches take the banded walk forward too (see
+//! [`GgmlWeight::uses_candle_kernel`]), and every backward does.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 

@@ -17,8 +17,8 @@
 //!
 //! Instruction sets, picked at run time: AVX-512 VNNI (`vpdpbusd` on 256-bit vectors, which
 //! gives the very integers of the AVX2 path), AVX2 + FMA + F16C (`vpmaddubsw` + `vpmaddwd`), or
-//! the portable loop. Four weight rows are multiplied at once against one quantized `x` row
-//! (four independent FMA chains), and rayon splits the output rows in tasks of at least
+//! the portable loop. Four weight rows are multiplied at once against two quantized `x` rows
+//! (eight independent FMA chains; each weight block decoded once for both), and rayon splits the output rows in tasks of at least
 //! [`MIN_TASK_BYTES`] of blocks so that the small projections of a small model stay on one
 //! thread.
 
@@ -34,13 +34,18 @@ use crate::{Error, Result};
 /// Values per block (all the types here).
 const QK: usize = 32;
 
-/// Rows of `x` up to which a forward takes these kernels rather than the banded f32 product
-/// (which re-reads each dequantized band from cache for every row, and wins on batches).
+/// Rows of `x` up to which a forward takes these kernels rather than the banded f32 product.
+/// Each row of `x` costs these kernels a full pass of integer dot products, while the banded
+/// product dequantizes once and runs an f32 GEMM: measured on one Zen 4 core (SmolLM2's Q4_1
+/// shapes, `examples/ggml_dot_bench.rs`), the kernels take 0.55–0.8x the time of the dense f32
+/// product at 8 rows, 0.8–1.1x at 16, and 1.2x at 32.
 pub const MAX_ROWS: usize = 16;
 
-/// The fewest block bytes (times rows of `x`) one rayon task multiplies: below this, splitting
-/// costs more than it saves (a 192 × 576 Q4_1 projection is 69 KB).
-pub const MIN_TASK_BYTES: usize = 48 << 10;
+/// The fewest block bytes (times rows of `x`) one rayon task multiplies: one task streams about
+/// 10 GB/s, so 128 KiB is ~13 µs, a few times what waking a pool thread costs. SmolLM2-135M's
+/// smallest projections (192 × 576 Q4_1, 69 KB) stay on the calling thread; its 576 × 576 ones
+/// (207 KB) split in two.
+pub const MIN_TASK_BYTES: usize = 128 << 10;
 
 /// The instruction set a kernel runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,7 +118,9 @@ pub fn matmul_with(
         )));
     }
     if !isa.available() {
-        return Err(Error::Config(format!("this CPU cannot run the {isa:?} kernels")));
+        return Err(Error::Config(format!(
+            "this CPU cannot run the {isa:?} kernels"
+        )));
     }
     if k == 0 || !x.len().is_multiple_of(k) || y.len() != x.len() / k * n {
         return Err(Error::Config(format!(
@@ -222,16 +229,14 @@ trait Block {
     const MIN: bool;
     /// `Σ q_w q_x` over the block (the weights' integer values, offset removed).
     fn dot_i32(b: &[u8], x: &[i8]) -> i32;
-    /// Eight `i32` lanes, lane `l` the sum of the products of values `4l..4l + 4`.
+    /// Whether the weights' integer values are signed (dotted with llama.cpp's sign trick).
+    const SIGNED: bool;
+    /// The block's 32 integer values as bytes (i8 if `SIGNED`, else u8 below 32).
     ///
     /// # Safety
-    /// `b` points to one whole block; the caller runs on a CPU with AVX2 (and AVX-512 VL + VNNI
-    /// when `VNNI`).
+    /// `b` points to one whole block; the caller runs on a CPU with AVX2.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn lanes<const VNNI: bool>(
-        b: *const u8,
-        x: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i;
+    unsafe fn values(b: *const u8) -> std::arch::x86_64::__m256i;
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -247,9 +252,7 @@ fn qh_at(b: &[u8], at: usize) -> u32 {
 /// to the weight's integer value.
 fn nibble_dot(qs: &[u8], x: &[i8], value: impl Fn(u8, usize) -> i32) -> i32 {
     (0..QK / 2)
-        .map(|j| {
-            value(qs[j] & 0xF, j) * x[j] as i32 + value(qs[j] >> 4, j + 16) * x[j + 16] as i32
-        })
+        .map(|j| value(qs[j] & 0xF, j) * x[j] as i32 + value(qs[j] >> 4, j + 16) * x[j + 16] as i32)
         .sum()
 }
 
@@ -262,43 +265,39 @@ struct Q8_0;
 impl Block for Q4_0 {
     const BYTES: usize = 18;
     const MIN: bool = false;
+    const SIGNED: bool = true;
     fn dot_i32(b: &[u8], x: &[i8]) -> i32 {
         nibble_dot(&b[2..18], x, |q, _| q as i32 - 8)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn lanes<const VNNI: bool>(
-        b: *const u8,
-        x: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i {
+    unsafe fn values(b: *const u8) -> std::arch::x86_64::__m256i {
         use std::arch::x86_64::*;
         // SAFETY: bytes 2..18 are the block's nibbles.
         let q = unsafe { x86::nibbles(b.add(2)) };
-        x86::dot_i8::<VNNI>(_mm256_sub_epi8(q, _mm256_set1_epi8(8)), x)
+        _mm256_sub_epi8(q, _mm256_set1_epi8(8))
     }
 }
 
 impl Block for Q4_1 {
     const BYTES: usize = 20;
     const MIN: bool = true;
+    const SIGNED: bool = false;
     fn dot_i32(b: &[u8], x: &[i8]) -> i32 {
         nibble_dot(&b[4..20], x, |q, _| q as i32)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn lanes<const VNNI: bool>(
-        b: *const u8,
-        x: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i {
+    unsafe fn values(b: *const u8) -> std::arch::x86_64::__m256i {
         // SAFETY: bytes 4..20 are the block's nibbles.
-        let q = unsafe { x86::nibbles(b.add(4)) };
-        x86::dot_u8::<VNNI>(q, x)
+        unsafe { x86::nibbles(b.add(4)) }
     }
 }
 
 impl Block for Q5_0 {
     const BYTES: usize = 22;
     const MIN: bool = false;
+    const SIGNED: bool = true;
     fn dot_i32(b: &[u8], x: &[i8]) -> i32 {
         let qh = qh_at(b, 2);
         nibble_dot(&b[6..22], x, |q, j| {
@@ -307,23 +306,20 @@ impl Block for Q5_0 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn lanes<const VNNI: bool>(
-        b: *const u8,
-        x: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i {
+    unsafe fn values(b: *const u8) -> std::arch::x86_64::__m256i {
         use std::arch::x86_64::*;
         // SAFETY: bytes 2..6 are the high bits, 6..22 the nibbles.
         let (q, hi) = unsafe { (x86::nibbles(b.add(6)), x86::bits(b.add(2))) };
         // `q - 16` where the 5th bit is clear, `q` where it is set (llama.cpp's trick: OR in
         // 0xF0, which is -16 in i8, where the bit is 0).
-        let q = _mm256_or_si256(q, _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)));
-        x86::dot_i8::<VNNI>(q, x)
+        _mm256_or_si256(q, _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)))
     }
 }
 
 impl Block for Q5_1 {
     const BYTES: usize = 24;
     const MIN: bool = true;
+    const SIGNED: bool = false;
     fn dot_i32(b: &[u8], x: &[i8]) -> i32 {
         let qh = qh_at(b, 4);
         nibble_dot(&b[8..24], x, |q, j| {
@@ -332,21 +328,18 @@ impl Block for Q5_1 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn lanes<const VNNI: bool>(
-        b: *const u8,
-        x: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i {
+    unsafe fn values(b: *const u8) -> std::arch::x86_64::__m256i {
         use std::arch::x86_64::*;
         // SAFETY: bytes 4..8 are the high bits, 8..24 the nibbles.
         let (q, hi) = unsafe { (x86::nibbles(b.add(8)), x86::bits(b.add(4))) };
-        let q = _mm256_or_si256(q, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
-        x86::dot_u8::<VNNI>(q, x)
+        _mm256_or_si256(q, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)))
     }
 }
 
 impl Block for Q8_0 {
     const BYTES: usize = 34;
     const MIN: bool = false;
+    const SIGNED: bool = true;
     fn dot_i32(b: &[u8], x: &[i8]) -> i32 {
         b[2..34]
             .iter()
@@ -356,14 +349,10 @@ impl Block for Q8_0 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn lanes<const VNNI: bool>(
-        b: *const u8,
-        x: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i {
+    unsafe fn values(b: *const u8) -> std::arch::x86_64::__m256i {
         use std::arch::x86_64::*;
         // SAFETY: bytes 2..34 are the block's 32 values.
-        let q = unsafe { _mm256_loadu_si256(b.add(2) as *const __m256i) };
-        x86::dot_i8::<VNNI>(q, x)
+        unsafe { _mm256_loadu_si256(b.add(2) as *const __m256i) }
     }
 }
 
@@ -450,12 +439,6 @@ mod x86 {
         }
     }
 
-    /// Lane sums of `a · b` for signed bytes (`|a|` and `b` with `a`'s sign, as llama.cpp).
-    #[inline(always)]
-    pub(super) unsafe fn dot_i8<const VNNI: bool>(a: __m256i, b: __m256i) -> __m256i {
-        unsafe { dot_u8::<VNNI>(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)) }
-    }
-
     /// candle's and llama.cpp's `hsum_float_8`: halves, then pairs.
     #[inline(always)]
     unsafe fn hsum(x: __m256) -> f32 {
@@ -472,38 +455,87 @@ mod x86 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
-    /// `R` weight rows (`rows[r]`, `nb` blocks each) against row `i` of `xq`.
+    /// `R` weight rows (`rows[r]`, `nb` blocks each) against rows `xs[..]` of `xq`: each
+    /// weight block is decoded once for the `M` rows of `x`. Every output keeps its own FMA
+    /// chain, so the tile sizes do not change a result.
     #[inline(always)]
-    unsafe fn dot_rows<B: Block, const R: usize, const VNNI: bool>(
+    unsafe fn dot_tile<B: Block, const R: usize, const M: usize, const VNNI: bool>(
         rows: [*const u8; R],
         nb: usize,
         xq: &Q8Rows,
-        i: usize,
-    ) -> [f32; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut summs = [0f32; R];
+        xs: [usize; M],
+    ) -> [[f32; M]; R] {
+        let mut acc = [[_mm256_setzero_ps(); M]; R];
+        let mut summs = [[0f32; M]; R];
         for b in 0..nb {
-            let (xs, dx, sx) = xq.block(i, b);
-            // SAFETY: `xs` is 32 bytes.
-            let xv = unsafe { _mm256_loadu_si256(xs.as_ptr() as *const __m256i) };
+            let x = xs.map(|i| xq.block(i, b));
+            // SAFETY: each block of `x` is 32 bytes.
+            let xv = x.map(|(q, _, _)| unsafe { _mm256_loadu_si256(q.as_ptr() as *const __m256i) });
             for r in 0..R {
                 // SAFETY: block `b < nb` of a row of `nb` blocks.
                 let blk = unsafe { rows[r].add(b * B::BYTES) };
-                let (dw, q) = unsafe { (f16_at(blk), B::lanes::<VNNI>(blk, xv)) };
-                let d = _mm256_set1_ps(dw * dx);
-                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), acc[r]);
-                if B::MIN {
-                    // SAFETY: offset types store `m` at bytes 2..4.
-                    summs[r] += unsafe { f16_at(blk.add(2)) } * sx;
+                let (dw, q) = unsafe { (f16_at(blk), B::values(blk)) };
+                // llama.cpp's sign trick: |q| (unsigned) times x with q's sign.
+                let u = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
+                // SAFETY: offset types store `m` at bytes 2..4.
+                let mw = if B::MIN {
+                    unsafe { f16_at(blk.add(2)) }
+                } else {
+                    0.0
+                };
+                for j in 0..M {
+                    let s = if B::SIGNED {
+                        _mm256_sign_epi8(xv[j], q)
+                    } else {
+                        xv[j]
+                    };
+                    // SAFETY: AVX2 (+ VNNI when asked), as the caller promised.
+                    let lanes = unsafe { dot_u8::<VNNI>(u, s) };
+                    let d = _mm256_set1_ps(dw * x[j].1);
+                    acc[r][j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r][j]);
+                    if B::MIN {
+                        summs[r][j] += mw * x[j].2;
+                    }
                 }
             }
         }
-        let mut out = [0f32; R];
+        let mut out = [[0f32; M]; R];
         for r in 0..R {
-            // SAFETY: AVX2, as the caller promised.
-            out[r] = unsafe { hsum(acc[r]) } + if B::MIN { summs[r] } else { 0.0 };
+            for j in 0..M {
+                // SAFETY: AVX2, as the caller promised.
+                out[r][j] = unsafe { hsum(acc[r][j]) } + if B::MIN { summs[r][j] } else { 0.0 };
+            }
         }
         out
+    }
+
+    /// `R` weight rows against every row of `xq`, two rows of `x` at a time.
+    #[inline(always)]
+    unsafe fn rows_tile<B: Block, const R: usize, const VNNI: bool>(
+        rows: [*const u8; R],
+        r0: usize,
+        nb: usize,
+        xq: &Q8Rows,
+        out: &mut [f32],
+    ) {
+        let m = xq.rows();
+        let mut i = 0;
+        while i + 2 <= m {
+            // SAFETY: the caller's rows are whole rows of `nb` blocks.
+            let d = unsafe { dot_tile::<B, R, 2, VNNI>(rows, nb, xq, [i, i + 1]) };
+            for (k, v) in d.into_iter().enumerate() {
+                out[(r0 + k) * m + i] = v[0];
+                out[(r0 + k) * m + i + 1] = v[1];
+            }
+            i += 2;
+        }
+        if i < m {
+            // SAFETY: as above.
+            let d = unsafe { dot_tile::<B, R, 1, VNNI>(rows, nb, xq, [i]) };
+            for (k, v) in d.into_iter().enumerate() {
+                out[(r0 + k) * m + i] = v[0];
+            }
+        }
     }
 
     #[inline(always)]
@@ -513,28 +545,20 @@ mod x86 {
         xq: &Q8Rows,
         out: &mut [f32],
     ) {
-        let m = xq.rows();
         let n = w.len() / rb;
         let nb = rb / B::BYTES;
-        debug_assert!(nb * B::BYTES == rb && out.len() == n * m && xq.nb == nb);
+        assert!(nb * B::BYTES == rb && out.len() == n * xq.rows() && xq.nb == nb);
         let row = |r: usize| w[r * rb..].as_ptr();
         let mut r = 0;
         while r + 4 <= n {
             let rows = [row(r), row(r + 1), row(r + 2), row(r + 3)];
-            for i in 0..m {
-                // SAFETY: rows `r..r + 4 ≤ n` are whole rows of `w`.
-                let d = unsafe { dot_rows::<B, 4, VNNI>(rows, nb, xq, i) };
-                for (k, v) in d.into_iter().enumerate() {
-                    out[(r + k) * m + i] = v;
-                }
-            }
+            // SAFETY: rows `r..r + 4 ≤ n` are whole rows of `w` (asserted above).
+            unsafe { rows_tile::<B, 4, VNNI>(rows, r, nb, xq, out) };
             r += 4;
         }
         for r in r..n {
-            for i in 0..m {
-                // SAFETY: row `r < n` is a whole row of `w`.
-                out[r * m + i] = unsafe { dot_rows::<B, 1, VNNI>([row(r)], nb, xq, i) }[0];
-            }
+            // SAFETY: row `r < n` is a whole row of `w`.
+            unsafe { rows_tile::<B, 1, VNNI>([row(r)], r, nb, xq, out) };
         }
     }
 
