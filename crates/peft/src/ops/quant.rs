@@ -3,15 +3,16 @@
 //! while it is still in cache. The backward is the same walk, `dx = dy · deq(W)`, and there is
 //! no weight gradient (a quantized base weight is never trained).
 //!
-//! GGUF blocks of the types candle has SIMD dot products for are multiplied as they are, by
-//! candle's quantized matmul (what `QMatMul` runs, so outputs match candle bit for bit); the
-//! other types take the banded walk forward too (see [`GgmlWeight::uses_candle_kernel`]), and
-//! every backward does.
+//! GGUF blocks are multiplied as they are for a few rows of Q4_0 … Q8_0 (our kernels,
+//! [`ggml_dot`]: generation's decode steps) and for batches of the types candle has SIMD dot
+//! products for (candle's quantized matmul, what `QMatMul` runs, so outputs match candle bit for
+//! bit); other batches take the banded walk forward too (see
+//! [`GgmlWeight::uses_candle_kernel`]), and every backward does.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use super::fused::{apply_shaped, fast, with_f32};
-use crate::quant::{GgmlWeight, QuantWeight};
+use crate::quant::{ggml_dot, GgmlWeight, QuantWeight};
 use crate::{Error, Result};
 
 /// Output rows dequantized per band: 64 rows of a 4096-wide layer are 1 MiB of f32.
@@ -86,8 +87,11 @@ pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Resul
     if let Some(last) = out_dims.last_mut() {
         *last = out_dim;
     }
+    let rows = x.elem_count() / in_dim.max(1);
+    let few_rows = |g: &GgmlWeight| rows <= ggml_dot::MAX_ROWS && ggml_dot::supports(g.dtype());
     if let QuantWeight::Ggml(g) = w {
-        if g.uses_candle_kernel()
+        if !(fast(x) && few_rows(g))
+            && g.uses_candle_kernel()
             && x.device().is_cpu()
             && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
         {
@@ -115,6 +119,13 @@ pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Resul
         if let Some(b) = &bias {
             for row in y.chunks_exact_mut(out_dim) {
                 row.copy_from_slice(b);
+            }
+        }
+        if let QuantWeight::Ggml(g) = &wf {
+            if rows <= ggml_dot::MAX_ROWS && ggml_dot::supports(g.dtype()) {
+                ggml_dot::matmul(g, x, &mut y, bias.is_some())
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                return Ok(y);
             }
         }
         let read = wf.band_reader();

@@ -1,8 +1,10 @@
 //! GGUF (llama.cpp) block-quantized weights kept as the file stores them: Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q8_0 and the K-quants Q2_K…Q6_K. The blocks live in a candle `QTensor`, so the forward
-//! product is candle's own quantized matmul (its SIMD vec-dot kernels, activations quantized to
-//! Q8 as llama.cpp does) and agrees with `QMatMul` bit for bit; the backward and merges read the
-//! blocks a band of rows at a time through the block types' `to_float`.
+//! Q5_1, Q8_0 and the K-quants Q2_K…Q6_K. The blocks live in a candle `QTensor`. A forward of a
+//! few rows (a decode step) through the 32-value block types runs our own kernels
+//! ([`super::ggml_dot`]); batches of the types candle has SIMD dot products for run candle's own
+//! quantized matmul (activations quantized to Q8 as llama.cpp does, bit for bit `QMatMul`); the
+//! backward, merges and other batches read the blocks a band of rows at a time through the block
+//! types' `to_float`.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -144,7 +146,8 @@ impl GgmlWeight {
         (self.rows, self.cols)
     }
 
-    /// Whether the forward runs candle's quantized matmul on these blocks (activations rounded
+    /// Whether a forward of more than [`super::ggml_dot::MAX_ROWS`] rows (fewer take
+    /// [`super::ggml_dot`] for the 32-value block types) runs candle's quantized matmul on these blocks (activations rounded
     /// to Q8, as `QMatMul` and llama.cpp's CPU kernels do) rather than the banded f32 product
     /// with the dequantized rows (what llama.cpp's BLAS backend computes for batches).
     ///

@@ -6,6 +6,7 @@
 pub mod bnb4;
 pub mod config;
 pub mod ggml;
+pub mod ggml_dot;
 pub mod int8;
 
 pub use bnb4::{Absmax, Quant4, QuantType};
