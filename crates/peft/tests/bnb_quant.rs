@@ -257,7 +257,12 @@ fn quantized_linear_forward_and_input_gradient_match_bitsandbytes() {
         let q = Quant4::from_state_dict(&format!("{tag}.weight"), &t)
             .unwrap()
             .unwrap();
-        let w = QuantWeight::bnb4(q).unwrap();
+        // The layer computes in the fixture's compute dtype, as bitsandbytes' did.
+        let w = QuantWeight::bnb4(Quant4 {
+            compute_dtype: Some(dtype),
+            ..q
+        })
+        .unwrap();
         // The input as the layer sees it: in the compute dtype.
         let x = t[&format!("{s}.x")]
             .to_dtype(dtype)
@@ -284,5 +289,69 @@ fn quantized_linear_forward_and_input_gradient_match_bitsandbytes() {
             &get("int8.grad_x"),
             1e-5,
         );
+    }
+}
+
+#[test]
+fn bf16_compute_dtype_rounds_inputs_and_weights_to_bf16_with_f32_accumulation() {
+    use peft::candle::Var;
+    use peft::quant::{QuantWeight, Scheme};
+    let t = fixtures();
+    let round = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    for s in SHAPES {
+        let dense = &t[&format!("{s}.weight")];
+        let x = Var::from_tensor(&t[&format!("{s}.x")].to_dtype(DType::F32).unwrap()).unwrap();
+        let scheme = |compute_dtype| Scheme::FourBit {
+            quant_type: QuantType::Nf4,
+            double_quant: true,
+            blocksize: 64,
+            compute_dtype,
+        };
+        let w = QuantWeight::quantize(dense, &scheme(DType::BF16)).unwrap();
+        assert_eq!(w.compute_dtype(), Some(DType::BF16));
+        let deq = w.dequantize(&Device::Cpu).unwrap(); // [out, in], f32
+        let y = peft::ops::quant_linear(x.as_tensor(), &w, None).unwrap();
+        let gy = (y.ones_like().unwrap() * 0.37).unwrap();
+        let gx = (&y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = gx.get(x.as_tensor()).unwrap();
+        let (want_y, want_gx) = if peft::ops::gemm::bf16_is_native() {
+            (
+                round(x.as_tensor())
+                    .matmul(&round(&deq).t().unwrap())
+                    .unwrap(),
+                round(&gy).matmul(&round(&deq)).unwrap(),
+            )
+        } else {
+            // No bf16 matrix instructions: the products stay f32.
+            eprintln!("no native bf16 products on this CPU: checked the f32 fallback");
+            (
+                x.as_tensor().matmul(&deq.t().unwrap()).unwrap(),
+                gy.matmul(&deq).unwrap(),
+            )
+        };
+        for (what, got, want) in [("forward", &y, &want_y), ("input gradient", gx, &want_gx)] {
+            let scale = f32s(want).iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = max_diff(&f32s(got), &f32s(want));
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "{s} {what}: {d} (scale {scale})"
+            );
+        }
+        if peft::ops::gemm::bf16_is_native() {
+            // The rounding is real: the f32 product is further away than accumulation noise.
+            let exact = x.as_tensor().matmul(&deq.t().unwrap()).unwrap();
+            assert!(max_diff(&f32s(&y), &f32s(&exact)) > 1e-4);
+        }
+        // The default compute dtype (f32) multiplies in f32.
+        let w32 = QuantWeight::quantize(dense, &scheme(DType::F32)).unwrap();
+        let y32 = peft::ops::quant_linear(x.as_tensor(), &w32, None).unwrap();
+        let exact = x.as_tensor().matmul(&deq.t().unwrap()).unwrap();
+        let scale = f32s(&exact).iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(max_diff(&f32s(&y32), &f32s(&exact)) <= 1e-5 * scale.max(1.0));
     }
 }

@@ -40,6 +40,9 @@ pub struct HeadInit {
     /// Keep a GGUF file's block-quantized Linear weights in their blocks instead of
     /// dequantizing them to f32 at load (what transformers does).
     pub keep_gguf_quantized: bool,
+    /// The compute dtype a checkpoint saved 4-bit names in its `quantization_config`
+    /// (`bnb_4bit_compute_dtype`), given to its stored 4-bit layers.
+    pub stored_compute_dtype: Option<candle_core::DType>,
 }
 
 impl HeadInit {
@@ -50,6 +53,7 @@ impl HeadInit {
             initialized: Mutex::new(Vec::new()),
             quantization: None,
             keep_gguf_quantized: false,
+            stored_compute_dtype: None,
         }
     }
 
@@ -299,7 +303,9 @@ impl<'a> Loader<'a> {
                 found: q.shape.clone(),
             });
         }
-        Ok(Some(QuantWeight::bnb4(q)?))
+        // transformers gives every Linear4bit the config's compute dtype.
+        let compute_dtype = self.init.stored_compute_dtype;
+        Ok(Some(QuantWeight::bnb4(Quant4 { compute_dtype, ..q })?))
     }
 
     /// The LLM.int8 weight a transformers checkpoint stores at `key` (`weight` int8 `[out, in]`,

@@ -278,11 +278,18 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
         .get("initializer_range")
         .and_then(|v| v.as_f64())
         .unwrap_or(0.02);
+    let mut stored_compute_dtype = None;
     if let Some(q) = config.get("quantization_config") {
         // A checkpoint saved quantized: its layers come back quantized from their stored
         // state; the config is checked so an unsupported method is named, not misread.
         let c = crate::quant::BitsAndBytesConfig::from_json(q)
             .map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?;
+        if let Some(crate::quant::Scheme::FourBit { compute_dtype, .. }) = c
+            .scheme()
+            .map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?
+        {
+            stored_compute_dtype = Some(compute_dtype);
+        }
         tracing::info!(
             "{}: a {} checkpoint; its quantized layers stay quantized",
             config_path.display(),
@@ -291,6 +298,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Box<dyn Model>> {
     }
     let mut init = HeadInit::new(std, opts.seed).with_quantization(opts.quantization.as_ref())?;
     init.keep_gguf_quantized = opts.keep_gguf_quantized;
+    init.stored_compute_dtype = stored_compute_dtype;
     // diffusers models name their class instead of a model_type.
     if let Some(class) = config.get("_class_name").and_then(|v| v.as_str()) {
         return Ok(match class {

@@ -232,6 +232,9 @@ pub struct Quant4 {
     pub shape: Vec<usize>,
     /// The dtype the weight had and dequantizes to (`quant_state.dtype`).
     pub dtype: DType,
+    /// `Linear4bit.compute_dtype` (transformers' `bnb_4bit_compute_dtype`): the dtype the
+    /// layer's products run in. `None` follows the activations.
+    pub compute_dtype: Option<DType>,
     /// Two codes per byte, the even element in the high nibble; `ceil(n / 2)` bytes.
     pub packed: Vec<u8>,
     pub absmax: Absmax,
@@ -284,6 +287,7 @@ impl Quant4 {
             blocksize,
             shape: shape.to_vec(),
             dtype,
+            compute_dtype: None,
             packed,
             absmax,
         })
@@ -494,6 +498,7 @@ impl Quant4 {
             blocksize,
             shape,
             dtype,
+            compute_dtype: None,
             packed,
             absmax,
         }))

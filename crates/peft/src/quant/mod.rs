@@ -51,15 +51,18 @@ impl QuantWeight {
                 quant_type,
                 double_quant,
                 blocksize,
-                ..
-            } => Self::bnb4(Quant4::quantize(
-                &values,
-                &[rows, cols],
-                quant_type,
-                blocksize,
-                double_quant,
-                w.dtype(),
-            )?),
+                compute_dtype,
+            } => Self::bnb4(Quant4 {
+                compute_dtype: Some(compute_dtype),
+                ..Quant4::quantize(
+                    &values,
+                    &[rows, cols],
+                    quant_type,
+                    blocksize,
+                    double_quant,
+                    w.dtype(),
+                )?
+            }),
             Scheme::EightBit { .. } => Ok(Self::Int8(Arc::new(Int8Rows::quantize(
                 &values, rows, cols,
             )?))),
@@ -74,7 +77,7 @@ impl QuantWeight {
                 quant_type: q.quant_type,
                 double_quant: matches!(q.absmax, Absmax::Nested { .. }),
                 blocksize: q.blocksize,
-                compute_dtype: q.dtype,
+                compute_dtype: q.compute_dtype.unwrap_or(q.dtype),
             }),
             Self::Int8(_) => Some(Scheme::EightBit { threshold: 6.0 }),
             Self::Ggml(_) => None,
@@ -94,6 +97,15 @@ impl QuantWeight {
         }
         match (self, self.scheme()) {
             (Self::Ggml(g), _) => Ok(Self::Ggml(GgmlWeight::quantize(w, g.dtype())?)),
+            (Self::Bnb4(q), Some(scheme)) => {
+                match Self::quantize(&w.to_dtype(q.dtype)?, &scheme)? {
+                    Self::Bnb4(new) => Self::bnb4(Quant4 {
+                        compute_dtype: q.compute_dtype,
+                        ..Arc::unwrap_or_clone(new)
+                    }),
+                    other => Ok(other),
+                }
+            }
             (_, Some(scheme)) => Self::quantize(&w.to_dtype(self.dtype())?, &scheme),
             (_, None) => Err(Error::Config(
                 "a bitsandbytes weight without a scheme cannot be re-quantized".into(),
@@ -116,6 +128,15 @@ impl QuantWeight {
         match self {
             Self::Bnb4(q) => q.dtype,
             Self::Int8(_) | Self::Ggml(_) => DType::F32,
+        }
+    }
+
+    /// The dtype a 4-bit layer's products run in when its config names one
+    /// (`bnb_4bit_compute_dtype`); `None` follows the activations.
+    pub fn compute_dtype(&self) -> Option<DType> {
+        match self {
+            Self::Bnb4(q) => q.compute_dtype,
+            Self::Int8(_) | Self::Ggml(_) => None,
         }
     }
 
