@@ -37,8 +37,8 @@ const QK: usize = 32;
 /// Rows of `x` up to which a forward takes these kernels rather than the banded f32 product.
 /// Each row of `x` costs these kernels a full pass of integer dot products, while the banded
 /// product dequantizes once and runs an f32 GEMM: measured on one Zen 4 core (SmolLM2's Q4_1
-/// shapes, `examples/ggml_dot_bench.rs`), the kernels take 0.55–0.8x the time of the dense f32
-/// product at 8 rows, 0.8–1.1x at 16, and 1.2x at 32.
+/// shapes, `examples/ggml_dot_bench.rs`), the kernels take 0.55–0.7x the time of the dense f32
+/// product at 8 rows, 0.8–1.1x at 16, and 1.2–1.3x at 32.
 pub const MAX_ROWS: usize = 16;
 
 /// The fewest block bytes (times rows of `x`) one rayon task multiplies: one task streams about
