@@ -120,6 +120,10 @@ pub struct QuantArgs {
     /// Quantize the 4-bit block scales again (QLoRA's double quantization).
     #[arg(long, requires = "load_in_4bit")]
     pub bnb_4bit_use_double_quant: bool,
+    /// The dtype the 4-bit products run in: float32 (transformers' default) or bfloat16 (on
+    /// the native bf16 kernel where the CPU has one).
+    #[arg(long, value_name = "DTYPE", requires = "load_in_4bit")]
+    pub bnb_4bit_compute_dtype: Option<String>,
     /// Modules (names or name suffixes) kept dense when quantizing at load, replacing
     /// transformers' default skips (`llm_int8_skip_modules`), e.g. `classifier` to train a
     /// checkpoint's classification head as `modules_to_save`.
@@ -148,13 +152,14 @@ impl QuantArgs {
             load_in_8bit: self.load_in_8bit,
             bnb_4bit_use_double_quant: self.bnb_4bit_use_double_quant,
             llm_int8_skip_modules: self.llm_int8_skip_modules.clone(),
+            bnb_4bit_compute_dtype: self.bnb_4bit_compute_dtype.clone(),
             ..Default::default()
         };
         if let Some(t) = &self.bnb_4bit_quant_type {
             c.bnb_4bit_quant_type = t.clone();
         }
         c.scheme().map_err(|e| match e {
-            Error::Config(m) => Error::Config(format!("--bnb-4bit-quant-type: {m}")),
+            Error::Config(m) => Error::Config(format!("--bnb-4bit-*: {m}")),
             other => other,
         })?;
         Ok(Some(c))
@@ -276,6 +281,24 @@ mod quant_tests {
         };
         let c = q.config().unwrap().unwrap();
         assert!(c.skips("classifier") && c.replaces_default_skips());
+        let bf16 = QuantArgs {
+            load_in_4bit: true,
+            bnb_4bit_compute_dtype: Some("bfloat16".into()),
+            ..Default::default()
+        };
+        match bf16.config().unwrap().unwrap().scheme().unwrap() {
+            Some(peft::quant::Scheme::FourBit { compute_dtype, .. }) => {
+                assert_eq!(compute_dtype, peft::candle::DType::BF16)
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad = QuantArgs {
+            load_in_4bit: true,
+            bnb_4bit_compute_dtype: Some("float8".into()),
+            ..Default::default()
+        };
+        let e = bad.config().unwrap_err().to_string();
+        assert!(e.contains("float8"), "{e}");
         assert!(!c.skips("bert.encoder.layer.0.attention.self.query"));
         let e = QuantArgs {
             llm_int8_skip_modules: Some(vec!["classifier".into()]),
