@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # QLoRA memory and speed, side by side: LoRA r=8 (q_proj, v_proj) on SmolLM2-135M, batch B × L,
-# with the frozen base in f32, bf16, NF4 + double quantization and (ours only) the Q4_1 GGUF kept
-# quantized, each with and without gradient checkpointing; `peft bench` and
+# with the frozen base in f32, bf16 (ours: autocast's bf16 products, `--bf16`; PyTorch: under
+# torch.autocast, and with the weights stored bf16), NF4 + double quantization with f32 and bf16
+# compute, and (ours only) the Q4_1 GGUF kept quantized, each with and without gradient
+# checkpointing; `peft bench` and
 # tools/reference/bench_train_causal.py (PyTorch + PEFT + bitsandbytes) alternate, one process
 # per row, so each row's peak RSS is its own. One JSON line per run.
 #
@@ -22,8 +24,11 @@ for ckpt in "" "--gradient-checkpointing"; do
   "$peft" -q bench --model "$hf" "${common[@]}" $ckpt
   "${ref[@]}" --base f32 $ckpt 2>/dev/null | tail -1
   "$peft" -q bench --model "$hf" "${common[@]}" --bf16 $ckpt
+  "${ref[@]}" --base f32 --autocast $ckpt 2>/dev/null | tail -1
   "${ref[@]}" --base bf16 $ckpt 2>/dev/null | tail -1
   "$peft" -q bench --model "$hf" "${common[@]}" --load-in-4bit --bnb-4bit-quant-type nf4 --bnb-4bit-use-double-quant $ckpt
   "${ref[@]}" --base nf4 $ckpt 2>/dev/null | tail -1
+  "$peft" -q bench --model "$hf" "${common[@]}" --load-in-4bit --bnb-4bit-quant-type nf4 --bnb-4bit-use-double-quant --bnb-4bit-compute-dtype bfloat16 $ckpt
+  "${ref[@]}" --base nf4-bf16 $ckpt 2>/dev/null | tail -1
   "$peft" -q bench --model "$gguf" "${common[@]}" --keep-gguf-quantized $ckpt
 done

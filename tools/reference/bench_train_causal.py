@@ -11,7 +11,9 @@ The counterpart of `peft bench --model GGUF --task-type CAUSAL_LM --target-modul
 
 `--base` picks how the frozen base is stored: f32 (default), bf16 (bf16 weights; PEFT keeps the
 adapter in fp32), nf4 (bitsandbytes NF4 with double quantization, compute dtype f32, after
-`prepare_model_for_kbit_training`); `--model-dir` loads a Hugging Face directory instead of the
+`prepare_model_for_kbit_training`), nf4-bf16 (the same with compute dtype bf16); `--autocast`
+runs forward and loss under `torch.autocast(dtype=bfloat16)` (transformers' Trainer with
+`bf16=True` on the CPU); `--model-dir` loads a Hugging Face directory instead of the
 GGUF. `--gradient-checkpointing` turns on transformers' gradient checkpointing (non-reentrant,
 inputs requiring grad as PEFT's `enable_input_require_grads` makes them).
 
@@ -50,21 +52,22 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--gguf", default=GGUF)
     p.add_argument("--model-dir", help="a Hugging Face model directory instead of the GGUF")
-    p.add_argument("--base", choices=["f32", "bf16", "nf4"], default="f32")
+    p.add_argument("--base", choices=["f32", "bf16", "nf4", "nf4-bf16"], default="f32")
+    p.add_argument("--autocast", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     kw = {"dtype": torch.bfloat16 if args.base == "bf16" else torch.float32}
-    if args.base == "nf4":
+    if args.base.startswith("nf4"):
         from transformers import BitsAndBytesConfig
 
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=torch.bfloat16 if args.base == "nf4-bf16" else torch.float32,
         )
     if args.model_dir:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, **kw)
@@ -72,7 +75,7 @@ def main():
         d, f = os.path.dirname(args.gguf), os.path.basename(args.gguf)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, **kw)
     model.config.use_cache = False
-    if args.base == "nf4":
+    if args.base.startswith("nf4"):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -94,7 +97,8 @@ def main():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast):
+            out = model(input_ids=ids, attention_mask=mask, labels=ids)
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -112,7 +116,7 @@ def main():
             {
                 "impl": "pytorch+peft",
                 "task": "CAUSAL_LM",
-                "base": args.base,
+                "base": args.base + ("+autocast" if args.autocast else ""),
                 "gradient_checkpointing": args.gradient_checkpointing,
                 "seq_per_s": round(args.batch / step_s, 2),
                 "step_s": round(step_s, 4),
