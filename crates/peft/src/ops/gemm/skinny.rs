@@ -11,9 +11,9 @@
 //! reduced horizontally once at the end. Kernels: AVX-512 (16 lanes, masked k tail), AVX2 + FMA
 //! (8 lanes, masked k tail), and a portable one, chosen at run time.
 //!
-//! Threads split the weight rows (output columns) into chunks on rayon's global pool; a product
-//! smaller than [`PAR_MIN_ELEMS`] weight elements stays on the calling thread, since a hand-off
-//! costs more than streaming a few hundred KiB. Each task fills its own `m × chunk` buffer, then
+//! Threads split the weight rows (output columns) into chunks on rayon's global pool, each at
+//! least [`TASK_MIN_ELEMS`] weight elements (so a small product stays on the calling thread:
+//! a hand-off costs more than streaming a few hundred KiB). Each task fills its own `m × chunk` buffer, then
 //! the results are scattered into `dst` (with `alpha` and accumulation) on the calling thread:
 //! m × n stores, negligible next to the n × k weight reads, and no shared mutable output.
 
@@ -21,12 +21,18 @@ use rayon::prelude::*;
 
 use super::{MatMut, MatRef, Threads};
 
-/// The largest m served here. Above it the `gemm` crate's packed micro-kernels win (measured
-/// with `examples/gemm_bench.rs`; decision 0010).
+/// The largest m `matmul_f32` sends here. Above it the `gemm` crate's packed micro-kernels
+/// win (measured with `examples/gemm_bench.rs`; decision 0010).
 pub const MAX_ROWS: usize = 32;
 
-/// Weight elements below which a product runs on one thread (256 KiB of f32).
-const PAR_MIN_ELEMS: usize = 64 * 1024;
+/// The smallest m `matmul_f32` sends here: a single row is a matrix-vector product, which the
+/// `gemm` crate's own gemv path streams as fast or faster in a whole decoding run (decision
+/// 0010), so it keeps it.
+pub const MIN_ROWS: usize = 2;
+
+/// Weight elements each parallel task streams at least (512 KiB of f32): below that, a rayon
+/// hand-off costs about what it saves, and on a busy machine much more.
+const TASK_MIN_ELEMS: usize = 128 * 1024;
 
 /// A small-m kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,7 +95,9 @@ impl Kernel {
 /// Whether `lhs · rhs` has the shape served here: `lhs` rows contiguous, `rhs` the transpose of
 /// a row-major weight (consecutive k contiguous), and few rows.
 pub(super) fn fits(lhs: &MatRef<f32>, rhs: &MatRef<f32>) -> bool {
-    lhs.rows <= MAX_ROWS && (lhs.cs == 1 || lhs.cols == 1) && (rhs.rs == 1 || rhs.rows == 1)
+    (MIN_ROWS..=MAX_ROWS).contains(&lhs.rows)
+        && (lhs.cs == 1 || lhs.cols == 1)
+        && (rhs.rs == 1 || rhs.rows == 1)
 }
 
 /// `dst = alpha · lhs · rhs (+ dst when accumulate)`. The caller checked the shapes agree, that
@@ -107,10 +115,8 @@ pub(super) fn matmul(
     // Row i of x starts at i · rs, row j of W (column j of rhs) at j · cs; along a row the
     // elements are contiguous (or there is one, k = 1).
     let xs = Rows::new(lhs.data, 0, m, lhs.rs, k);
-    let tasks = match threads.count() {
-        t if t > 1 && n * k >= PAR_MIN_ELEMS => (4 * t).min(n * k / (PAR_MIN_ELEMS / 4)).max(2),
-        _ => 1,
-    };
+    // Two tasks per thread at most, so that a core taken by another process is evened out.
+    let tasks = (2 * threads.count()).min(n * k / TASK_MIN_ELEMS).max(1);
     let chunk = n.div_ceil(tasks).next_multiple_of(4);
     let run = |j0: usize| -> Vec<f32> {
         let j1 = (j0 + chunk).min(n);
