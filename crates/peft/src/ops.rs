@@ -13,6 +13,7 @@ use crate::Result;
 
 mod attention;
 mod bf16;
+mod cached_attention;
 mod cross_entropy;
 mod fused;
 pub mod gemm;
@@ -23,6 +24,7 @@ mod scale;
 mod spatial;
 
 pub use attention::attention_merged_heads;
+pub use cached_attention::cached_attention;
 pub use fused::gelu_erf;
 use precomputed::BackwardFn;
 pub use precomputed::{with_backward, with_backward2};

@@ -117,7 +117,7 @@ impl Shared {
 }
 
 simd_fn!(
-    fn softmax_row(row: &mut [f32], mask: &[f32]) {
+    pub(super) fn softmax_row(row: &mut [f32], mask: &[f32]) {
         if !mask.is_empty() {
             for (r, &m) in row.iter_mut().zip(mask) {
                 *r += m;

@@ -9,14 +9,22 @@
 //!   per instruction, twice the f32 FMA rate); elsewhere both operands are widened to f32 and
 //!   the f32 path runs, which costs one conversion pass over each operand.
 //!
-//! `PEFT_GEMM=f32` or `PEFT_GEMM=bf16-avx512` forces the bf16 backend (benchmarks, tests); an
-//! unavailable choice falls back to the best available one with a warning.
+//! - A few rows times a transposed row-major weight (`x · Wᵀ` with m ≤ [`SKINNY_MAX_ROWS`], every
+//!   decoding step's products) goes through [`skinny`]'s kernels instead, which stream the weight
+//!   once without packing it (AVX-512 / AVX2 + FMA / portable, chosen at run time).
+//!
+//! `PEFT_GEMM=f32` or `PEFT_GEMM=bf16-avx512` forces the bf16 backend (benchmarks, tests), and
+//! `PEFT_GEMM_SKINNY=avx512|avx2|portable|off` the small-m kernel (`off`: the `gemm` crate for
+//! every shape); an unavailable choice falls back to the best available one with a warning.
 
 use half::bf16;
 use std::sync::OnceLock;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
+mod skinny;
+
+pub use skinny::{Kernel as SkinnyKernel, MAX_ROWS as SKINNY_MAX_ROWS};
 
 /// A way to compute bf16 × bf16 → f32 products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +111,37 @@ pub fn bf16_backend() -> Backend {
                 }
             },
             Err(_) => best,
+        }
+    })
+}
+
+/// The small-m kernel f32 products with few rows use: `PEFT_GEMM_SKINNY` when it names an
+/// available kernel (`off`: none, the `gemm` crate serves every shape), else the fastest
+/// available one. Chosen once per process.
+pub fn skinny_kernel() -> Option<SkinnyKernel> {
+    static CHOICE: OnceLock<Option<SkinnyKernel>> = OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        let best = SkinnyKernel::best();
+        match std::env::var("PEFT_GEMM_SKINNY") {
+            Ok(name) if name == "off" => None,
+            Ok(name) => match SkinnyKernel::from_name(&name) {
+                Some(k) => match k.unavailable_reason() {
+                    None => Some(k),
+                    Some(why) => {
+                        tracing::warn!("PEFT_GEMM_SKINNY={name}: {why}; using {}", best.name());
+                        Some(best)
+                    }
+                },
+                None => {
+                    tracing::warn!(
+                        "PEFT_GEMM_SKINNY={name} is not a kernel (avx512, avx2, portable, off); \
+                         using {}",
+                        best.name()
+                    );
+                    Some(best)
+                }
+            },
+            Err(_) => Some(best),
         }
     })
 }
@@ -260,6 +299,12 @@ pub fn matmul_f32(
         }
         return Ok(());
     }
+    if let Some(kernel) = skinny_kernel() {
+        if skinny::fits(&lhs, &rhs) {
+            skinny::matmul(kernel, dst, accumulate, lhs, rhs, alpha, threads);
+            return Ok(());
+        }
+    }
     let par = match threads.count() {
         1 => gemm::Parallelism::None,
         t => gemm::Parallelism::Rayon(t),
@@ -290,6 +335,47 @@ pub fn matmul_f32(
             par,
         )
     };
+    Ok(())
+}
+
+/// [`matmul_f32`] on a given small-m kernel, for any m: `lhs` must have contiguous rows and
+/// `rhs` be the transpose of a row-major weight (`MatRef::row_major(w, n, k).t()`). Errors when
+/// this CPU cannot run the kernel or the layout does not fit.
+pub fn matmul_skinny_with(
+    kernel: SkinnyKernel,
+    dst: MatMut,
+    accumulate: bool,
+    lhs: MatRef<f32>,
+    rhs: MatRef<f32>,
+    alpha: f32,
+    threads: Threads,
+) -> candle_core::Result<()> {
+    check_shapes(&dst, &lhs, &rhs)?;
+    if let Some(why) = kernel.unavailable_reason() {
+        candle_core::bail!("skinny kernel {}: {why}", kernel.name());
+    }
+    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    let contiguous = k == 1 || (lhs.cs == 1 && rhs.rs == 1);
+    if !contiguous {
+        candle_core::bail!(
+            "skinny kernel: needs contiguous lhs rows and a transposed row-major rhs, got \
+             strides ({}, {}) and ({}, {})",
+            lhs.rs,
+            lhs.cs,
+            rhs.rs,
+            rhs.cs
+        );
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            zero_rows(dst);
+        }
+        return Ok(());
+    }
+    skinny::matmul(kernel, dst, accumulate, lhs, rhs, alpha, threads);
     Ok(())
 }
 
