@@ -101,8 +101,10 @@ pub fn attention(
     dropout: f64,
     train: bool,
 ) -> Result<Tensor> {
-    if bias.is_none() && (!train || dropout == 0.0) {
-        // Nothing records gradients (generation, evaluation): read the cache in place.
+    if bias.is_none() && (!train || dropout == 0.0) && !crate::grad::is_enabled() {
+        // Nothing records gradients (generation, evaluation: `no_grad`): read the cache in
+        // place. Decided by the context, not by whether this model's tensors happen to track
+        // ops, so a model gives the same numbers wrapped in adapters or not.
         if let Some(y) = ops::cached_attention(q, k, v, mask, scale)? {
             return Ok(y);
         }
