@@ -230,7 +230,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// How the frozen base was stored, for the JSON line: `f32`, `bf16`, `nf4-dq`, `int8`, ...
+/// How the frozen base was stored, for the JSON line: `f32`, `f32+bf16`, `nf4-dq`,
+/// `nf4-dq-bfloat16`, `int8`, ...
 fn base_kind(a: &BenchArgs, bf16: bool) -> String {
     let q = &a.quant;
     let mut kind = if q.load_in_4bit {
@@ -246,6 +247,11 @@ fn base_kind(a: &BenchArgs, bf16: bool) -> String {
     };
     if q.bnb_4bit_use_double_quant {
         kind.push_str("-dq");
+    }
+    if let Some(d) = &q.bnb_4bit_compute_dtype {
+        // The 4-bit products' dtype, when named (`nf4-dq-bfloat16`).
+        kind.push('-');
+        kind.push_str(d.trim_start_matches("torch."));
     }
     if bf16 {
         kind.push_str("+bf16");
