@@ -629,23 +629,10 @@ impl PeftModel {
             );
             return Ok(false);
         }
-        let mut cast: std::collections::HashMap<candle_core::TensorId, Tensor> = Default::default();
-        for module in self.model.modules_mut() {
-            let crate::layers::ModuleMut::Linear(l) = module else {
-                continue;
-            };
-            let p = &mut l.weight;
-            if p.base_var().is_some() || p.quant().is_some() || p.base().dtype() != DType::F32 {
-                continue;
-            }
-            let id = p.base().id();
-            let t = match cast.get(&id) {
-                Some(t) => t.clone(),
-                None => p.base().to_dtype(DType::BF16)?,
-            };
-            cast.insert(id, t.clone());
-            p.set_base(t)?;
-        }
+        self.cast_frozen_in(DType::BF16, |m| match m {
+            crate::layers::ModuleMut::Linear(l) => vec![&mut l.weight],
+            _ => Vec::new(),
+        })?;
         Ok(true)
     }
 
@@ -653,27 +640,32 @@ impl PeftModel {
     /// weights' dtype, while trainable tensors stay fp32 master weights, cast per use.
     /// Weights shared between layers (tied embeddings) stay shared.
     pub fn cast_frozen(&mut self, dtype: candle_core::DType) -> Result<()> {
+        self.cast_frozen_in(dtype, |m| m.params_mut())
+    }
+
+    /// Casts the frozen base of the parameters `pick` names in each module to `dtype`. A
+    /// quantized weight keeps its codes (its products follow the activations' dtype); a tensor
+    /// shared by several parameters (tied embeddings) is cast once and stays shared.
+    fn cast_frozen_in(
+        &mut self,
+        dtype: candle_core::DType,
+        pick: for<'a> fn(crate::layers::ModuleMut<'a>) -> Vec<&'a mut Param>,
+    ) -> Result<()> {
         let mut cast: std::collections::HashMap<candle_core::TensorId, Tensor> = Default::default();
-        let mut result = Ok(());
-        self.for_each_param(|p| {
-            // A quantized weight keeps its codes; its products follow the activations' dtype.
-            if p.base_var().is_none()
-                && p.quant().is_none()
-                && p.base().dtype() != dtype
-                && result.is_ok()
-            {
-                let id = p.base().id();
-                let t = match cast.get(&id) {
-                    Some(t) => Ok(t.clone()),
-                    None => p.base().to_dtype(dtype).map_err(Error::from),
+        for module in self.model.modules_mut() {
+            for p in pick(module) {
+                if p.base_var().is_some() || p.quant().is_some() || p.base().dtype() == dtype {
+                    continue;
+                }
+                let t = match cast.get(&p.base().id()) {
+                    Some(t) => t.clone(),
+                    None => p.base().to_dtype(dtype)?,
                 };
-                result = t.and_then(|t| {
-                    cast.insert(id, t.clone());
-                    p.set_base(t)
-                });
+                cast.insert(p.base().id(), t.clone());
+                p.set_base(t)?;
             }
-        });
-        result
+        }
+        Ok(())
     }
 
     /// Trainable tensors under the keys they are saved with.
