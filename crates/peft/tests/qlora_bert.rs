@@ -4,10 +4,9 @@
 mod common;
 mod qlora_common;
 
-use candle_core::{DType, Tensor};
-use common::{assert_close, load_st, max_diff};
+use candle_core::Tensor;
+use common::{assert_close, max_diff};
 use peft::layers::ModuleRef;
-use peft::models::{self, LoadOptions};
 use peft::quant::{Absmax, BitsAndBytesConfig, QuantWeight};
 use peft::{get_peft_model, Inputs, Model, PeftConfig, PeftModel, TaskType};
 use qlora_common::*;
@@ -19,49 +18,31 @@ use std::path::{Path, PathBuf};
 // modules_to_save. Fixtures: qlora/bert/ (same script).
 
 fn bert_dir() -> PathBuf {
-    dir().join("bert")
+    model_dir("bert")
 }
 
 fn bert_st(name: &str) -> std::collections::HashMap<String, Tensor> {
-    load_st(&bert_dir().join(name))
+    model_st("bert", name)
 }
 
 fn bert_inputs() -> Inputs {
-    let t = bert_st("inputs.safetensors");
-    Inputs {
-        input_ids: Some(t["input_ids"].to_dtype(DType::U32).unwrap()),
-        attention_mask: Some(t["attention_mask"].to_dtype(DType::U32).unwrap()),
-        ..Default::default()
-    }
+    model_inputs("bert")
 }
 
 fn bert_expected(name: &str) -> Tensor {
-    bert_st("expected.safetensors")[name].clone()
+    model_expected("bert", name)
 }
 
 fn bert_load(dir: &Path, quantization: Option<BitsAndBytesConfig>) -> Box<dyn Model> {
-    let opts = LoadOptions {
-        task: Some(TaskType::SeqCls),
-        quantization,
-        ..Default::default()
-    };
-    models::load(dir, &opts).unwrap()
+    load_as(dir, TaskType::SeqCls, quantization)
 }
 
 fn bert_meta() -> serde_json::Value {
-    peft::io::read_json(&bert_dir().join("meta.json")).unwrap()
+    model_meta("bert")
 }
 
-/// The module names transformers made `Linear4bit` (meta.json `key`), sorted.
 fn bert_quantized_names(key: &str) -> Vec<String> {
-    let mut v: Vec<String> = bert_meta()[key]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect();
-    v.sort();
-    v
+    quantized_names("bert", key)
 }
 
 /// The QLoRA config of the fixture: NF4 + double quantization, the classifier kept dense.

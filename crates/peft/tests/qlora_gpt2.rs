@@ -7,7 +7,7 @@ mod qlora_common;
 use candle_core::{DType, Tensor};
 use common::{assert_close, load_st, max_diff};
 use peft::layers::ModuleRef;
-use peft::models::{self, LoadOptions};
+use peft::models;
 use peft::quant::{BitsAndBytesConfig, QuantWeight};
 use peft::{get_peft_model, Inputs, Model, PeftConfig, PeftModel, TaskType};
 use qlora_common::*;
@@ -17,24 +17,19 @@ use std::path::{Path, PathBuf};
 // as the Linear4bit it puts in their place. Fixtures: qlora/gpt2/ (same script).
 
 fn gpt2_dir() -> PathBuf {
-    dir().join("gpt2")
+    model_dir("gpt2")
 }
 
 fn gpt2_st(name: &str) -> std::collections::HashMap<String, Tensor> {
-    load_st(&gpt2_dir().join(name))
+    model_st("gpt2", name)
 }
 
 fn gpt2_inputs() -> Inputs {
-    let t = gpt2_st("inputs.safetensors");
-    Inputs {
-        input_ids: Some(t["input_ids"].to_dtype(DType::U32).unwrap()),
-        attention_mask: Some(t["attention_mask"].to_dtype(DType::U32).unwrap()),
-        ..Default::default()
-    }
+    model_inputs("gpt2")
 }
 
 fn gpt2_expected(name: &str) -> Tensor {
-    gpt2_st("expected.safetensors")[name].clone()
+    model_expected("gpt2", name)
 }
 
 /// GPT-2 logits at the positions its attention mask keeps.
@@ -48,28 +43,15 @@ fn gpt2_real(t: &Tensor) -> Tensor {
 }
 
 fn gpt2_load(dir: &Path, quantization: Option<BitsAndBytesConfig>) -> Box<dyn Model> {
-    let opts = LoadOptions {
-        task: Some(TaskType::CausalLm),
-        quantization,
-        ..Default::default()
-    };
-    models::load(dir, &opts).unwrap()
+    load_as(dir, TaskType::CausalLm, quantization)
 }
 
 fn gpt2_meta() -> serde_json::Value {
-    peft::io::read_json(&gpt2_dir().join("meta.json")).unwrap()
+    model_meta("gpt2")
 }
 
-/// The module names transformers made `Linear4bit` / `Linear8bitLt` (meta.json `key`).
 fn gpt2_quantized_names(key: &str) -> Vec<String> {
-    let mut v: Vec<String> = gpt2_meta()[key]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect();
-    v.sort();
-    v
+    quantized_names("gpt2", key)
 }
 
 #[test]

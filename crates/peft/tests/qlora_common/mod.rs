@@ -50,3 +50,58 @@ pub fn sorted_quantized(m: &dyn Model) -> Vec<String> {
     v.sort();
     v
 }
+
+/// One model's fixtures under qlora/ (`gpt2`, `bert`): what the per-model test files read.
+pub fn model_dir(model: &str) -> PathBuf {
+    dir().join(model)
+}
+
+pub fn model_st(model: &str, name: &str) -> std::collections::HashMap<String, candle_core::Tensor> {
+    crate::common::load_st(&model_dir(model).join(name))
+}
+
+pub fn model_inputs(model: &str) -> peft::Inputs {
+    let t = model_st(model, "inputs.safetensors");
+    peft::Inputs {
+        input_ids: Some(t["input_ids"].to_dtype(candle_core::DType::U32).unwrap()),
+        attention_mask: Some(
+            t["attention_mask"]
+                .to_dtype(candle_core::DType::U32)
+                .unwrap(),
+        ),
+        ..Default::default()
+    }
+}
+
+pub fn model_expected(model: &str, name: &str) -> candle_core::Tensor {
+    model_st(model, "expected.safetensors")[name].clone()
+}
+
+pub fn load_as(
+    dir: &Path,
+    task: peft::TaskType,
+    quantization: Option<BitsAndBytesConfig>,
+) -> Box<dyn Model> {
+    let opts = peft::models::LoadOptions {
+        task: Some(task),
+        quantization,
+        ..Default::default()
+    };
+    peft::models::load(dir, &opts).unwrap()
+}
+
+pub fn model_meta(model: &str) -> serde_json::Value {
+    peft::io::read_json(&model_dir(model).join("meta.json")).unwrap()
+}
+
+/// The module names transformers made `Linear4bit` / `Linear8bitLt` (meta.json `key`), sorted.
+pub fn quantized_names(model: &str, key: &str) -> Vec<String> {
+    let mut v: Vec<String> = model_meta(model)[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
