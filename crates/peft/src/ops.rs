@@ -15,6 +15,8 @@ mod attention;
 mod bf16;
 mod cached_attention;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 mod fused;
 pub mod gemm;
 mod linear;
@@ -214,6 +216,11 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     let seed = next_dropout_seed();
     if fused::fast(x) {
         return fused::dropout_f32(x, p, seed);
+    }
+    #[cfg(feature = "cuda")]
+    if cuda::applies(x) {
+        let (threshold, scale) = fused::dropout_params(p);
+        return cuda::dropout(x, threshold, scale, seed);
     }
     if bf16_cpu(x) {
         let y = fused::dropout_f32(&x.to_dtype(DType::F32)?, p, seed)?;

@@ -13,15 +13,23 @@ use crate::{Error, Result};
 
 /// Mean negative log-likelihood of `labels` (`[n]`, `-100` = ignored) under `logits`
 /// (`[n, classes]`, f32), as torch's `cross_entropy(ignore_index=-100)`.
+///
+/// Labels on the CPU are checked (range, at least one kept row) and the loss is summed on the
+/// host. Labels on another device are not read back: the loss and its gradient stay there
+/// ([`on_device`]), so a GPU step has no host round trip; the trainer checks labels when it
+/// reads the data, and a batch whose labels are all ignored gives a NaN loss there.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (n, classes) = logits.dims2()?;
-    let labels: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
-    if labels.len() != n {
+    if labels.dims1()? != n {
         return Err(Error::Training(format!(
             "{} labels for {n} rows of logits",
-            labels.len()
+            labels.dims1()?
         )));
     }
+    if !labels.device().is_cpu() {
+        return on_device(logits, labels);
+    }
+    let labels: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
     if let Some(bad) = labels
         .iter()
         .find(|&&l| l != -100 && (l < 0 || l as usize >= classes))
@@ -61,6 +69,45 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     with_backward(&logits, loss, move |x, _y, g| {
         let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()? / kept as f32;
         grad(x, &lse, &labels, g)
+    })
+}
+
+/// The loss with tensor ops only, where the labels live: `sum(kept · (lse - x[label])) / kept`,
+/// its gradient `(softmax(x) - onehot) · kept · dy / kept_count`. Out-of-range labels are clamped
+/// (nothing here can report them without reading the labels back).
+fn on_device(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (n, classes) = logits.dims2()?;
+    let labels = labels.to_dtype(DType::I64)?;
+    let keep = labels.ne(-100i64)?.to_dtype(DType::F32)?.reshape((n, 1))?;
+    let targets = labels
+        .clamp(0i64, classes as i64 - 1)?
+        .to_dtype(DType::U32)?
+        .reshape((n, 1))?;
+    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let x = logits.detach();
+    let max = x.max_keepdim(D::Minus1)?;
+    let lse = (x
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &max)?;
+    let picked = x.gather(&targets, 1)?;
+    let kept = keep.sum_all()?;
+    let loss = ((&lse - &picked)? * &keep)?.sum_all()?.div(&kept)?;
+    let classes_u32 = classes as u32;
+    with_backward(&logits, loss, move |x, _y, g| {
+        let rowscale = keep.broadcast_mul(&g.to_dtype(DType::F32)?.div(&kept)?)?;
+        #[cfg(feature = "cuda")]
+        if super::cuda::applies(x) {
+            return super::cuda::cross_entropy_grad(x, &lse, &rowscale, &targets);
+        }
+        let onehot = Tensor::arange(0u32, classes_u32, x.device())?
+            .reshape((1, classes))?
+            .broadcast_eq(&targets)?
+            .to_dtype(DType::F32)?;
+        let soft = x.detach().broadcast_sub(&lse)?.exp()?;
+        (soft - onehot)?.broadcast_mul(&rowscale)
     })
 }
 
@@ -116,6 +163,32 @@ fn grad(x: &Tensor, lse: &Tensor, labels: &[i64], scale: f32) -> candle_core::Re
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    /// The path that never reads labels back (the GPU's), run on the CPU, against the host path:
+    /// same loss and gradient, ignored rows included.
+    #[test]
+    fn the_device_path_matches_the_host_path() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (7, 11), &dev).unwrap())).unwrap();
+        let labels = Tensor::new(&[3i64, -100, 0, 10, 5, -100, 7], &dev).unwrap();
+        let run = |f: fn(&Tensor, &Tensor) -> Result<Tensor>| {
+            let loss = (f(x.as_tensor(), &labels).unwrap() * 0.5).unwrap();
+            let g = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            (loss.to_scalar::<f32>().unwrap(), g)
+        };
+        let (host, g_host) = run(cross_entropy);
+        let (device, g_device) = run(on_device);
+        assert!((host - device).abs() < 1e-6, "{host} vs {device}");
+        let dg = (g_host - g_device)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(dg < 1e-7, "gradient differs by {dg}");
+    }
 
     /// Against the composed definition, value and gradient, with ignored rows.
     #[test]

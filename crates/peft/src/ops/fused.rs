@@ -268,6 +268,10 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         let y = gelu_erf(&x.to_dtype(candle_core::DType::F32)?)?;
         return Ok(y.to_dtype(candle_core::DType::BF16)?);
     }
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies(x) {
+        return super::cuda::gelu_erf(x);
+    }
     if !fast(x) {
         return Ok(x.gelu_erf()?);
     }
