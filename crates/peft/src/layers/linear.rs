@@ -307,7 +307,43 @@ impl Linear {
     /// Mixed batches whose adapters here are all plain low-rank updates ([`LowRank`]): every
     /// row's factors gathered (rank padded with zeros, which adds exact zeros) and applied in two
     /// batched products, whatever the number of adapters. `None` when some adapter is not one.
+    /// The gathered factors are kept with the rows ([`mixed::MixedRows::cached`]), so a
+    /// generation gathers them once, not once per token.
     fn forward_low_rank(&self, x2: &Tensor, names: &[String]) -> Result<Option<Tensor>> {
+        let (dtype, device) = (x2.dtype(), x2.device());
+        let gathered = match mixed::current_rows() {
+            Some(rows) => rows.cached(&format!("{}/low-rank/{dtype:?}", self.name), || {
+                self.gather_low_rank(names, dtype, device)
+            })?,
+            None => std::rc::Rc::new(self.gather_low_rank(names, dtype, device)?),
+        };
+        let Some(factors) = gathered.as_ref() else {
+            return Ok(None);
+        };
+        let bias = self.bias.as_ref().map(|b| crate::grad::live(b.base()));
+        let y = self.affine(x2, &crate::grad::live(self.weight.base()), bias, false)?;
+        let Some((a, b, s)) = factors else {
+            return Ok(Some(y));
+        };
+        let b_rows = names.len();
+        let per = x2.dim(0)? / b_rows;
+        let x3 = x2.reshape((b_rows, per, self.in_features()))?;
+        let delta = x3.matmul(a)?.matmul(b)?.broadcast_mul(s)?;
+        Ok(Some(
+            (y + delta.reshape((b_rows * per, self.out_features()))?)?,
+        ))
+    }
+
+    /// Each row's low-rank factors for [`Linear::forward_low_rank`]: `None` when some adapter
+    /// here is not a plain low-rank update, `Some(None)` when none has a rank, else `[B, in, r]`,
+    /// `[B, r, out]` and the scalings `[B, 1, 1]`.
+    #[allow(clippy::type_complexity)]
+    fn gather_low_rank(
+        &self,
+        names: &[String],
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<Option<Option<(Tensor, Tensor, Tensor)>>> {
         let mut factors: Vec<(&str, LowRank)> = Vec::new();
         for name in names {
             if name == mixed::BASE || factors.iter().any(|(n, _)| n == name) {
@@ -322,19 +358,14 @@ impl Linear {
             }
         }
         let b_rows = names.len();
-        let per = x2.dim(0)? / b_rows;
         let (k, out) = (self.in_features(), self.out_features());
-        let dtype = x2.dtype();
-        let device = x2.device();
         let r = factors
             .iter()
             .map(|(_, f)| f.a.dims().first().copied().unwrap_or(0))
             .max()
             .unwrap_or(0);
-        let bias = self.bias.as_ref().map(|b| crate::grad::live(b.base()));
-        let y = self.affine(x2, &crate::grad::live(self.weight.base()), bias, false)?;
         if r == 0 {
-            return Ok(Some(y));
+            return Ok(Some(None));
         }
         let pad = |t: Tensor, dim: usize| -> Result<Tensor> {
             let have = t.dim(dim)?;
@@ -349,35 +380,39 @@ impl Linear {
                 dim,
             )?)
         };
-        let mut padded: Vec<(&str, Tensor, Tensor, f64)> = Vec::with_capacity(factors.len());
-        for (n, f) in factors {
-            padded.push((n, pad(f.a, 0)?, pad(f.b, 1)?, f.scaling));
+        // Slot 0 is the zero update (rows of the bare model or of an adapter absent here); slot
+        // i + 1 is the i-th distinct adapter. Rows pick their slot with one gather.
+        let mut a_slots = vec![Tensor::zeros((r, k), dtype, device)?];
+        let mut b_slots = vec![Tensor::zeros((out, r), dtype, device)?];
+        let mut scale_slots = vec![0f32];
+        for (_, f) in &factors {
+            a_slots.push(pad(f.a.clone(), 0)?);
+            b_slots.push(pad(f.b.clone(), 1)?);
+            scale_slots.push(f.scaling as f32);
         }
-        let zero_a = Tensor::zeros((r, k), dtype, device)?;
-        let zero_b = Tensor::zeros((out, r), dtype, device)?;
-        let mut a_rows = Vec::with_capacity(b_rows);
-        let mut b_cols = Vec::with_capacity(b_rows);
-        let mut scales = Vec::with_capacity(b_rows);
-        for name in names {
-            match padded.iter().find(|(n, ..)| n == name) {
-                Some((_, a, b, s)) => {
-                    a_rows.push(a.clone());
-                    b_cols.push(b.clone());
-                    scales.push(*s as f32);
-                }
-                None => {
-                    a_rows.push(zero_a.clone());
-                    b_cols.push(zero_b.clone());
-                    scales.push(0.0);
-                }
-            }
-        }
-        let a = Tensor::stack(&a_rows, 0)?.transpose(1, 2)?.contiguous()?; // [B, in, r]
-        let b = Tensor::stack(&b_cols, 0)?.transpose(1, 2)?.contiguous()?; // [B, r, out]
-        let s = Tensor::from_vec(scales, (b_rows, 1, 1), device)?.to_dtype(dtype)?;
-        let x3 = x2.reshape((b_rows, per, k))?;
-        let delta = x3.matmul(&a)?.matmul(&b)?.broadcast_mul(&s)?;
-        Ok(Some((y + delta.reshape((b_rows * per, out))?)?))
+        let slot_of: Vec<u32> = names
+            .iter()
+            .map(|name| {
+                factors
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .map_or(0, |i| i as u32 + 1)
+            })
+            .collect();
+        let slot_of = Tensor::from_vec(slot_of, b_rows, device)?;
+        let a = Tensor::stack(&a_slots, 0)?
+            .index_select(&slot_of, 0)?
+            .transpose(1, 2)?
+            .contiguous()?; // [B, in, r]
+        let b = Tensor::stack(&b_slots, 0)?
+            .index_select(&slot_of, 0)?
+            .transpose(1, 2)?
+            .contiguous()?; // [B, r, out]
+        let s = Tensor::from_vec(scale_slots, factors.len() + 1, device)?
+            .index_select(&slot_of, 0)?
+            .reshape((b_rows, 1, 1))?
+            .to_dtype(dtype)?;
+        Ok(Some(Some((a, b, s))))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -6,7 +6,9 @@
 //! free of any tuner argument, as PEFT keeps them free of it with forward hooks.
 
 use candle_core::{Device, Tensor};
+use std::any::Any;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::{Error, Result};
@@ -14,26 +16,76 @@ use crate::{Error, Result};
 /// The name that routes a row past every adapter.
 pub const BASE: &str = "__base__";
 
+/// The per-row adapter names of a mixed batch, and what layers derived from them that stays
+/// valid while the model cannot change (see [`MixedRows::cached`]).
+pub struct MixedRows {
+    names: Rc<[String]>,
+    derived: RefCell<HashMap<String, Rc<dyn Any>>>,
+}
+
+impl MixedRows {
+    pub fn new(names: &[String]) -> Rc<Self> {
+        Rc::new(Self {
+            names: names.to_vec().into(),
+            derived: RefCell::new(HashMap::new()),
+        })
+    }
+
+    pub fn names(&self) -> &Rc<[String]> {
+        &self.names
+    }
+
+    /// What layer `key` built from these rows before, or `build()` kept for next time. A
+    /// generation step runs every layer again with the same rows and the same (borrowed, so
+    /// unchanged) adapters: the rows' gathered adapter factors are built once per generation,
+    /// not once per token.
+    pub(crate) fn cached<T: 'static>(
+        &self,
+        key: &str,
+        build: impl FnOnce() -> Result<T>,
+    ) -> Result<Rc<T>> {
+        if let Some(v) = self.derived.borrow().get(key) {
+            if let Ok(v) = v.clone().downcast::<T>() {
+                return Ok(v);
+            }
+        }
+        let v = Rc::new(build()?);
+        self.derived
+            .borrow_mut()
+            .insert(key.to_string(), v.clone() as Rc<dyn Any>);
+        Ok(v)
+    }
+}
+
 thread_local! {
-    static ROWS: RefCell<Option<Rc<[String]>>> = const { RefCell::new(None) };
+    static ROWS: RefCell<Option<Rc<MixedRows>>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` with row `i` of every batch routed through adapter `names[i]`.
 pub fn with_adapter_names<R>(names: &[String], f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Rc<[String]>>);
+    with_rows(&MixedRows::new(names), f)
+}
+
+/// [`with_adapter_names`] with rows (and what layers cached from them) that outlive the call.
+pub fn with_rows<R>(rows: &Rc<MixedRows>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Rc<MixedRows>>);
     impl Drop for Restore {
         fn drop(&mut self) {
             let prev = self.0.take();
             ROWS.with(|r| *r.borrow_mut() = prev);
         }
     }
-    let rows: Rc<[String]> = names.to_vec().into();
-    let _restore = Restore(ROWS.with(|r| r.borrow_mut().replace(rows)));
+    let _restore = Restore(ROWS.with(|r| r.borrow_mut().replace(rows.clone())));
     f()
 }
 
 /// The per-row adapter names of the forward pass running on this thread, if it is mixed.
 pub fn current() -> Option<Rc<[String]>> {
+    ROWS.with(|r| r.borrow().as_ref().map(|rows| rows.names.clone()))
+}
+
+/// The mixed rows of the forward pass running on this thread, with their cache.
+pub(crate) fn current_rows() -> Option<Rc<MixedRows>> {
     ROWS.with(|r| r.borrow().clone())
 }
 

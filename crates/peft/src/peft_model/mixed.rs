@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use std::collections::BTreeSet;
+use std::rc::Rc;
 
 use super::PeftModel;
 use crate::generation::batch::BatchModel;
@@ -100,9 +101,24 @@ impl PeftModel {
             )));
         }
         self.check_mixed(adapter_names)?;
-        mixed::with_adapter_names(adapter_names, || {
-            self.model.forward_with_cache(inputs, cache, false)
-        })
+        self.forward_rows_with_cache(inputs, cache, &mixed::MixedRows::new(adapter_names))
+    }
+
+    /// [`PeftModel::forward_mixed_with_cache`] for checked rows whose cache outlives the call.
+    fn forward_rows_with_cache(
+        &self,
+        inputs: &Inputs,
+        cache: Option<&mut Cache>,
+        rows: &Rc<mixed::MixedRows>,
+    ) -> Result<Tensor> {
+        let (batch, _) = inputs.batch_seq()?;
+        if rows.names().len() != batch {
+            return Err(Error::Data(format!(
+                "length of adapter_names should be the number of inputs, but got {} and {batch}",
+                rows.names().len()
+            )));
+        }
+        mixed::with_rows(rows, || self.model.forward_with_cache(inputs, cache, false))
     }
 
     /// The model seen through per-row adapters, for [`crate::generation::generate`]: prompt `i`
@@ -111,16 +127,20 @@ impl PeftModel {
         self.check_mixed(adapter_names)?;
         Ok(MixedBatch {
             model: self,
-            names: adapter_names.to_vec(),
+            rows: mixed::MixedRows::new(adapter_names),
         })
     }
 }
 
 /// A [`PeftModel`] whose forward passes route row `i` through adapter `names[i]`; see
 /// [`PeftModel::with_adapter_names`].
+///
+/// It borrows the model, so the adapters cannot change while it lives: what layers derive from
+/// the rows (each row's gathered adapter factors) is built on the first forward pass and reused
+/// for every generated token.
 pub struct MixedBatch<'a> {
     model: &'a PeftModel,
-    names: Vec<String>,
+    rows: Rc<mixed::MixedRows>,
 }
 
 impl Generate for MixedBatch<'_> {
@@ -132,7 +152,7 @@ impl Generate for MixedBatch<'_> {
     }
     fn forward_with_cache(&self, inputs: &Inputs, cache: Option<&mut Cache>) -> Result<Tensor> {
         self.model
-            .forward_mixed_with_cache(inputs, cache, &self.names)
+            .forward_rows_with_cache(inputs, cache, &self.rows)
     }
 }
 
