@@ -4,7 +4,8 @@
 # library, present only where a GPU is) satisfies the linker. The binary it produces runs where
 # the NVIDIA driver and the CUDA 13 libraries are installed.
 #   scripts/check-cuda-build.sh [target-dir]      (default: target/cuda)
-# It also builds the CUDA test binary (tests/cuda.rs) and prints its path.
+# It also builds the CUDA test binary (tests/cuda.rs) and prints its path; with NCCL=1, also the
+# NCCL smoke test (tests/nccl.rs, `--features nccl`: Open MPI's libmpi must be installed).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 target="${1:-$root/target/cuda}"
@@ -14,6 +15,9 @@ if [ ! -x "$venv/bin/pip" ]; then
   "$venv/bin/pip" install -q "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*" \
     "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-nvrtc==13.0.*" \
     "nvidia-cublas==13.0.*" nvidia-curand
+fi
+if [ "${NCCL:-0}" = 1 ] && ! "$venv/bin/python" -c 'import nvidia.nccl' 2>/dev/null; then
+  "$venv/bin/pip" install -q nvidia-nccl-cu13
 fi
 cuda="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
 stub="$target/cuda-link-stubs"
@@ -27,6 +31,10 @@ fi
 for lib in cublas.so.13 cublasLt.so.13 cudart.so.13 curand.so.10 nvrtc.so.13; do
   ln -sf "$cuda/lib/lib$lib" "$stub/lib${lib%%.so*}.so"
 done
+if [ "${NCCL:-0}" = 1 ]; then
+  nccl="$("$venv/bin/python" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')"
+  ln -sf "$nccl/libnccl.so.2" "$stub/libnccl.so"
+fi
 export PATH="$cuda/bin:$PATH" CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export LIBRARY_PATH="$stub${LIBRARY_PATH:+:$LIBRARY_PATH}"
 cargo build --release --features cuda -p peft-cli --target-dir "$target"
@@ -36,3 +44,7 @@ echo "built $target/release/peft with the cuda feature"
 # (crates/peft), which holds the fixtures.
 cargo test --release --features cuda -p peft --test cuda --no-run --target-dir "$target" 2>&1 |
   grep -o "$target/release/deps/cuda-[0-9a-f]*" | sort -u | sed 's/^/cuda tests: /'
+if [ "${NCCL:-0}" = 1 ]; then
+  cargo test --release --features nccl -p peft --test nccl --no-run --target-dir "$target" 2>&1 |
+    grep -o "$target/release/deps/nccl-[0-9a-f]*" | sort -u | sed 's/^/nccl test: /'
+fi

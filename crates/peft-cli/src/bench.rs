@@ -42,6 +42,11 @@ pub struct BenchArgs {
     /// of training.
     #[arg(long, value_name = "N")]
     pub generate: Option<usize>,
+    /// With --generate: attach this many LoRA adapters (r=8 on q/v, random non-zero weights)
+    /// and time the batch twice, every row through the first adapter and the rows spread over
+    /// all of them (a mixed batch, as `peft serve` runs requests for different adapters).
+    #[arg(long, value_name = "N", requires = "generate")]
+    pub adapters: Option<usize>,
     /// Rows per batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -103,25 +108,63 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             eos_token_ids: vec![vocab],
             ..Default::default()
         };
-        let mut best = f64::INFINITY;
-        for run in 0..a.warmup + a.steps {
-            let t = Instant::now();
-            let out = generate(base.as_ref(), &prompts, &cfg, None)?;
-            device.synchronize()?;
-            let s = t.elapsed().as_secs_f64();
-            if out.tokens.iter().any(|r| r.len() != new_tokens) {
-                return Err(Error::Data("generation stopped early".into()));
+        let time = |model: &dyn Fn() -> Result<peft::generation::Generated>| -> Result<f64> {
+            let mut best = f64::INFINITY;
+            for run in 0..a.warmup + a.steps {
+                let t = Instant::now();
+                let out = model()?;
+                device.synchronize()?;
+                let s = t.elapsed().as_secs_f64();
+                if out.tokens.iter().any(|r| r.len() != new_tokens) {
+                    return Err(Error::Data("generation stopped early".into()));
+                }
+                if run >= a.warmup {
+                    best = best.min(s);
+                }
             }
-            if run >= a.warmup {
-                best = best.min(s);
-            }
+            Ok(best)
+        };
+        let report = |mode: &str, best: f64| {
+            println!(
+                "{{\"impl\":\"peft\",\"mode\":\"{mode}\",\"tokens_per_s\":{:.2},\"seconds\":{best:.3},\"batch\":{},\"prompt_len\":{},\"new_tokens\":{new_tokens},\"peak_rss_mb\":{:.0}}}",
+                (a.batch * new_tokens) as f64 / best,
+                a.batch,
+                a.seq_len,
+                peak_rss_mb()
+            )
+        };
+        let Some(n) = a.adapters.filter(|&n| n > 0) else {
+            report(
+                "generate",
+                time(&|| generate(base.as_ref(), &prompts, &cfg, None))?,
+            );
+            return Ok(());
+        };
+        let lora = |alpha: f64| {
+            let mut c = LoraConfig {
+                r: 8,
+                lora_alpha: alpha,
+                target_modules: a.target_modules.clone().map(ModuleSpec::List),
+                // Random non-zero B: every adapter really changes its rows.
+                init_lora_weights: peft::tuners::lora::InitLoraWeights::Bool(false),
+                ..Default::default()
+            };
+            c.base.task_type = Some(task);
+            PeftConfig::new(c)
+        };
+        let mut model = get_peft_model_with_seed(base, lora(16.0), "a0", 0)?;
+        for i in 1..n {
+            model.add_adapter(&format!("a{i}"), lora(16.0 + i as f64))?;
         }
-        println!(
-            "{{\"impl\":\"peft\",\"mode\":\"generate\",\"tokens_per_s\":{:.2},\"seconds\":{best:.3},\"batch\":{},\"prompt_len\":{},\"new_tokens\":{new_tokens},\"peak_rss_mb\":{:.0}}}",
-            (a.batch * new_tokens) as f64 / best,
-            a.batch,
-            a.seq_len,
-            peak_rss_mb()
+        report(
+            "generate-single-adapter",
+            time(&|| generate(&model, &prompts, &cfg, None))?,
+        );
+        let rows: Vec<String> = (0..a.batch).map(|i| format!("a{}", i % n)).collect();
+        let mixed = model.with_adapter_names(&rows)?;
+        report(
+            &format!("generate-mixed-{n}-adapters"),
+            time(&|| generate(&mixed, &prompts, &cfg, None))?,
         );
         return Ok(());
     }
