@@ -3,7 +3,7 @@ crates/peft/examples/sd_bench.rs): a UNet LoRA training step and a sampling step
 UNet, inputs and machine.
 
     /tmp/pyenv/bin/python tools/bench_sd.py make-sd2-unet DIR     # an SD-2-sized UNet, random weights
-    /usr/bin/time -v /tmp/pyenv/bin/python tools/bench_sd.py UNET_DIR LATENT_SIDE [STEPS] [RANK]
+    /usr/bin/time -v /tmp/pyenv/bin/python tools/bench_sd.py UNET_DIR LATENT_SIDE [STEPS] [RANK] [cpu|cuda]
 
 Training step: `unet.add_adapter(LoraConfig(r, alpha=r, init_lora_weights="gaussian",
 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))` as diffusers' train_dreambooth_lora.py
@@ -50,8 +50,9 @@ def main():
     side = int(sys.argv[2]) if len(sys.argv) > 2 else 64
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 3
     rank = int(sys.argv[4]) if len(sys.argv) > 4 else 4
+    dev = torch.device(sys.argv[5] if len(sys.argv) > 5 else "cpu")
     t0 = time.time()
-    unet = UNet2DConditionModel.from_pretrained(d)
+    unet = UNet2DConditionModel.from_pretrained(d).to(dev)
     load = time.time() - t0
     unet.requires_grad_(False)
     unet.add_adapter(
@@ -61,10 +62,10 @@ def main():
     ctx = unet.config.cross_attention_dim
     ctx = ctx[0] if isinstance(ctx, (list, tuple)) else ctx
     g = torch.Generator().manual_seed(0)
-    sample = torch.randn((1, 4, side, side), generator=g)
-    noise = torch.randn((1, 4, side, side), generator=g)
-    context = torch.randn((1, 77, ctx), generator=g)
-    t = torch.tensor([500])
+    sample = torch.randn((1, 4, side, side), generator=g).to(dev)
+    noise = torch.randn((1, 4, side, side), generator=g).to(dev)
+    context = torch.randn((1, 77, ctx), generator=g).to(dev)
+    t = torch.tensor([500], device=dev)
     opt = torch.optim.AdamW(params, lr=1e-4)
     unet.train()
     times = []
@@ -81,10 +82,10 @@ def main():
     print(json.dumps(dict(measure="train_step", impl="diffusers + PEFT", latent_side=side, rank=rank,
                           trainable_params=sum(p.numel() for p in params),
                           seconds_per_step=sum(times) / len(times), steps=len(times), load_seconds=load,
-                          torch_threads=torch.get_num_threads())))
+                          torch_threads=torch.get_num_threads(), device=str(dev))))
     unet.eval()
     s2 = torch.cat([sample, sample])
-    c2 = torch.cat([context, torch.randn((1, 77, ctx), generator=g)])
+    c2 = torch.cat([context, torch.randn((1, 77, ctx), generator=g).to(dev)])
     times = []
     with torch.no_grad():
         for i in range(steps + 1):

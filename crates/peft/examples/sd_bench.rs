@@ -2,7 +2,7 @@
 //! times diffusers + PEFT on the same UNet, inputs and machine).
 //!
 //! ```sh
-//! cargo run --release -p peft --example sd_bench -- UNET_DIR LATENT_SIDE [STEPS] [RANK]
+//! cargo run --release -p peft --example sd_bench -- UNET_DIR LATENT_SIDE [STEPS] [RANK] [cpu|cuda]
 //! /usr/bin/time -v target/release/examples/sd_bench UNET_DIR 64 3   # peak RSS too
 //! ```
 //!
@@ -23,9 +23,16 @@ fn main() -> peft::Result<()> {
     let side: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(64);
     let steps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let rank: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(4);
-    let dev = Device::Cpu;
+    let dev = match args.next().as_deref() {
+        Some("cuda") => Device::new_cuda(0)?,
+        _ => Device::Cpu,
+    };
     let t0 = Instant::now();
-    let unet = models::load(&dir, &LoadOptions::default())?;
+    let opts = LoadOptions {
+        device: dev.clone(),
+        ..Default::default()
+    };
+    let unet = models::load(&dir, &opts)?;
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = &unet.info().config;
     let ctx_dim = match &cfg["cross_attention_dim"] {
@@ -76,7 +83,8 @@ fn main() -> peft::Result<()> {
         "{}",
         serde_json::json!({"measure": "train_step", "impl": "peft (Rust)", "latent_side": side,
             "rank": rank, "trainable_params": trainable, "all_params": all,
-            "seconds_per_step": train, "steps": times.len(), "load_seconds": load_s})
+            "seconds_per_step": train, "steps": times.len(), "load_seconds": load_s,
+            "device": format!("{dev:?}")})
     );
     model.set_adapter("default")?;
     let cfg_sample = Tensor::cat(&[&sample, &sample], 0)?;

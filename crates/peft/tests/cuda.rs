@@ -563,3 +563,105 @@ fn fused_adamw_on_cuda_matches_the_cpu_optimizer() {
         assert_close(&format!("state {i}"), a, b, 1e-6);
     }
 }
+
+// ---- Stable Diffusion on the GPU ----
+
+/// The tiny SD 1.x and 2.x pipelines' UNet, text encoder and VAE on the GPU against diffusers'
+/// outputs (the CPU test's fixtures), and a UNet LoRA gradient against the CPU's.
+#[test]
+fn sd_components_on_cuda_match_diffusers() {
+    let Some(dev) = gpu() else { return };
+    let sd_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd");
+    for sd in ["sd1", "sd2"] {
+        let t = load_st(&sd_dir.join(format!("{sd}_components.safetensors")));
+        let dir = sd_dir.join(sd);
+        let on = |d: &Device| LoadOptions {
+            device: d.clone(),
+            ..Default::default()
+        };
+        let g = |k: &str| t[k].to_device(&dev).unwrap();
+        let unet = models::load(&dir.join("unet"), &on(&dev)).unwrap();
+        let inputs = Inputs {
+            sample: Some(g("sample")),
+            timestep: Some(g("timestep")),
+            encoder_hidden_states: Some(g("encoder_hidden_states")),
+            ..Default::default()
+        };
+        let y = peft::no_grad(|| unet.forward(&inputs, false)).unwrap();
+        assert_close(&format!("{sd} unet"), &cpu(&y), &t["unet.sample"], 1e-4);
+        let te = models::load(&dir.join("text_encoder"), &on(&dev)).unwrap();
+        let ids = g("input_ids").to_dtype(DType::U32).unwrap();
+        let out = peft::no_grad(|| te.outputs(&Inputs::new(ids), false)).unwrap();
+        assert_close(
+            &format!("{sd} text encoder"),
+            &cpu(&out[0].1),
+            &t["text_encoder.last_hidden_state"],
+            1e-4,
+        );
+        let vae = models::load(&dir.join("vae"), &on(&dev)).unwrap();
+        let decoded = peft::no_grad(|| {
+            vae.forward(
+                &Inputs {
+                    sample: Some(g("latents")),
+                    ..Default::default()
+                },
+                false,
+            )
+        })
+        .unwrap();
+        assert_close(
+            &format!("{sd} vae decode"),
+            &cpu(&decoded),
+            &t["vae.decoded_latents"],
+            1e-4,
+        );
+
+        // LoRA on the attention and the ResNet convolutions: every factor's gradient as on the CPU.
+        let grads_on = |d: &Device| {
+            let base = models::load(&dir.join("unet"), &on(d)).unwrap();
+            let lora = peft::LoraConfig {
+                r: 4,
+                lora_alpha: 4.0,
+                target_modules: Some(peft::ModuleSpec::List(
+                    ["to_q", "to_v", "conv1", "conv2"]
+                        .map(String::from)
+                        .to_vec(),
+                )),
+                init_lora_weights: peft::tuners::lora::InitLoraWeights::Bool(false),
+                ..Default::default()
+            };
+            let m = peft::peft_model::get_peft_model_with_seed(
+                base,
+                peft::tuners::PeftConfig::new(lora),
+                "default",
+                0,
+            )
+            .unwrap();
+            let x = Inputs {
+                sample: Some(t["sample"].to_device(d).unwrap()),
+                timestep: Some(t["timestep"].to_device(d).unwrap()),
+                encoder_hidden_states: Some(t["encoder_hidden_states"].to_device(d).unwrap()),
+                ..Default::default()
+            };
+            let y = m.forward(&x, false).unwrap();
+            let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+            m.trainable_parameters()
+                .into_iter()
+                .map(|(k, v)| (k, cpu(grads.get(v.as_tensor()).expect("gradient"))))
+                .collect::<Vec<_>>()
+        };
+        let g_gpu = grads_on(&dev);
+        let g_cpu = grads_on(&Device::Cpu);
+        assert!(!g_cpu.is_empty());
+        for ((k, a), (_, b)) in g_gpu.iter().zip(&g_cpu) {
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_close(&format!("{sd}: {k}"), a, b, 1e-4 * scale.max(1e-3));
+        }
+    }
+}
