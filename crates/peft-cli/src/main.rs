@@ -103,6 +103,8 @@ fn main() -> ExitCode {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
     }
+    // candle would read /proc/cpuinfo on every CPU matrix product to count its threads.
+    peft::threads::pin_thread_count();
     let cli = Cli::parse();
     // In a data-parallel job only rank 0 logs what the user sees; the others say only
     // warnings and errors.

@@ -17,6 +17,7 @@ pub mod models;
 pub mod ops;
 pub mod peft_model;
 pub mod quant;
+pub mod threads;
 pub mod train;
 pub mod tuners;
 

@@ -25,7 +25,7 @@ fn band_rows(cols: usize) -> usize {
 }
 
 fn parallelism() -> gemm::Parallelism {
-    let threads = candle_core::utils::get_num_threads();
+    let threads = crate::threads::num_threads();
     if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {

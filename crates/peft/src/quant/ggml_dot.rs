@@ -138,7 +138,7 @@ pub fn matmul_with(
     let bytes = w.bytes();
     let rb = bytes.len() / n;
     // Output rows per task: at least MIN_TASK_BYTES of work, at most four tasks per thread.
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = crate::threads::num_threads();
     let min_rows = MIN_TASK_BYTES.div_ceil(rb * m);
     let rows = min_rows.max(n.div_ceil(4 * threads)).next_multiple_of(4);
     // Results transposed, `[n, m]`, so that each task owns a contiguous slice.

@@ -160,7 +160,7 @@ impl Threads {
     pub(crate) fn count(self) -> usize {
         match self {
             Threads::One => 1,
-            Threads::All => candle_core::utils::get_num_threads().max(1),
+            Threads::All => crate::threads::num_threads(),
         }
     }
 }
