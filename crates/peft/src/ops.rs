@@ -17,6 +17,7 @@ mod cached_attention;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod device_attention;
 mod fused;
 pub mod gemm;
 mod linear;
@@ -27,9 +28,10 @@ mod spatial;
 
 pub use attention::attention_merged_heads;
 pub use cached_attention::cached_attention;
+pub use device_attention::attention_node;
 pub use fused::gelu_erf;
 use precomputed::BackwardFn;
-pub use precomputed::{with_backward, with_backward2};
+pub use precomputed::{with_backward, with_backward2, with_backward3};
 pub use quant::quant_linear;
 pub use scale::scale_columns;
 pub use spatial::{
@@ -230,6 +232,47 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     with_backward(x, y, move |x, _y, g| {
         g * dropout_mask(x, p, seed).map_err(candle_core::Error::wrap)?
     })
+}
+
+/// Inverted dropout of `x` with the mask of `seed` (0 < `p` < 1), recording nothing: the mask
+/// [`dropout`] draws for that seed on the same device and dtype. For ops that redraw a mask in
+/// their own backward (the attention node).
+pub(crate) fn dropout_seeded(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let x = x.detach();
+    if fused::fast(&x) {
+        return fused::dropout_f32(&x, p, seed);
+    }
+    #[cfg(feature = "cuda")]
+    if cuda::applies(&x) {
+        let (threshold, scale) = fused::dropout_params(p);
+        return cuda::dropout(&x, threshold, scale, seed);
+    }
+    if bf16_cpu(&x) {
+        let y = fused::dropout_f32(&x.to_dtype(DType::F32)?, p, seed)?;
+        return Ok(y.to_dtype(DType::BF16)?);
+    }
+    Ok((&x * dropout_mask(&x, p, seed)?)?)
+}
+
+/// Whether attention runs as [`attention_node`]: off the CPU (which has its own fused op), with
+/// a score bias that is not trained, and a dropout below 1.
+pub fn attention_node_applies(
+    q: &Tensor,
+    bias: Option<&Tensor>,
+    dropout: f64,
+    train: bool,
+) -> bool {
+    !q.device().is_cpu()
+        && device_kernels()
+        && bias.is_none_or(|b| !b.track_op())
+        && !(train && dropout >= 1.0)
+}
+
+/// Whether the device-side fused paths run (the CUDA kernels, the one-node attention off the
+/// CPU). `PEFT_CUDA_KERNELS=0` turns them off, to measure what they save.
+pub(crate) fn device_kernels() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PEFT_CUDA_KERNELS").as_deref() != Ok("0"))
 }
 
 thread_local! {

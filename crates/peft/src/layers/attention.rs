@@ -109,6 +109,9 @@ pub fn attention(
             return Ok(y);
         }
     }
+    if ops::attention_node_applies(q, bias, dropout, train) {
+        return ops::attention_node(q, k, v, mask, bias, scale, dropout, train);
+    }
     let heads = q.dim(1)?;
     let groups = heads / k.dim(1)?;
     let k = repeat_kv(k, groups)?;

@@ -46,6 +46,10 @@ pub fn attention_merged_heads(
             Ok(x.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
         };
         let (qh, kh, vh) = (split(q, t)?, split(k, s)?, split(v, s)?);
+        if super::attention_node_applies(q, None, dropout, train) {
+            let y = super::attention_node(&qh, &kh, &vh, mask, None, scale, dropout, train)?;
+            return Ok(y.transpose(1, 2)?.reshape((b, t, hd))?);
+        }
         let scores = (qh * scale)?.matmul(&kh.t()?)?;
         let probs = super::dropout(&super::masked_softmax(&scores, mask)?, dropout, train)?;
         return Ok(probs.matmul(&vh)?.transpose(1, 2)?.reshape((b, t, hd))?);

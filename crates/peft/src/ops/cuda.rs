@@ -120,10 +120,7 @@ fn ptx() -> candle_core::Result<&'static str> {
 /// Whether the kernels here serve `x`: on a CUDA device, f32 or bf16. `PEFT_CUDA_KERNELS=0`
 /// turns them off (the composed candle ops then run), for measuring what they save.
 pub(crate) fn applies(x: &Tensor) -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    x.device().is_cuda()
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && *ON.get_or_init(|| std::env::var("PEFT_CUDA_KERNELS").as_deref() != Ok("0"))
+    x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) && super::device_kernels()
 }
 
 fn launch_config(n: usize) -> LaunchConfig {

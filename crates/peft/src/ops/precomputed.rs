@@ -3,7 +3,7 @@
 //! Lets a fast forward kernel that has no backward, a product whose other operand is frozen, or a
 //! block that is recomputed in backward (gradient checkpointing) take part in training.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
 use crate::Result;
@@ -57,6 +57,88 @@ where
 
 /// Hands over a precomputed result as its forward pass; taken out of the op once delivered so it
 /// is not kept alive twice.
+type Backward3Fn = dyn Fn(
+        &Tensor,
+        &Tensor,
+        &Tensor,
+        &Tensor,
+        &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+    + Send
+    + Sync;
+
+/// [`with_backward`] for a result of three inputs: `bwd(a, b, c, y, dy)` gives the gradients
+/// with respect to `a`, `b` and `c`.
+pub fn with_backward3<F>(a: &Tensor, b: &Tensor, c: &Tensor, y: Tensor, bwd: F) -> Result<Tensor>
+where
+    F: Fn(
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
+{
+    if !a.track_op() && !b.track_op() && !c.track_op() {
+        return Ok(y);
+    }
+    let op = Precomputed3 {
+        out: Mutex::new(Some(y)),
+        bwd: Box::new(bwd),
+    };
+    Ok(a.apply_op3(b, c, op)?)
+}
+
+struct Precomputed3 {
+    out: Mutex<Option<Tensor>>,
+    bwd: Box<Backward3Fn>,
+}
+
+impl CustomOp3 for Precomputed3 {
+    fn name(&self) -> &'static str {
+        "precomputed3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_storage(take(&self.out)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda_storage(take(&self.out)?)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        (self.bwd)(a, b, c, res, grad)
+    }
+}
+
 struct Precomputed {
     out: Mutex<Option<Tensor>>,
     bwd: Box<BackwardFn>,
