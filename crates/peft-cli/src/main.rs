@@ -105,12 +105,38 @@ fn main() -> ExitCode {
     }
     // candle would read /proc/cpuinfo on every CPU matrix product to count its threads.
     peft::threads::pin_thread_count();
+    // Commands run on a thread of candle's CPU pool (below), whose threads get std's default
+    // 2 MiB stack; give them the main thread's 8 MiB (candle's backward walks its graph
+    // recursively, one frame per node). Set before any thread starts; the user's value wins.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", (8usize << 20).to_string());
+    }
     let cli = Cli::parse();
     // In a data-parallel job only rank 0 logs what the user sees; the others say only
     // warnings and errors.
     let other_rank = peft::train::dist::launch::launcher_rank().is_some_and(|r| r > 0);
     logging::init(cli.quiet || other_rank, cli.verbose);
     let result = match cli.command {
+        // The server runs its own threads and blocks on I/O.
+        Command::Serve(a) => serve::serve(a),
+        // Everything else runs on a thread of candle's CPU pool: candle's products and the
+        // fused kernels then split their work inside that pool, instead of the main thread
+        // handing each parallel section to a pool and sleeping until it is done (batch-1
+        // decoding of SmolLM2: 53 -> 72 tokens/s; the MiniLM training step 6 % faster).
+        command => candle_core::Device::Cpu.with_context(move || run(command)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One command other than `serve`.
+fn run(command: Command) -> peft::Result<()> {
+    match command {
         Command::Train(a) => commands::train(a),
         Command::Eval(a) => commands::eval(a),
         Command::Forward(a) => commands::forward(a),
@@ -122,13 +148,6 @@ fn main() -> ExitCode {
         Command::Export(a) => export::export(a),
         Command::Bench(a) => bench::run(&a),
         Command::Serve(a) => serve::serve(a),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
     }
 }
 
