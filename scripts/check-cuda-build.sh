@@ -42,9 +42,24 @@ echo "built $target/release/peft with the cuda feature"
 # The CUDA tests (crates/peft/tests/cuda.rs) compare the GPU path with the fixtures; they run where
 # a GPU is: copy the binary printed here there and run it from the crate directory
 # (crates/peft), which holds the fixtures.
-cargo test --release --features cuda -p peft --test cuda --no-run --target-dir "$target" 2>&1 |
-  grep -o "$target/release/deps/cuda-[0-9a-f]*" | sort -u | sed 's/^/cuda tests: /'
+cuda_tests=$(cargo test --release --features cuda -p peft --test cuda --no-run --target-dir "$target" 2>&1 |
+  grep -o "$target/release/deps/cuda-[0-9a-f]*" | sort -u | tail -1)
+echo "cuda tests: $cuda_tests"
+cargo build --release --features cuda -p peft --example sd_bench --target-dir "$target"
+nccl_test=""
 if [ "${NCCL:-0}" = 1 ]; then
-  cargo test --release --features nccl -p peft --test nccl --no-run --target-dir "$target" 2>&1 |
-    grep -o "$target/release/deps/nccl-[0-9a-f]*" | sort -u | sed 's/^/nccl test: /'
+  nccl_test=$(cargo test --release --features nccl -p peft --test nccl --no-run --target-dir "$target" 2>&1 |
+    grep -o "$target/release/deps/nccl-[0-9a-f]*" | sort -u | tail -1)
+  echo "nccl test: $nccl_test"
 fi
+# What tools/gpu_check.sh runs on the GPU machine, stripped and compressed (a few tens of MB).
+bundle="$target/gpu-bundle"
+rm -rf "$bundle" && mkdir -p "$bundle"
+strip -o "$bundle/peft" "$target/release/peft"
+strip -o "$bundle/cuda-tests" "$cuda_tests"
+strip -o "$bundle/sd_bench" "$target/release/examples/sd_bench"
+[ -n "$nccl_test" ] && strip -o "$bundle/nccl-test" "$nccl_test"
+# The test binaries find the fixtures by this checkout's absolute path, compiled in.
+echo "$root" > "$bundle/built-in"
+xz -T0 -6 "$bundle"/peft "$bundle"/cuda-tests "$bundle"/sd_bench ${nccl_test:+"$bundle/nccl-test"}
+echo "bundle for tools/gpu_check.sh: $bundle ($(du -sh "$bundle" | cut -f1))"

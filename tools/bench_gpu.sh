@@ -10,8 +10,8 @@
 #     through one adapter (`peft bench --generate --adapters 8`).
 # Weights are random with the real configs (speed does not depend on them): MODELS gets a
 # `minilm` and a `smollm2` directory from tools/reference/bench_gpu.py make-models, which needs
-# MINILM_CONFIG (a directory with MiniLM's config and tokenizer files) and SMOLLM2_CONFIG (its
-# config.json) the first time.
+# MINILM_CONFIG (a directory with MiniLM's config and tokenizer files; default .assets/) and
+# SMOLLM2_CONFIG (its config.json; default tools/reference/smollm2-135m-config.json) the first time.
 #
 #   tools/bench_gpu.sh PEFT_CUDA_BINARY MODELS [ROUNDS]
 #
@@ -23,7 +23,9 @@ peft="$1"; models="$2"; rounds="${3:-1}"
 py="${PYTHON:-python3}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 if [ ! -f "$models/smollm2/model.safetensors" ]; then
-  "$py" "$root/tools/reference/bench_gpu.py" make-models "$models" "$MINILM_CONFIG" "$SMOLLM2_CONFIG" || exit 1
+  "$py" "$root/tools/reference/bench_gpu.py" make-models "$models" \
+    "${MINILM_CONFIG:-$root/.assets/all-MiniLM-L6-v2}" \
+    "${SMOLLM2_CONFIG:-$root/tools/reference/smollm2-135m-config.json}" || exit 1
 fi
 echo "# gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 echo "# cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs) ($(nproc) cores)"

@@ -47,7 +47,10 @@ def make_models(out, minilm_cfg, smol_cfg):
     m = os.path.join(out, "minilm")
     os.makedirs(m, exist_ok=True)
     for f in os.listdir(minilm_cfg):
-        shutil.copy(os.path.join(minilm_cfg, f), m)
+        src = os.path.join(minilm_cfg, f)
+        # The config and tokenizer files; the weights are made below.
+        if os.path.isfile(src) and (f.endswith((".json", ".txt"))):
+            shutil.copy(src, m)
     BertModel(AutoConfig.from_pretrained(m)).save_pretrained(m, safe_serialization=True)
     s = os.path.join(out, "smollm2")
     os.makedirs(s, exist_ok=True)
