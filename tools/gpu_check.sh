@@ -41,14 +41,24 @@ export SMOLLM2_CONFIG="${SMOLLM2_CONFIG:-$root/tools/reference/smollm2-135m-conf
 export DATA="${DATA:-$root/.assets/rotten_tomatoes/train.csv}"
 models="${MODELS:-/tmp/peft-gpu-models}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-120}" bash tools/bench_gpu.sh "$bundle/peft" "$models" 1 2>&1 | tee "$out/bench.log"
+# One run with the peak GPU memory nvidia-smi saw during it (every 50 ms) before its JSON lines.
+peak() {
+  local smi; smi=$(mktemp)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 >"$smi" 2>/dev/null &
+  local poll=$!
+  local lines; lines=$("$@" 2>&1 | grep '^{')
+  kill "$poll" 2>/dev/null; wait "$poll" 2>/dev/null
+  echo "$lines" | sed "s/^/gpu_peak_mb=$(sort -n "$smi" | tail -1) /"
+  rm -f "$smi"
+}
 if python3 -c 'import diffusers' 2>/dev/null; then
   {
     echo "== tiny SD 2.x-style UNet"
-    python3 tools/bench_sd.py crates/peft/tests/fixtures/sd/sd2/unet 64 5 4 cuda 2>&1 | grep '^{'
-    "$bundle/sd_bench" crates/peft/tests/fixtures/sd/sd2/unet 64 5 4 cuda 2>&1 | grep '^{'
+    peak python3 tools/bench_sd.py crates/peft/tests/fixtures/sd/sd2/unet 64 5 4 cuda
+    peak "$bundle/sd_bench" crates/peft/tests/fixtures/sd/sd2/unet 64 5 4 cuda
     echo "== SD-2-sized UNet, random weights"
     [ -f "$models/sd2_unet/config.json" ] || python3 tools/bench_sd.py make-sd2-unet "$models/sd2_unet" >/dev/null 2>&1
-    python3 tools/bench_sd.py "$models/sd2_unet" 64 3 4 cuda 2>&1 | grep '^{'
-    "$bundle/sd_bench" "$models/sd2_unet" 64 3 4 cuda 2>&1 | grep '^{'
+    peak python3 tools/bench_sd.py "$models/sd2_unet" 64 3 4 cuda
+    peak "$bundle/sd_bench" "$models/sd2_unet" 64 3 4 cuda
   } | tee "$out/sd.log"
 fi
