@@ -217,26 +217,18 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     }
     let seed = next_dropout_seed();
     if fused::fast(x) {
+        // One node with its own backward, no copy of the result.
         return fused::dropout_f32(x, p, seed);
     }
-    #[cfg(feature = "cuda")]
-    if cuda::applies(x) {
-        let (threshold, scale) = fused::dropout_params(p);
-        return cuda::dropout(x, threshold, scale, seed);
-    }
-    if bf16_cpu(x) {
-        let y = fused::dropout_f32(&x.to_dtype(DType::F32)?, p, seed)?;
-        return Ok(y.to_dtype(DType::BF16)?);
-    }
-    let y = (x.detach() * dropout_mask(x, p, seed)?)?;
-    with_backward(x, y, move |x, _y, g| {
-        g * dropout_mask(x, p, seed).map_err(candle_core::Error::wrap)?
+    let y = dropout_seeded(x, p, seed)?;
+    with_backward(x, y, move |_x, _y, g| {
+        dropout_seeded(g, p, seed).map_err(candle_core::Error::wrap)
     })
 }
 
 /// Inverted dropout of `x` with the mask of `seed` (0 < `p` < 1), recording nothing: the mask
-/// [`dropout`] draws for that seed on the same device and dtype. For ops that redraw a mask in
-/// their own backward (the attention node).
+/// [`dropout`] draws for that seed on the same device and dtype, so its backward (and ops that
+/// redraw a mask in their own backward, the attention node) multiply by the same mask.
 pub(crate) fn dropout_seeded(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     let x = x.detach();
     if fused::fast(&x) {

@@ -11,8 +11,8 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use half::bf16;
 
@@ -141,10 +141,16 @@ fn kernel_name(base: &str, dtype: DType) -> candle_core::Result<String> {
     }
 }
 
-fn contiguous(layout: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
-    layout
+/// The elements of `storage` under a contiguous `layout`, as a device view.
+fn view<'a, T: CudaDType>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let (start, end) = layout
         .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: expected a contiguous tensor")))
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: expected a contiguous tensor")))?;
+    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
 }
 
 /// The module name the kernels are loaded under on each device.
@@ -159,13 +165,12 @@ fn unary(
     dropout: Option<&Dropout>,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = storage.device().clone();
-    let (start, end) = contiguous(layout, base)?;
-    let n = end - start;
+    let n = layout.shape().elem_count();
     let func = dev.get_or_load_custom_func(&kernel_name(base, storage.dtype())?, MODULE, ptx()?)?;
     let n64 = n as u64;
     macro_rules! run {
         ($t:ty) => {{
-            let src = storage.as_cuda_slice::<$t>()?.slice(start..end);
+            let src = view::<$t>(storage, layout, base)?;
             // SAFETY: every element is written by the kernel before it is read.
             let out = unsafe { dev.alloc::<$t>(n)? };
             let mut b = func.builder();
@@ -215,18 +220,15 @@ impl CustomOp1 for Dropout {
     }
 }
 
-/// Inverted dropout on the GPU: the same mask as the CPU kernels for the same seed, redrawn from
-/// the seed in backward.
+/// Inverted dropout on the GPU, recording nothing: the same mask as the CPU kernels for the same
+/// seed (`ops::dropout` redraws it from the seed in backward).
 pub(crate) fn dropout(x: &Tensor, threshold: u32, scale: f32, seed: u64) -> Result<Tensor> {
-    let op = move || Dropout {
+    let op = Dropout {
         seed,
         threshold,
         scale,
     };
-    let y = x.detach().contiguous()?.apply_op1_no_bwd(&op())?;
-    with_backward(x, y, move |_x, _y, g| {
-        g.contiguous()?.apply_op1_no_bwd(&op())
-    })
+    Ok(x.detach().contiguous()?.apply_op1_no_bwd(&op)?)
 }
 
 struct Gelu;
@@ -275,19 +277,17 @@ impl CustomOp2 for GeluBackward {
         lg: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
-        let (xs, xe) = contiguous(lx, "gelu backward")?;
-        let (gs, ge) = contiguous(lg, "gelu backward")?;
-        if xe - xs != ge - gs || x.dtype() != g.dtype() {
+        let n = lx.shape().elem_count();
+        if lg.shape().elem_count() != n || x.dtype() != g.dtype() {
             candle_core::bail!("gelu backward: the gradient does not match the input");
         }
-        let n = xe - xs;
         let n64 = n as u64;
         let func =
             dev.get_or_load_custom_func(&kernel_name("peft_gelu_bwd", x.dtype())?, MODULE, ptx()?)?;
         macro_rules! run {
             ($t:ty) => {{
-                let xv = x.as_cuda_slice::<$t>()?.slice(xs..xe);
-                let gv = g.as_cuda_slice::<$t>()?.slice(gs..ge);
+                let xv = view::<$t>(x, lx, "gelu backward")?;
+                let gv = view::<$t>(g, lg, "gelu backward")?;
                 // SAFETY: every element is written by the kernel before it is read.
                 let out = unsafe { dev.alloc::<$t>(n)? };
                 let mut b = func.builder();
@@ -358,17 +358,14 @@ impl candle_core::CustomOp3 for AdamW {
         lm: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = theta.device().clone();
-        let (ts, te) = contiguous(lt, "adamw")?;
-        let (gs, ge) = contiguous(lg, "adamw")?;
-        let (ms, me) = contiguous(lm, "adamw")?;
-        let n = te - ts;
-        if ge - gs != n || me - ms != 2 * n {
+        let tv = view::<f32>(theta, lt, "adamw")?;
+        let gv = view::<f32>(g, lg, "adamw")?;
+        let mvv = view::<f32>(mv, lm, "adamw")?;
+        let n = tv.len();
+        if gv.len() != n || mvv.len() != 2 * n {
             candle_core::bail!("adamw: the gradient or the moments do not match the weight");
         }
         let func = dev.get_or_load_custom_func("peft_adamw_f32", MODULE, ptx()?)?;
-        let tv = theta.as_cuda_slice::<f32>()?.slice(ts..te);
-        let gv = g.as_cuda_slice::<f32>()?.slice(gs..ge);
-        let mvv = mv.as_cuda_slice::<f32>()?.slice(ms..me);
         // SAFETY: every element is written by the kernel before it is read.
         let out = unsafe { dev.alloc::<f32>(3 * n)? };
         let n64 = n as u64;
@@ -437,16 +434,13 @@ impl candle_core::CustomOp3 for CrossEntropyGrad {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let (rows, classes) = lx.shape().dims2()?;
-        let (xs, xe) = contiguous(lx, "cross-entropy grad")?;
-        let (ss, se) = contiguous(ll, "cross-entropy grad")?;
-        let (ts, te) = contiguous(lt, "cross-entropy grad")?;
-        if se - ss != 2 * rows || te - ts != rows {
+        let xv = view::<f32>(x, lx, "cross-entropy grad")?;
+        let sv = view::<f32>(ls, ll, "cross-entropy grad")?;
+        let tv = view::<u32>(t, lt, "cross-entropy grad")?;
+        if sv.len() != 2 * rows || tv.len() != rows {
             candle_core::bail!("cross-entropy grad: per-row inputs do not match the logits");
         }
         let func = dev.get_or_load_custom_func("peft_ce_grad_f32", MODULE, ptx()?)?;
-        let xv = x.as_cuda_slice::<f32>()?.slice(xs..xe);
-        let sv = ls.as_cuda_slice::<f32>()?.slice(ss..se);
-        let tv = t.as_cuda_slice::<u32>()?.slice(ts..te);
         let n = rows * classes;
         // SAFETY: every element is written by the kernel before it is read.
         let out = unsafe { dev.alloc::<f32>(n)? };
