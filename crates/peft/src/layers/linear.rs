@@ -22,6 +22,16 @@ pub struct Linear {
     snapshots: Vec<(String, Stored, Option<Tensor>)>,
 }
 
+/// A mixed batch's low-rank factors, row by row, at one layer.
+enum RowFactors {
+    /// Some adapter here is not a plain low-rank update: the layer routes rows by groups.
+    NotLowRank,
+    /// No adapter here has a rank: the base product alone.
+    NoRank,
+    /// `a` `[B, in, r]`, `b` `[B, r, out]` and the scalings `s` `[B, 1, 1]`.
+    Gathered { a: Tensor, b: Tensor, s: Tensor },
+}
+
 /// A base weight as stored: dense, or quantized.
 #[derive(Debug, Clone)]
 enum Stored {
@@ -317,12 +327,12 @@ impl Linear {
             })?,
             None => std::rc::Rc::new(self.gather_low_rank(names, dtype, device)?),
         };
-        let Some(factors) = gathered.as_ref() else {
+        if let RowFactors::NotLowRank = *gathered {
             return Ok(None);
-        };
+        }
         let bias = self.bias.as_ref().map(|b| crate::grad::live(b.base()));
         let y = self.affine(x2, &crate::grad::live(self.weight.base()), bias, false)?;
-        let Some((a, b, s)) = factors else {
+        let RowFactors::Gathered { a, b, s } = &*gathered else {
             return Ok(Some(y));
         };
         let b_rows = names.len();
@@ -334,16 +344,13 @@ impl Linear {
         ))
     }
 
-    /// Each row's low-rank factors for [`Linear::forward_low_rank`]: `None` when some adapter
-    /// here is not a plain low-rank update, `Some(None)` when none has a rank, else `[B, in, r]`,
-    /// `[B, r, out]` and the scalings `[B, 1, 1]`.
-    #[allow(clippy::type_complexity)]
+    /// Each row's low-rank factors for [`Linear::forward_low_rank`].
     fn gather_low_rank(
         &self,
         names: &[String],
         dtype: candle_core::DType,
         device: &candle_core::Device,
-    ) -> Result<Option<Option<(Tensor, Tensor, Tensor)>>> {
+    ) -> Result<RowFactors> {
         let mut factors: Vec<(&str, LowRank)> = Vec::new();
         for name in names {
             if name == mixed::BASE || factors.iter().any(|(n, _)| n == name) {
@@ -354,7 +361,7 @@ impl Linear {
             };
             match adapter.low_rank() {
                 Some(f) => factors.push((name, f)),
-                None => return Ok(None),
+                None => return Ok(RowFactors::NotLowRank),
             }
         }
         let b_rows = names.len();
@@ -365,7 +372,7 @@ impl Linear {
             .max()
             .unwrap_or(0);
         if r == 0 {
-            return Ok(Some(None));
+            return Ok(RowFactors::NoRank);
         }
         let pad = |t: Tensor, dim: usize| -> Result<Tensor> {
             let have = t.dim(dim)?;
@@ -412,7 +419,7 @@ impl Linear {
             .index_select(&slot_of, 0)?
             .reshape((b_rows, 1, 1))?
             .to_dtype(dtype)?;
-        Ok(Some(Some((a, b, s))))
+        Ok(RowFactors::Gathered { a, b, s })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
