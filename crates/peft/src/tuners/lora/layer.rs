@@ -100,8 +100,15 @@ impl LinearAdapter for LoraLinear {
         } else {
             (a, b)
         };
+        // The scaling folded into `B` (`r × out`) rather than applied to the `[rows, out]`
+        // product: one activation-sized pass and one kept tensor fewer.
+        let b = if self.scaling == 1.0 {
+            b
+        } else {
+            (b * self.scaling)?
+        };
         let h = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
-        Ok((out + (h * self.scaling)?)?)
+        Ok((out + h)?)
     }
 
     fn merge(&self, base: &LinearBase) -> Result<(Tensor, Option<Tensor>)> {
