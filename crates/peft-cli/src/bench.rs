@@ -11,7 +11,7 @@ use peft::generation::{generate, GenerationConfig};
 use peft::models::{self, LoadOptions};
 use peft::peft_model::get_peft_model_with_seed;
 use peft::train::data::Targets;
-use peft::train::eval::adapter_loss;
+use peft::train::eval::training_loss;
 use peft::train::optim::{AdamW, AdamWParams};
 use peft::tuners::lora::LoraConfig;
 use peft::tuners::targets::ModuleSpec;
@@ -228,12 +228,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         } else {
             None
         };
-        let (logits, prefix) = model.forward_with_prefix(&inputs, true)?;
         let targets = match task_type {
             TaskType::CausalLm => Targets::Tokens(labels.clone()),
             _ => Targets::Class(labels.clone()),
         };
-        let mut loss = adapter_loss(&model, task_type, &logits, prefix, &targets)?;
+        let mut loss = training_loss(&model, task_type, &inputs, &targets)?;
         // The method's own loss term and per-step hook (AdaLoRA), as the trainer runs them.
         if let Some(reg) = model.regularization_loss()? {
             loss = (loss + reg)?;

@@ -72,6 +72,47 @@ fn gelu_matches_candle_forward_and_backward() {
     );
 }
 
+#[test]
+fn silu_mul_matches_candle_forward_and_backward() {
+    // Large |gate| too, where the sigmoid saturates; a length that is not a multiple of the
+    // vector width or of the parallel chunk.
+    let gate = Var::from_tensor(&data(&[7, 9, 1531], 0.2, 12.0)).unwrap();
+    let up = Var::from_tensor(&data(&[7, 9, 1531], 1.3, 2.0)).unwrap();
+    let ours = ops::silu_mul(gate.as_tensor(), up.as_tensor()).unwrap();
+    let reference = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
+    assert_close("silu-mul forward", &ours, &reference, 1e-6);
+    let g_ours = weighted_sum(&ours).backward().unwrap();
+    let g_ref = weighted_sum(&reference).backward().unwrap();
+    for (what, v) in [("gate", &gate), ("up", &up)] {
+        assert_close(
+            &format!("silu-mul backward ({what})"),
+            g_ours.get(v.as_tensor()).unwrap(),
+            g_ref.get(v.as_tensor()).unwrap(),
+            1e-5,
+        );
+    }
+    // bf16: the f32 result rounded once.
+    let (g16, u16) = (
+        gate.as_tensor().to_dtype(DType::BF16).unwrap(),
+        up.as_tensor().to_dtype(DType::BF16).unwrap(),
+    );
+    let y16 = ops::silu_mul(&g16, &u16).unwrap();
+    assert_eq!(y16.dtype(), DType::BF16);
+    let want = (g16.to_dtype(DType::F32).unwrap().silu().unwrap()
+        * u16.to_dtype(DType::F32).unwrap())
+    .unwrap()
+    .to_dtype(DType::BF16)
+    .unwrap();
+    assert_close(
+        "silu-mul bf16",
+        &y16.to_dtype(DType::F32).unwrap(),
+        &want.to_dtype(DType::F32).unwrap(),
+        1e-2,
+    );
+    let wrong = data(&[7, 9, 1530], 0.0, 1.0);
+    assert!(ops::silu_mul(gate.as_tensor(), &wrong).is_err());
+}
+
 fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
     let mean = x.mean_keepdim(D::Minus1).unwrap();
     let c = x.broadcast_sub(&mean).unwrap();

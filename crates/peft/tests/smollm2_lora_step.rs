@@ -119,10 +119,27 @@ fn lora_step_on_smollm2_matches_transformers() {
     let fx = fixture();
     // transformers dequantizes the GGUF weights to f32: so does this load.
     let model = lora_model(&fx, true);
-    let params = model.trainable_parameters();
     let (inputs, labels) = batch(&fx);
     let logits = model.forward(&inputs, true).unwrap();
-    let loss = causal_lm_loss(&logits, &labels).unwrap();
+    check_against_transformers(&fx, &model, causal_lm_loss(&logits, &labels).unwrap());
+}
+
+/// The trainer's loss, with the LM head fused into the cross-entropy (no logits made), gives
+/// transformers' loss and gradients too.
+#[test]
+fn fused_head_and_loss_on_smollm2_matches_transformers() {
+    let fx = fixture();
+    let model = lora_model(&fx, true);
+    let (inputs, labels) = batch(&fx);
+    let loss = model
+        .causal_lm_loss(&inputs, &labels, true)
+        .unwrap()
+        .expect("a plain frozen LM head is fused into the loss");
+    check_against_transformers(&fx, &model, loss);
+}
+
+fn check_against_transformers(fx: &serde_json::Value, model: &peft::PeftModel, loss: Tensor) {
+    let params = model.trainable_parameters();
     let got = loss.to_scalar::<f32>().unwrap() as f64;
     let want = fx["loss"].as_f64().unwrap();
     assert!(

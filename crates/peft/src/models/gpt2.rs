@@ -354,4 +354,17 @@ impl Model for Gpt2 {
         let hidden = self.decode(inputs, cache, train)?;
         self.head.forward(&hidden, inputs, self.pad_token_id, train)
     }
+
+    fn causal_lm_loss(
+        &self,
+        inputs: &Inputs,
+        labels: &Tensor,
+        train: bool,
+    ) -> Result<Option<Tensor>> {
+        if !matches!(self.head, Head::CausalLm(_)) {
+            return Ok(None);
+        }
+        let hidden = self.decode(inputs, None, train)?;
+        self.head.causal_lm_loss(&hidden, labels, train)
+    }
 }

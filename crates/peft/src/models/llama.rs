@@ -17,7 +17,7 @@ use crate::layers::attention::{attention, causal_mask, extend_cache};
 use crate::layers::rotary::{apply_rotary, Rotary};
 use crate::layers::{Embedding, HookLocation, HookPoint, Linear, RmsNorm};
 use crate::layers::{HeadInit, Loader};
-use crate::{impl_modules, Error, Result};
+use crate::{impl_modules, ops, Error, Result};
 
 /// The config.json fields the Llama family shares (unknown fields are ignored).
 #[derive(Debug, Clone, Deserialize)]
@@ -320,9 +320,13 @@ impl Llama {
             .attn_hook
             .forward(&l.o_proj.forward_t(&ctx, train)?, x, None, train)?;
         let hn = l.post_attention_layernorm.forward(&x)?;
-        let gate = self.act.apply(&l.gate_proj.forward_t(&hn, train)?)?;
+        let gate = l.gate_proj.forward_t(&hn, train)?;
         let up = l.up_proj.forward_t(&hn, train)?;
-        let o = l.down_proj.forward_t(&(gate * up)?, train)?;
+        let h = match self.act {
+            Activation::Silu => ops::silu_mul(&gate, &up)?,
+            act => (act.apply(&gate)? * up)?,
+        };
+        let o = l.down_proj.forward_t(&h, train)?;
         l.out_hook.forward(&o, &x, None, train)
     }
 
@@ -490,5 +494,18 @@ impl Model for Llama {
     ) -> Result<Tensor> {
         let hidden = self.decode(inputs, cache, train)?;
         self.head.forward(&hidden, inputs, self.pad_token_id, train)
+    }
+
+    fn causal_lm_loss(
+        &self,
+        inputs: &Inputs,
+        labels: &Tensor,
+        train: bool,
+    ) -> Result<Option<Tensor>> {
+        if !matches!(self.head, Head::CausalLm(_)) {
+            return Ok(None);
+        }
+        let hidden = self.decode(inputs, None, train)?;
+        self.head.causal_lm_loss(&hidden, labels, train)
     }
 }

@@ -209,6 +209,19 @@ pub trait Model: Modules + Send + Sync {
         self.forward_with_cache(inputs, None, train)
     }
 
+    /// The causal-LM loss of a batch against next-token `labels` (`[batch, seq]`, already
+    /// shifted, -100 ignored), computed without materialising the logits where the head allows
+    /// it ([`decoder::Head::causal_lm_loss`]); `None` for a model without a causal-LM head, whose
+    /// loss the caller takes from [`Model::forward`]'s logits.
+    fn causal_lm_loss(
+        &self,
+        _inputs: &Inputs,
+        _labels: &Tensor,
+        _train: bool,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// The mark that enrolls this model in a gradient-checkpointing session; `None` for a model
     /// whose blocks are not checkpointed.
     fn checkpointing(&self) -> Option<&crate::grad::checkpoint::Enrollment> {

@@ -29,21 +29,8 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     if !labels.device().is_cpu() {
         return on_device(logits, labels);
     }
-    let labels: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
-    if let Some(bad) = labels
-        .iter()
-        .find(|&&l| l != -100 && (l < 0 || l as usize >= classes))
-    {
-        return Err(Error::Data(format!(
-            "label {bad} is out of range for a head with {classes} classes"
-        )));
-    }
+    let labels = checked_labels(labels, n, classes)?;
     let kept = labels.iter().filter(|&&l| l != -100).count();
-    if kept == 0 {
-        return Err(Error::Data(
-            "every label in the batch is -100 (ignored); nothing to learn from".into(),
-        ));
-    }
     let logits = logits.to_dtype(DType::F32)?.contiguous()?;
     let x = logits.detach();
     // Per row: log-sum-exp, computed stably; the loss picks each kept row's target.
@@ -70,6 +57,47 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let g = g.to_dtype(DType::F32)?.to_scalar::<f32>()? / kept as f32;
         grad(x, &lse, &labels, g)
     })
+}
+
+/// `labels` (`[n]`) read to the host and checked: each in `0..classes` or -100, at least one
+/// not -100.
+pub(super) fn checked_labels(labels: &Tensor, n: usize, classes: usize) -> Result<Vec<i64>> {
+    if labels.dims1()? != n {
+        return Err(Error::Training(format!(
+            "{} labels for {n} rows of logits",
+            labels.dims1()?
+        )));
+    }
+    let labels: Vec<i64> = labels.to_dtype(DType::I64)?.to_vec1()?;
+    if let Some(bad) = labels
+        .iter()
+        .find(|&&l| l != -100 && (l < 0 || l as usize >= classes))
+    {
+        return Err(Error::Data(format!(
+            "label {bad} is out of range for a head with {classes} classes"
+        )));
+    }
+    if labels.iter().all(|&l| l == -100) {
+        return Err(Error::Data(
+            "every label in the batch is -100 (ignored); nothing to learn from".into(),
+        ));
+    }
+    Ok(labels)
+}
+
+/// Next-token labels: position `i` of `labels` (`[batch, seq]`, the input ids with -100 where
+/// no loss is wanted) takes the label at `i + 1`, the last position -100 (transformers'
+/// `ForCausalLMLoss` shifts the same way).
+pub fn next_token_labels(labels: &Tensor) -> Result<Tensor> {
+    let (b, t) = labels.dims2()?;
+    let labels = labels.to_dtype(DType::I64)?;
+    Ok(Tensor::cat(
+        &[
+            &labels.narrow(1, 1, t.saturating_sub(1))?,
+            &Tensor::full(-100i64, (b, 1.min(t)), labels.device())?,
+        ],
+        1,
+    )?)
 }
 
 /// The loss with tensor ops only, where the labels live: `sum(kept · (lse - x[label])) / kept`,

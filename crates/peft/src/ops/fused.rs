@@ -7,7 +7,7 @@
 //! and split over the cores with rayon. Each falls back to the composed candle version off the
 //! CPU or for other dtypes, and is tested against that version (`tests/fused_ops.rs`).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::BackwardFn;
@@ -285,6 +285,101 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
             Tensor::from_vec(dx, x.shape(), x.device())
         },
     )
+}
+
+simd_fn!(
+    fn silu_mul_fwd_kernel(g: &[f32], u: &[f32], y: &mut [f32]) {
+        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+            *y = g / (1.0 + exp_f32(-g)) * u;
+        }
+    }
+);
+
+simd_fn!(
+    fn silu_mul_bwd_kernel(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        for i in 0..g.len() {
+            let s = 1.0 / (1.0 + exp_f32(-g[i]));
+            du[i] = dy[i] * g[i] * s;
+            dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        }
+    }
+);
+
+/// `silu(gate) * up`, the gated MLP of the Llama family (SwiGLU), as one node: composed, the
+/// graph keeps `silu(gate)` alive for the product's backward beside `gate` and `up` (6 MB a
+/// layer for SmolLM2 at 8 × 128) and runs four passes each way; here one pass each way and only
+/// the two inputs kept. Off the CPU or in other dtypes, the composed ops; bf16 computes in f32
+/// and rounds the result (and the gradients) once.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.shape() != up.shape() {
+        return Err(crate::Error::ShapeMismatch {
+            name: "up projection of a gated MLP".into(),
+            expected: gate.dims().to_vec(),
+            found: up.dims().to_vec(),
+        });
+    }
+    if super::bf16_cpu(gate) && super::bf16_cpu(up) {
+        let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+        return Ok(silu_mul(&f(gate)?, &f(up)?)?.to_dtype(candle_core::DType::BF16)?);
+    }
+    if !(fast(gate) && fast(up)) {
+        return Ok((gate.silu()? * up)?);
+    }
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)?)
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(g), Some((g0, g1)), CpuStorage::F32(u), Some((u0, u1))) =
+            (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
+        else {
+            candle_core::bail!("silu-mul: expected contiguous f32 inputs")
+        };
+        let y = par_map2(&g[g0..g1], &u[u0..u1], silu_mul_fwd_kernel);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = grad.contiguous()?;
+        let (dg, du) = with_f32(gate, |g| {
+            with_f32(up, |u| {
+                with_f32(&dy, |dy| {
+                    let mut dg = vec![0f32; g.len()];
+                    let mut du = vec![0f32; g.len()];
+                    dg.par_chunks_mut(CHUNK)
+                        .zip(du.par_chunks_mut(CHUNK))
+                        .enumerate()
+                        .for_each(|(i, (dg, du))| {
+                            let r = i * CHUNK..i * CHUNK + dg.len();
+                            silu_mul_bwd_kernel(&g[r.clone()], &u[r.clone()], &dy[r], dg, du)
+                        });
+                    (dg, du)
+                })
+            })
+        })???;
+        Ok((
+            Some(Tensor::from_vec(dg, gate.shape(), gate.device())?),
+            Some(Tensor::from_vec(du, up.shape(), up.device())?),
+        ))
+    }
 }
 
 /// Inverted dropout in one pass; the mask is a hash of `(seed, element index)`, drawn again in

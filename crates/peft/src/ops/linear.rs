@@ -66,7 +66,7 @@ pub(crate) fn frozen_linear(
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
-struct FrozenLinear {
+pub(super) struct FrozenLinear {
     w: Tensor,
     bias: Option<Vec<f32>>,
     transposed: bool,
@@ -76,12 +76,12 @@ struct FrozenLinear {
 }
 
 /// Contiguous CPU data of one of the two dtypes the op takes.
-enum Data<'a> {
+pub(super) enum Data<'a> {
     F32(&'a [f32]),
     BF16(&'a [bf16]),
 }
 
-fn data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Data<'a>> {
+pub(super) fn data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Data<'a>> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(Data::F32(&v[a..b])),
         (CpuStorage::BF16(v), Some((a, b))) => Ok(Data::BF16(&v[a..b])),
@@ -90,9 +90,29 @@ fn data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Data<'a>> {
 }
 
 impl FrozenLinear {
+    /// The product with `w` (`[out, in]`, or `[in, out]` when `transposed`), for ops that run it
+    /// on their own buffers (no bias; no output shape).
+    pub(super) fn new(w: Tensor, transposed: bool) -> Result<Self> {
+        let (d0, d1) = w.dims2()?;
+        let (in_dim, out_dim) = if transposed { (d0, d1) } else { (d1, d0) };
+        Ok(Self {
+            w: w.contiguous()?,
+            bias: None,
+            transposed,
+            in_dim,
+            out_dim,
+            out_shape: Shape::from(vec![0, out_dim]),
+        })
+    }
+
+    /// `(in, out)` of the product.
+    pub(super) fn dims(&self) -> (usize, usize) {
+        (self.in_dim, self.out_dim)
+    }
+
     /// `lhs (rows × k) · W'` into `dst` (rows × n), where `W'` is `Wᵀ` (forward, `k = in`) or
     /// `W` (backward, `k = out`), read in place through strides.
-    fn product(
+    pub(super) fn product(
         &self,
         lhs: Data,
         backward: bool,

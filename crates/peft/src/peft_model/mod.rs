@@ -548,6 +548,24 @@ impl PeftModel {
         self.forward_prepared(inputs, None, train)
     }
 
+    /// A causal LM's training loss for token `labels` (`[batch, seq]`, unshifted, -100
+    /// ignored) without materialising the logits, where nothing between the base model's head
+    /// and the loss needs them: no input method (prefixes, CPT's own loss) and no head an
+    /// adapter brings. `None` otherwise, or for a model without a causal-LM head; the caller
+    /// then takes the loss from [`PeftModel::forward_with_prefix`]'s logits.
+    pub fn causal_lm_loss(
+        &self,
+        inputs: &Inputs,
+        labels: &Tensor,
+        train: bool,
+    ) -> Result<Option<Tensor>> {
+        if self.input_transform().is_some() || self.output_head().is_some() {
+            return Ok(None);
+        }
+        let next = crate::ops::next_token_labels(labels)?;
+        self.model.causal_lm_loss(inputs, &next, train)
+    }
+
     /// The active input method's own loss, if it replaces the task's (CPT), from the logits of
     /// [`PeftModel::forward_with_prefix`] and the batch's token labels (`[batch, seq]`, -100
     /// ignored).

@@ -48,14 +48,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     }
     // Position i predicts label i + 1: shift the labels, not the logits (a narrowed logits
     // tensor would be copied, and its gradient padded back, each vocabulary-sized).
-    let labels = labels.to_dtype(DType::I64)?;
-    let shifted = Tensor::cat(
-        &[
-            &labels.narrow(1, 1, t - 1)?,
-            &Tensor::full(-100i64, (b, 1), labels.device())?,
-        ],
-        1,
-    )?;
+    let shifted = ops::next_token_labels(labels)?;
     ops::cross_entropy(
         &logits.to_dtype(DType::F32)?.reshape((b * t, v))?,
         &shifted.flatten_all()?,
@@ -110,6 +103,26 @@ pub fn adapter_loss(
         }
         _ => task_loss(task, &strip_front(logits, prefix)?, targets),
     }
+}
+
+/// The training loss of a batch, as [`adapter_loss`] computes it from
+/// [`PeftModel::forward_with_prefix`]'s logits; a causal LM whose head can be fused into the loss
+/// ([`PeftModel::causal_lm_loss`]) skips the logits. Token labels need at least two positions.
+pub fn training_loss(
+    model: &PeftModel,
+    task: TaskType,
+    inputs: &crate::models::Inputs,
+    targets: &Targets,
+) -> Result<Tensor> {
+    if let (TaskType::CausalLm, Targets::Tokens(labels)) = (task, targets) {
+        if labels.dim(1)? >= 2 {
+            if let Some(loss) = model.causal_lm_loss(inputs, labels, true)? {
+                return Ok(loss);
+            }
+        }
+    }
+    let (logits, prefix) = model.forward_with_prefix(inputs, true)?;
+    adapter_loss(model, task, &logits, prefix, targets)
 }
 
 /// The number of labels [`adapter_loss`] averages over, from the batch's count without a prefix:

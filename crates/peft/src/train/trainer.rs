@@ -18,7 +18,7 @@ use super::checkpoint::{self, TrainerState};
 use super::config::{Interval, TrainingArguments};
 use super::data::{collate, CollateOptions, Example};
 use super::dist::{self, sampler, Fingerprint, ProcessGroup};
-use super::eval::{adapter_loss, evaluate, targets_with_prefix, EvalOptions};
+use super::eval::{evaluate, targets_with_prefix, training_loss, EvalOptions};
 use super::metrics::Metrics;
 use super::optim::{clip_scale, norm_of, AdamW, AdamWParams};
 use super::schedule::{warmup_steps, Schedule};
@@ -334,8 +334,7 @@ impl Trainer<'_> {
                     } else {
                         None
                     };
-                    let (logits, prefix) = self.model.forward_with_prefix(&b.inputs, true)?;
-                    let mut loss = adapter_loss(self.model, task, &logits, prefix, &b.targets)?;
+                    let mut loss = training_loss(self.model, task, &b.inputs, &b.targets)?;
                     // Method-specific terms (AdaLoRA's orthogonal regularisation), as PEFT adds
                     // them to the task loss.
                     if let Some(reg) = self.model.regularization_loss()? {
