@@ -32,7 +32,7 @@ pub use cached_attention::cached_attention;
 pub use cross_entropy::next_token_labels;
 pub use device_attention::attention_node;
 pub use fused::{gelu_erf, silu_mul};
-pub use linear_cross_entropy::linear_cross_entropy;
+pub use linear_cross_entropy::{linear_cross_entropy, HeadWeight};
 use precomputed::BackwardFn;
 pub use precomputed::{with_backward, with_backward2, with_backward3};
 pub use quant::quant_linear;

@@ -150,30 +150,32 @@ impl Linear {
         }
     }
 
-    /// The frozen weight (cast for `x`, or kept bf16 for autocast) and bias when this layer is a
-    /// plain frozen product for `x` that the one-node CPU op serves: no adapter running, nothing
-    /// trained, not quantized, no mixed-batch routing. Ops that fuse the product with what
-    /// follows it (the causal-LM loss) take it from here.
-    pub fn frozen_product(&self, x: &Tensor) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    /// The frozen weight and bias when this layer is a plain frozen product for `x` that a
+    /// one-node CPU op serves: no adapter running, nothing trained, no mixed-batch routing. A
+    /// dense weight comes cast for `x` (or kept bf16 for autocast); a quantized one as stored.
+    /// Ops that fuse the product with what follows it (the causal-LM loss) take it from here.
+    pub fn frozen_product(&self, x: &Tensor) -> Result<Option<(ops::HeadWeight, Option<Tensor>)>> {
         let bias_frozen = self.bias.as_ref().is_none_or(|b| !b.is_trainable());
         let mixed_rows = mixed::current().is_some() && self.routes_rows();
         if self.weight.is_trainable()
             || !bias_frozen
             || mixed_rows
-            || self.quant().is_some()
             || self.adapters.running().next().is_some()
         {
-            return Ok(None);
-        }
-        let w = weight_for(self.weight.value(), x)?;
-        if !ops::fused_applies(x, &w) {
             return Ok(None);
         }
         let b = match &self.bias {
             Some(b) => Some(cast_to(b.value(), x.dtype())?),
             None => None,
         };
-        Ok(Some((w, b)))
+        let w = match self.quant() {
+            Some(q) => ops::HeadWeight::Quant(q.clone()),
+            None => ops::HeadWeight::Dense {
+                w: weight_for(self.weight.value(), x)?,
+                transposed: self.transposed,
+            },
+        };
+        Ok(w.applies(x, b.as_ref()).then_some((w, b)))
     }
 
     /// `x`: `[..., in]` → `[..., out]`.

@@ -117,8 +117,8 @@ impl Head {
 
     /// The causal-LM loss of the final hidden states `[batch, seq, hidden]` against next-token
     /// `labels` `[batch, seq]` (already shifted, -100 ignored); `None` for other heads. A plain
-    /// frozen LM head is fused into the loss ([`ops::linear_cross_entropy`]: no logits are
-    /// made); any other (an adapter on it, trained, quantized, not on the CPU) runs as in
+    /// frozen LM head, dense or quantized, is fused into the loss ([`ops::linear_cross_entropy`]:
+    /// no logits are made); any other (an adapter on it, trained, not on the CPU) runs as in
     /// [`Head::forward`], followed by [`ops::cross_entropy`].
     pub fn causal_lm_loss(
         &self,
@@ -132,7 +132,7 @@ impl Head {
         let h = hidden.flatten_to(1)?;
         let labels = labels.flatten_all()?;
         if let Some((w, b)) = lm.frozen_product(&h)? {
-            return ops::linear_cross_entropy(&h, &w, b.as_ref(), lm.transposed, &labels).map(Some);
+            return ops::linear_cross_entropy(&h, &w, b.as_ref(), &labels).map(Some);
         }
         let logits = lm.forward_t(&h, train)?.to_dtype(DType::F32)?;
         ops::cross_entropy(&logits, &labels).map(Some)

@@ -17,46 +17,113 @@ use super::bf16::narrow;
 use super::fused::{exp_f32, simd_fn};
 use super::linear::{data, Data, FrozenLinear};
 use super::with_backward;
+use crate::quant::QuantWeight;
 use crate::{Error, Result};
 
 /// Logits held at once: chunks of rows are sized to this many bytes of f32.
 const CHUNK_BYTES: usize = 64 << 20;
 
+/// The frozen weight of a head that [`linear_cross_entropy`] multiplies by.
+#[derive(Clone, Debug)]
+pub enum HeadWeight {
+    /// `[vocab, in]`, or `[in, vocab]` when `transposed`, in the hidden states' dtype (or bf16
+    /// against f32 hidden states: autocast).
+    Dense { w: Tensor, transposed: bool },
+    /// Quantized blocks or codes, multiplied by bands of dequantized rows (f32 hidden states).
+    Quant(QuantWeight),
+}
+
+impl HeadWeight {
+    /// Whether the fused op takes `hidden` (and `bias`) with this weight.
+    pub fn applies(&self, hidden: &Tensor, bias: Option<&Tensor>) -> bool {
+        match self {
+            HeadWeight::Dense { w, .. } => super::linear::applies(hidden, w, bias),
+            HeadWeight::Quant(_) => {
+                super::fused::fast(hidden) && bias.is_none_or(super::fused::fast)
+            }
+        }
+    }
+}
+
+/// The chunk products of either kind of weight.
+enum Product {
+    Dense(FrozenLinear),
+    Quant(QuantWeight),
+}
+
+impl Product {
+    /// `(in, vocab)`.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Product::Dense(op) => op.dims(),
+            Product::Quant(q) => (q.dims().1, q.dims().0),
+        }
+    }
+
+    /// `dst (+)= lhs · Wᵀ` (forward, `dst` `rows × vocab`) or `dst = lhs · W` (backward, `lhs`
+    /// the logits' gradient, `dst` `rows × in`).
+    fn run(
+        &self,
+        lhs: Data,
+        backward: bool,
+        dst: &mut [f32],
+        accumulate: bool,
+    ) -> candle_core::Result<()> {
+        let q = match self {
+            Product::Dense(op) => return op.product(lhs, backward, dst, accumulate),
+            Product::Quant(q) => q,
+        };
+        let Data::F32(lhs) = lhs else {
+            candle_core::bail!("a quantized head takes f32 hidden states");
+        };
+        // Both directions walk bands of dequantized rows: the loss a training step sees is the
+        // dequantized model's (not rounded to 8-bit activations as llama.cpp's and candle's
+        // kernels for Q8_0 blocks round them), whatever the chunking.
+        if backward {
+            super::quant::input_grad_into(q, lhs, dst)
+        } else {
+            super::quant::banded_forward_into(q, lhs, dst, accumulate)
+        }
+    }
+}
+
 /// Mean cross-entropy of `labels` (`[n]`, -100 ignored, as torch's `ignore_index`) under the
-/// logits `hidden · wᵀ + bias` (`w` `[vocab, in]`, or `[in, vocab]` when `transposed`), with
-/// `hidden` `[n, in]` on the CPU in f32 or bf16 (or f32 against a bf16 weight: autocast). The
-/// gradient flows to `hidden` only. Equal to [`super::cross_entropy`] over
-/// [`super::frozen_linear_bias`]'s output, bf16 rounding of the logits included.
+/// logits `hidden · Wᵀ + bias` (`W` `[vocab, in]`), with `hidden` `[n, in]` on the CPU (see
+/// [`HeadWeight`] for the dtypes each kind of weight takes). The gradient flows to `hidden`
+/// only. Equal to [`super::cross_entropy`] over the unfused head's output, bf16 rounding of the
+/// logits included.
 pub fn linear_cross_entropy(
     hidden: &Tensor,
-    w: &Tensor,
+    weight: &HeadWeight,
     bias: Option<&Tensor>,
-    transposed: bool,
     labels: &Tensor,
 ) -> Result<Tensor> {
-    chunked(hidden, w, bias, transposed, labels, CHUNK_BYTES)
+    chunked(hidden, weight, bias, labels, CHUNK_BYTES)
 }
 
 /// [`linear_cross_entropy`] holding about `chunk_bytes` of logits at once.
 fn chunked(
     hidden: &Tensor,
-    w: &Tensor,
+    weight: &HeadWeight,
     bias: Option<&Tensor>,
-    transposed: bool,
     labels: &Tensor,
     chunk_bytes: usize,
 ) -> Result<Tensor> {
     let (n, k) = hidden.dims2()?;
-    if !super::linear::applies(hidden, w, bias) {
+    if !weight.applies(hidden, bias) {
         return Err(Error::Training(format!(
-            "the fused head and loss take CPU f32 or bf16 tensors, not {:?} hidden states and a \
-             {:?} weight on {:?}",
+            "the fused head and loss take CPU f32 or bf16 hidden states with a matching dense \
+             weight, or f32 ones with a quantized weight; not {:?} on {:?}",
             hidden.dtype(),
-            w.dtype(),
             hidden.device()
         )));
     }
-    let op = FrozenLinear::new(w.clone(), transposed)?;
+    let op = match weight {
+        HeadWeight::Dense { w, transposed } => {
+            Product::Dense(FrozenLinear::new(w.clone(), *transposed)?)
+        }
+        HeadWeight::Quant(q) => Product::Quant(q.clone()),
+    };
     let (in_dim, vocab) = op.dims();
     if in_dim != k {
         return Err(Error::ShapeMismatch {
@@ -103,7 +170,7 @@ fn chunked(
                 Data::F32(v) => Data::F32(&v[start * k..(start + rows) * k]),
                 Data::BF16(v) => Data::BF16(&v[start * k..(start + rows) * k]),
             };
-            op.product(lhs, false, buf, bias.is_some())?;
+            op.run(lhs, false, buf, bias.is_some())?;
             if is_bf16 {
                 // The unfused head returns bf16 logits; the loss reads them widened.
                 buf.par_iter_mut()
@@ -119,9 +186,9 @@ fn chunked(
                 let dst = &mut dh[start * k..(start + rows) * k];
                 if is_bf16 {
                     // As the unfused frozen linear takes its gradient: in the input's dtype.
-                    op.product(Data::BF16(&narrow(buf)), true, dst, false)?;
+                    op.run(Data::BF16(&narrow(buf)), true, dst, false)?;
                 } else {
-                    op.product(Data::F32(buf), true, dst, false)?;
+                    op.run(Data::F32(buf), true, dst, false)?;
                 }
             }
         }
@@ -283,7 +350,11 @@ mod tests {
     ) -> (f32, Tensor) {
         let var = Var::from_tensor(h).unwrap();
         let l = Tensor::new(labels, &Device::Cpu).unwrap();
-        let loss = chunked(var.as_tensor(), w, b, transposed, &l, chunk_bytes).unwrap();
+        let weight = HeadWeight::Dense {
+            w: w.clone(),
+            transposed,
+        };
+        let loss = chunked(var.as_tensor(), &weight, b, &l, chunk_bytes).unwrap();
         let grads = loss.backward().unwrap();
         (
             loss.to_scalar().unwrap(),
@@ -347,7 +418,11 @@ mod tests {
                 )
             };
             let var = Var::from_tensor(&h).unwrap();
-            let loss = chunked(var.as_tensor(), &w, None, false, &l, 4 * 4 * v).unwrap();
+            let weight = HeadWeight::Dense {
+                w: w.clone(),
+                transposed: false,
+            };
+            let loss = chunked(var.as_tensor(), &weight, None, &l, 4 * 4 * v).unwrap();
             let g = loss.backward().unwrap();
             let got_g = g.get(var.as_tensor()).unwrap();
             assert_eq!(got_g.dtype(), h.dtype());
@@ -362,12 +437,60 @@ mod tests {
         }
     }
 
+    /// Quantized heads (GGUF Q8_0 blocks, NF4 codes) give the loss and input gradient of the
+    /// composed loss over the dequantized weight, in every chunking.
+    #[test]
+    fn quantized_heads_equal_the_loss_through_the_dequantized_weight() {
+        use crate::quant::{GgmlWeight, QuantType, Scheme};
+        let (n, k, v) = (40, 64, 96);
+        let h = data(&[n, k], 0.4, 1.0);
+        let w = data(&[v, k], 2.3, 0.3);
+        let labels: Vec<i64> = (0..n as i64)
+            .map(|i| {
+                if i % 7 == 2 {
+                    -100
+                } else {
+                    (i * 13) % v as i64
+                }
+            })
+            .collect();
+        let l = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
+        let nf4 = Scheme::FourBit {
+            quant_type: QuantType::Nf4,
+            double_quant: true,
+            blocksize: 64,
+            compute_dtype: DType::F32,
+        };
+        let q8 = GgmlWeight::quantize(&w, candle_core::quantized::GgmlDType::Q8_0).unwrap();
+        for q in [
+            QuantWeight::Ggml(q8),
+            QuantWeight::quantize(&w, &nf4).unwrap(),
+        ] {
+            let deq = q.dequantize(&Device::Cpu).unwrap();
+            let (want, want_g) = reference(&h, &deq, None, false, &labels);
+            for rows in [3, 20, n] {
+                let var = Var::from_tensor(&h).unwrap();
+                let weight = HeadWeight::Quant(q.clone());
+                let loss = chunked(var.as_tensor(), &weight, None, &l, rows * 4 * v).unwrap();
+                let g = loss.backward().unwrap();
+                let got = loss.to_scalar::<f32>().unwrap();
+                assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+                let d = max_diff(g.get(var.as_tensor()).unwrap(), &want_g);
+                assert!(d < 1e-6, "gradient differs by {d} (rows per chunk {rows})");
+            }
+        }
+    }
+
     #[test]
     fn bad_labels_are_errors() {
         let h = data(&[3, 8], 0.1, 1.0);
         let w = data(&[5, 8], 0.2, 1.0);
+        let dense = |w: &Tensor| HeadWeight::Dense {
+            w: w.clone(),
+            transposed: false,
+        };
         let run = |l: &[i64]| {
-            linear_cross_entropy(&h, &w, None, false, &Tensor::new(l, &Device::Cpu).unwrap())
+            linear_cross_entropy(&h, &dense(&w), None, &Tensor::new(l, &Device::Cpu).unwrap())
                 .unwrap_err()
                 .to_string()
         };
@@ -376,6 +499,6 @@ mod tests {
         assert!(run(&[0, 1]).contains("2 labels for 3 rows"));
         let wrong = data(&[5, 7], 0.2, 1.0);
         let l = Tensor::new(&[0i64, 1, 2], &Device::Cpu).unwrap();
-        assert!(linear_cross_entropy(&h, &wrong, None, false, &l).is_err());
+        assert!(linear_cross_entropy(&h, &dense(&wrong), None, &l).is_err());
     }
 }

@@ -137,40 +137,7 @@ pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Resul
                 return Ok(y);
             }
         }
-        let read = wf.band_reader();
-        let band = band_rows(in_dim);
-        let mut buf = vec![0f32; band * in_dim];
-        // bf16 products (`bnb_4bit_compute_dtype = bfloat16`): the input rounded once, each
-        // band rounded after dequantizing, f32 accumulation.
-        let xb = bf16_products(&wf).then(|| narrow(x));
-        for r0 in (0..out_dim).step_by(band) {
-            let nb = band.min(out_dim - r0);
-            let buf = &mut buf[..nb * in_dim];
-            read(r0, buf);
-            if let Some(xb) = &xb {
-                let wb = narrow(buf);
-                matmul_bf16(
-                    MatMut::new(&mut y[r0..], rows, nb, out_dim)?,
-                    bias.is_some(),
-                    MatRef::row_major(xb, rows, in_dim)?,
-                    MatRef::row_major(&wb, nb, in_dim)?.t(),
-                    1.0,
-                    Threads::All,
-                )?;
-                continue;
-            }
-            // y[:, r0..r0+nb] (+)= x · bufᵀ
-            gemm_into(
-                (rows, nb, in_dim),
-                &mut y[r0..],
-                out_dim,
-                x,
-                in_dim,
-                buf,
-                true,
-                bias.is_some(),
-            );
-        }
+        banded_forward_into(&wf, x, &mut y, bias.is_some())?;
         Ok(y)
     };
     let wb = w.clone();
@@ -180,51 +147,110 @@ pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Resul
     apply_shaped(x, "quant-linear", Shape::from(out_dims), fwd, bwd)
 }
 
+/// `y (+)= x · deq(w)ᵀ` for row-major `x` (`rows × in`) into `y` (`rows × out`), a band of
+/// dequantized rows at a time: the product with the dequantized weight, up to summation order.
+pub(super) fn banded_forward_into(
+    w: &QuantWeight,
+    x: &[f32],
+    y: &mut [f32],
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    let (out_dim, in_dim) = w.dims();
+    let rows = x.len() / in_dim.max(1);
+    if rows == 0 {
+        return Ok(());
+    }
+    let read = w.band_reader();
+    let band = band_rows(in_dim);
+    let mut buf = vec![0f32; band * in_dim];
+    // bf16 products (`bnb_4bit_compute_dtype = bfloat16`): the input rounded once, each band
+    // rounded after dequantizing, f32 accumulation.
+    let xb = bf16_products(w).then(|| narrow(x));
+    for r0 in (0..out_dim).step_by(band) {
+        let nb = band.min(out_dim - r0);
+        let buf = &mut buf[..nb * in_dim];
+        read(r0, buf);
+        if let Some(xb) = &xb {
+            let wb = narrow(buf);
+            matmul_bf16(
+                MatMut::new(&mut y[r0..], rows, nb, out_dim)?,
+                accumulate,
+                MatRef::row_major(xb, rows, in_dim)?,
+                MatRef::row_major(&wb, nb, in_dim)?.t(),
+                1.0,
+                Threads::All,
+            )?;
+            continue;
+        }
+        // y[:, r0..r0+nb] (+)= x · bufᵀ
+        gemm_into(
+            (rows, nb, in_dim),
+            &mut y[r0..],
+            out_dim,
+            x,
+            in_dim,
+            buf,
+            true,
+            accumulate,
+        );
+    }
+    Ok(())
+}
+
 /// `dx = dy · deq(w)` for `dy` of any leading shape (`[..., out]`), band by band; `dx` has
 /// `x`'s shape and dtype.
 fn input_grad(w: &QuantWeight, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-    let (out_dim, in_dim) = w.dims();
+    let in_dim = w.dims().1;
     let g = g.to_dtype(DType::F32)?.contiguous()?;
-    let rows = g.elem_count() / out_dim.max(1);
-    let mut dx = vec![0f32; rows * in_dim];
-    if rows > 0 {
-        with_f32(&g, |gv| -> candle_core::Result<()> {
-            let read = w.band_reader();
-            let band = band_rows(in_dim);
-            let mut buf = vec![0f32; band * in_dim];
-            let gb = bf16_products(w).then(|| narrow(gv));
-            for (i, r0) in (0..out_dim).step_by(band).enumerate() {
-                let nb = band.min(out_dim - r0);
-                let buf = &mut buf[..nb * in_dim];
-                read(r0, buf);
-                if let Some(gb) = &gb {
-                    let wb = narrow(buf);
-                    matmul_bf16(
-                        MatMut::row_major(&mut dx, rows, in_dim)?,
-                        i > 0,
-                        MatRef::new(&gb[r0..], rows, nb, out_dim, 1)?,
-                        MatRef::row_major(&wb, nb, in_dim)?,
-                        1.0,
-                        Threads::All,
-                    )?;
-                    continue;
-                }
-                // dx (+)= dy[:, r0..r0+nb] · buf
-                gemm_into(
-                    (rows, in_dim, nb),
-                    &mut dx,
-                    in_dim,
-                    &gv[r0..],
-                    out_dim,
-                    buf,
-                    false,
-                    i > 0,
-                );
-            }
-            Ok(())
-        })??;
-    }
+    let mut dx = vec![0f32; g.elem_count() / w.dims().0.max(1) * in_dim];
+    with_f32(&g, |gv| input_grad_into(w, gv, &mut dx))??;
     Tensor::from_vec(dx, x.shape(), x.device())?.to_dtype(x.dtype())
+}
+
+/// `dx = dy · deq(w)` for row-major `dy` (`rows × out`) into `dx` (`rows × in`).
+pub(super) fn input_grad_into(
+    w: &QuantWeight,
+    gv: &[f32],
+    dx: &mut [f32],
+) -> candle_core::Result<()> {
+    let (out_dim, in_dim) = w.dims();
+    let rows = gv.len() / out_dim.max(1);
+    if rows == 0 {
+        return Ok(());
+    }
+    let read = w.band_reader();
+    let band = band_rows(in_dim);
+    let mut buf = vec![0f32; band * in_dim];
+    let gb = bf16_products(w).then(|| narrow(gv));
+    for (i, r0) in (0..out_dim).step_by(band).enumerate() {
+        let nb = band.min(out_dim - r0);
+        let buf = &mut buf[..nb * in_dim];
+        read(r0, buf);
+        if let Some(gb) = &gb {
+            let wb = narrow(buf);
+            matmul_bf16(
+                MatMut::row_major(dx, rows, in_dim)?,
+                i > 0,
+                MatRef::new(&gb[r0..], rows, nb, out_dim, 1)?,
+                MatRef::row_major(&wb, nb, in_dim)?,
+                1.0,
+                Threads::All,
+            )?;
+            continue;
+        }
+        // dx (+)= dy[:, r0..r0+nb] · buf
+        gemm_into(
+            (rows, in_dim, nb),
+            dx,
+            in_dim,
+            &gv[r0..],
+            out_dim,
+            buf,
+            false,
+            i > 0,
+        );
+    }
+    Ok(())
 }
 
 /// candle's quantized matmul on GGUF blocks as the forward (the very kernel `QMatMul::forward`
