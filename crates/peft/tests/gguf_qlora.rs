@@ -177,11 +177,11 @@ const ACT_TOL: f32 = 3e-2;
 const GRAD_COS: f32 = 0.98;
 
 #[test]
-fn a_gguf_base_keeps_its_projections_in_their_blocks_and_its_head_dense() {
+fn a_gguf_base_keeps_its_projections_and_its_head_in_their_blocks() {
     let t = tiny(false);
     let q = load(&t.path, false);
     let got = ggml_linears(q.as_ref());
-    assert_eq!(got.len(), 14, "{got:?}");
+    assert_eq!(got.len(), 15, "{got:?}");
     for (layer, types) in TYPES.iter().enumerate() {
         for (gguf, dtype) in types {
             let hf = match *gguf {
@@ -201,8 +201,14 @@ fn a_gguf_base_keeps_its_projections_in_their_blocks_and_its_head_dense() {
             );
         }
     }
-    // The Q8_0 head is dequantized, as transformers keeps heads dense.
-    assert!(!got.iter().any(|(n, _)| n.contains("lm_head")));
+    // The Q8_0 head stays in its blocks, as llama.cpp multiplies the output by them.
+    assert!(got.contains(&("lm_head".to_string(), GgmlDType::Q8_0)));
+    // A tied head reads the token table's storage: F32 here, so a dense product.
+    let tied = tiny(true);
+    let tq = load(&tied.path, false);
+    assert!(!ggml_linears(tq.as_ref())
+        .iter()
+        .any(|(n, _)| n == "lm_head"));
     let d = load(&t.path, true);
     assert!(ggml_linears(d.as_ref()).is_empty());
     // The kept blocks are the dequantized weights (query/key rows un-permuted alike).

@@ -67,14 +67,8 @@ impl HeadInit {
     }
 }
 
-/// Output heads: the module's own name, or a `classifier` above it (RoBERTa's
-/// `classifier.dense` / `classifier.out_proj`). GGUF heads are kept dense.
+/// Output heads by the module's own name.
 const HEAD_NAMES: [&str; 4] = ["lm_head", "score", "classifier", "qa_outputs"];
-
-fn is_head(path: &str) -> bool {
-    let last = path.rsplit('.').next().unwrap_or(path);
-    HEAD_NAMES.contains(&last) || path.split('.').any(|p| p == "classifier")
-}
 
 /// Whether transformers 5 keeps the Linear at `path` dense when quantizing at load with no
 /// `llm_int8_skip_modules`. Its `get_keys_to_not_convert` skips the tied weights, the output
@@ -241,11 +235,20 @@ impl<'a> Loader<'a> {
         Some(*scheme)
     }
 
-    /// The GGUF blocks stored at this path, kept as they are (heads aside, which transformers
-    /// keeps dense, and unless the load asks for dequantized GGUF weights). Off the CPU the
-    /// weight is dequantized at load: the blocks' kernels here are CPU kernels.
+    /// The GGUF blocks stored at this path, kept as they are (unless the load asks for
+    /// dequantized GGUF weights). Heads included: llama.cpp multiplies the output by its stored
+    /// blocks. Off the CPU the weight is dequantized at load: the blocks' kernels here are CPU
+    /// kernels.
     fn stored_ggml(&self, in_dim: usize, out_dim: usize) -> Result<Option<QuantWeight>> {
-        if !self.init.keep_gguf_quantized || is_head(&self.path) || !self.device.is_cpu() {
+        self.gguf_blocks(out_dim, in_dim)
+    }
+
+    /// The `[rows, cols]` GGUF blocks of this path's `weight` when the load keeps GGUF weights
+    /// quantized (on the CPU); `None` for a dense weight or a dequantizing load. A tied LM head
+    /// reads the token table's blocks here, as llama.cpp's output product does.
+    pub fn gguf_blocks(&self, rows: usize, cols: usize) -> Result<Option<QuantWeight>> {
+        let (out_dim, in_dim) = (rows, cols);
+        if !self.init.keep_gguf_quantized || !self.device.is_cpu() {
             return Ok(None);
         }
         let Some(key) = self.resolve(&self.full("weight")) else {
