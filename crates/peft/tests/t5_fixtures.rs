@@ -376,3 +376,46 @@ fn bad_configs_and_weights_say_what_is_wrong() {
         .to_string();
     assert!(e.contains("t6") && e.contains("mt5"), "{e}");
 }
+
+/// The trainer's seq2seq loss, with the LM head (T5 v1.0's tied one after the `d_model^-0.5`
+/// scaling, v1.1's and mT5's own) fused into the cross-entropy, equals the loss over
+/// transformers + PEFT's logits, and gives every LoRA tensor the gradient the unfused head and
+/// loss give.
+#[test]
+fn fused_head_and_loss_match_the_fixture_logits_and_the_unfused_gradients() {
+    let labels = raw_inputs()["labels"].clone();
+    for case in CASES {
+        let adapter = dir().join(case).join("adapter");
+        let mut m = PeftModel::from_pretrained(
+            load(case, TaskType::Seq2SeqLm),
+            &adapter,
+            Default::default(),
+        )
+        .unwrap();
+        m.delete_adapter("default").unwrap();
+        m.load_adapter(&adapter, "default", true).unwrap();
+        let want = classification_loss(&expected(case)["lora_logits"], &labels)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // Dropout off on both sides, so the two graphs compute the same function.
+        let fused = m
+            .seq2seq_lm_loss(&inputs(), &labels, false)
+            .unwrap()
+            .expect("a frozen head is fused into the loss");
+        let unfused = classification_loss(&m.forward(&inputs(), false).unwrap(), &labels).unwrap();
+        let got = fused.to_scalar::<f32>().unwrap();
+        assert!((got - want).abs() < 1e-4, "{case}: loss {got} vs {want}");
+        let (gf, gu) = (fused.backward().unwrap(), unfused.backward().unwrap());
+        for (key, var) in m.trainable_parameters() {
+            let (a, b) = (gf.get(var.as_tensor()), gu.get(var.as_tensor()));
+            let (a, b) = (a.expect("fused gradient"), b.expect("unfused gradient"));
+            let scale = max_diff(b, &b.zeros_like().unwrap()).max(1e-6);
+            let d = max_diff(a, b);
+            assert!(
+                d <= 1e-4 * scale,
+                "{case}: {key} differs by {d} (scale {scale})"
+            );
+        }
+    }
+}

@@ -129,13 +129,7 @@ impl Head {
         let Head::CausalLm(lm) = self else {
             return Ok(None);
         };
-        let h = hidden.flatten_to(1)?;
-        let labels = labels.flatten_all()?;
-        if let Some((w, b)) = lm.frozen_product(&h)? {
-            return ops::linear_cross_entropy(&h, &w, b.as_ref(), &labels).map(Some);
-        }
-        let logits = lm.forward_t(&h, train)?.to_dtype(DType::F32)?;
-        ops::cross_entropy(&logits, &labels).map(Some)
+        head_loss(lm, hidden, labels, train).map(Some)
     }
 
     /// Applies the head to the final hidden states `[batch, seq, hidden]`.
@@ -174,6 +168,20 @@ impl Head {
             Head::None => Ok(hidden.clone()),
         }
     }
+}
+
+/// The mean cross-entropy of `labels` (`[batch, seq]`, lined up with the positions, -100
+/// ignored) under `lm`'s logits of `hidden` (`[batch, seq, hidden]`): fused into the loss
+/// ([`ops::linear_cross_entropy`], no logits made) when `lm` is a plain frozen product, else
+/// through its forward and [`ops::cross_entropy`].
+pub fn head_loss(lm: &Linear, hidden: &Tensor, labels: &Tensor, train: bool) -> Result<Tensor> {
+    let h = hidden.flatten_to(1)?;
+    let labels = labels.flatten_all()?;
+    if let Some((w, b)) = lm.frozen_product(&h)? {
+        return ops::linear_cross_entropy(&h, &w, b.as_ref(), &labels);
+    }
+    let logits = lm.forward_t(&h, train)?.to_dtype(DType::F32)?;
+    ops::cross_entropy(&logits, &labels)
 }
 
 /// The position whose logits a sequence classifier reads, per row: as transformers finds it,

@@ -355,12 +355,7 @@ impl Model for Gpt2 {
         self.head.forward(&hidden, inputs, self.pad_token_id, train)
     }
 
-    fn causal_lm_loss(
-        &self,
-        inputs: &Inputs,
-        labels: &Tensor,
-        train: bool,
-    ) -> Result<Option<Tensor>> {
+    fn lm_loss(&self, inputs: &Inputs, labels: &Tensor, train: bool) -> Result<Option<Tensor>> {
         if !matches!(self.head, Head::CausalLm(_)) {
             return Ok(None);
         }

@@ -501,12 +501,7 @@ impl Model for Llama {
         self.head.forward(&hidden, inputs, self.pad_token_id, train)
     }
 
-    fn causal_lm_loss(
-        &self,
-        inputs: &Inputs,
-        labels: &Tensor,
-        train: bool,
-    ) -> Result<Option<Tensor>> {
+    fn lm_loss(&self, inputs: &Inputs, labels: &Tensor, train: bool) -> Result<Option<Tensor>> {
         if !matches!(self.head, Head::CausalLm(_)) {
             return Ok(None);
         }

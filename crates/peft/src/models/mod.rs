@@ -209,16 +209,12 @@ pub trait Model: Modules + Send + Sync {
         self.forward_with_cache(inputs, None, train)
     }
 
-    /// The causal-LM loss of a batch against next-token `labels` (`[batch, seq]`, already
-    /// shifted, -100 ignored), computed without materialising the logits where the head allows
-    /// it ([`decoder::Head::causal_lm_loss`]); `None` for a model without a causal-LM head, whose
-    /// loss the caller takes from [`Model::forward`]'s logits.
-    fn causal_lm_loss(
-        &self,
-        _inputs: &Inputs,
-        _labels: &Tensor,
-        _train: bool,
-    ) -> Result<Option<Tensor>> {
+    /// The language-modelling loss of a batch against `labels` lined up with the output
+    /// positions (`[batch, seq]`, -100 ignored: a causal LM's next tokens, already shifted; a
+    /// seq2seq model's decoder targets), computed without materialising the logits where the
+    /// head allows it ([`decoder::head_loss`]); `None` for a model without a language-modelling
+    /// head, whose loss the caller takes from [`Model::forward`]'s logits.
+    fn lm_loss(&self, _inputs: &Inputs, _labels: &Tensor, _train: bool) -> Result<Option<Tensor>> {
         Ok(None)
     }
 

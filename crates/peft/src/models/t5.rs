@@ -790,6 +790,33 @@ impl Model for T5 {
             None => Ok(h.broadcast_matmul(&self.shared.weight.value().t()?)?),
         }
     }
+
+    fn lm_loss(&self, inputs: &Inputs, labels: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        if self.info.task != TaskType::Seq2SeqLm {
+            return Ok(None);
+        }
+        let enc = self.encode(inputs, &[], train)?;
+        let mut h = self.decode(inputs, &enc, inputs.attention_mask.as_ref(), None, train)?;
+        if self.scale_output {
+            h = (h * (self.cfg.d_model as f64).powf(-0.5))?;
+        }
+        if let Some(head) = &self.heads.lm_head {
+            return super::decoder::head_loss(head, &h, labels, train).map(Some);
+        }
+        // Tied to the shared embedding: fused while that table is frozen (a trained one needs
+        // its gradient from the head's product too).
+        let (h, labels) = (h.flatten_to(1)?, labels.flatten_all()?);
+        let w = self.shared.weight.value();
+        let weight = ops::HeadWeight::Dense {
+            w: w.clone(),
+            transposed: false,
+        };
+        if !w.track_op() && weight.applies(&h, None) {
+            return ops::linear_cross_entropy(&h, &weight, None, &labels).map(Some);
+        }
+        let logits = h.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+        ops::cross_entropy(&logits, &labels).map(Some)
+    }
 }
 
 #[cfg(test)]

@@ -563,7 +563,21 @@ impl PeftModel {
             return Ok(None);
         }
         let next = crate::ops::next_token_labels(labels)?;
-        self.model.causal_lm_loss(inputs, &next, train)
+        self.model.lm_loss(inputs, &next, train)
+    }
+
+    /// [`PeftModel::causal_lm_loss`] for a seq2seq model: `labels` are the decoder's targets
+    /// (`[batch, target_len]`, not shifted; the decoder's inputs are them shifted right).
+    pub fn seq2seq_lm_loss(
+        &self,
+        inputs: &Inputs,
+        labels: &Tensor,
+        train: bool,
+    ) -> Result<Option<Tensor>> {
+        if self.input_transform().is_some() || self.output_head().is_some() {
+            return Ok(None);
+        }
+        self.model.lm_loss(inputs, labels, train)
     }
 
     /// The active input method's own loss, if it replaces the task's (CPT), from the logits of

@@ -106,20 +106,26 @@ pub fn adapter_loss(
 }
 
 /// The training loss of a batch, as [`adapter_loss`] computes it from
-/// [`PeftModel::forward_with_prefix`]'s logits; a causal LM whose head can be fused into the loss
-/// ([`PeftModel::causal_lm_loss`]) skips the logits. Token labels need at least two positions.
+/// [`PeftModel::forward_with_prefix`]'s logits; a causal or seq2seq LM whose head can be fused
+/// into the loss ([`PeftModel::causal_lm_loss`], [`PeftModel::seq2seq_lm_loss`]) skips the
+/// logits.
 pub fn training_loss(
     model: &PeftModel,
     task: TaskType,
     inputs: &crate::models::Inputs,
     targets: &Targets,
 ) -> Result<Tensor> {
-    if let (TaskType::CausalLm, Targets::Tokens(labels)) = (task, targets) {
-        if labels.dim(1)? >= 2 {
-            if let Some(loss) = model.causal_lm_loss(inputs, labels, true)? {
-                return Ok(loss);
-            }
+    let fused = match (task, targets) {
+        (TaskType::CausalLm, Targets::Tokens(labels)) if labels.dim(1)? >= 2 => {
+            model.causal_lm_loss(inputs, labels, true)?
         }
+        (TaskType::Seq2SeqLm, Targets::Tokens(labels)) => {
+            model.seq2seq_lm_loss(inputs, labels, true)?
+        }
+        _ => None,
+    };
+    if let Some(loss) = fused {
+        return Ok(loss);
     }
     let (logits, prefix) = model.forward_with_prefix(inputs, true)?;
     adapter_loss(model, task, &logits, prefix, targets)
