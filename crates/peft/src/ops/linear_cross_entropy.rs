@@ -481,6 +481,27 @@ mod tests {
         }
     }
 
+    /// A loss scaled after the op (gradient accumulation, a regulariser's weight) scales the
+    /// gradient it gives back.
+    #[test]
+    fn an_upstream_factor_scales_the_gradient() {
+        let (n, k, v) = (6, 16, 30);
+        let h = data(&[n, k], 0.9, 1.0);
+        let w = data(&[v, k], 1.4, 0.5);
+        let labels: Vec<i64> = (0..n as i64).map(|i| (i * 11) % v as i64).collect();
+        let (_, want_g) = reference(&h, &w, None, false, &labels);
+        let var = Var::from_tensor(&h).unwrap();
+        let weight = HeadWeight::Dense {
+            w: w.clone(),
+            transposed: false,
+        };
+        let l = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
+        let loss = linear_cross_entropy(var.as_tensor(), &weight, None, &l).unwrap();
+        let g = (loss * 0.25).unwrap().backward().unwrap();
+        let d = max_diff(g.get(var.as_tensor()).unwrap(), &(want_g * 0.25).unwrap());
+        assert!(d < 1e-7, "gradient differs by {d}");
+    }
+
     #[test]
     fn bad_labels_are_errors() {
         let h = data(&[3, 8], 0.1, 1.0);
