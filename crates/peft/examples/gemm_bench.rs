@@ -74,7 +74,9 @@ fn main() {
         (1024, 384, 1536, true),
         (1024, 1536, 384, true),
     ];
-    println!("shape (m x k x n)           f32     bf16/widen  bf16/avx512  candle bf16   GFLOP/s");
+    println!(
+        "shape (m x k x n)           f32     bf16/widen  bf16/avx512     bf16/amx  candle bf16   GFLOP/s"
+    );
     for (rows, inp, out, backward) in cases {
         let (k, n) = if backward { (out, inp) } else { (inp, out) };
         let x: Vec<f32> = (0..rows * k).map(|i| ((i as f32) * 0.37).sin()).collect();
@@ -129,7 +131,7 @@ fn main() {
             xt.matmul(&wt).unwrap();
         });
         println!(
-            "{:>5} x {:>4} x {:>4} {}  {:>8.1}  {:>10.1}  {:>11.1}  {:>11.1}",
+            "{:>5} x {:>4} x {:>4} {}  {:>8.1}  {:>10.1}  {:>11.1}  {:>11.1}  {:>11.1}",
             rows,
             k,
             n,
@@ -137,6 +139,7 @@ fn main() {
             flops / f32_s,
             flops / bf[0],
             flops / bf[1],
+            flops / bf[2],
             flops / candle_s
         );
     }

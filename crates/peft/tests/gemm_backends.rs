@@ -102,6 +102,7 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (128, 128, 32),
     (128, 32, 128),
     (200, 70, 1537),
+    (257, 100, 1025),
 ];
 
 fn check(what: &str, got: &[f32], dst_rs: usize, n: usize, want: &[f64], mag: &[f64]) {

@@ -23,7 +23,7 @@ use super::{MatMut, MatRef};
 /// Rows of the micro-tile.
 const MR: usize = 12;
 /// Columns of the micro-tile: two zmm registers of f32.
-const NR: usize = 32;
+pub(super) const NR: usize = 32;
 /// k per block (even).
 const KC: usize = 256;
 /// k pairs per block.
@@ -46,9 +46,8 @@ pub(super) fn matmul(
 ) {
     assert!(detected(), "avx512bf16 kernel called on a CPU without it");
     let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
-    let kblocks = k.div_ceil(KC);
     let strips = n.div_ceil(NR);
-    let packed_b = pack_b(&rhs, kblocks, strips, threads);
+    let packed_b = pack_b(&rhs, KC, strips, threads);
     // Rows per task: a few tasks per thread, so rayon can even out a busy core.
     let tasks = if threads > 1 { 4 * threads } else { 1 };
     let rows_per = m.div_ceil(tasks).div_ceil(MR) * MR;
@@ -144,16 +143,19 @@ impl Job<'_> {
     }
 }
 
-/// B in k blocks of [`KCP`] pairs (the last zero-padded), each in strips of [`NR`] columns:
-/// `out[((block · strips + strip) · KCP + p) · NR · 2 + 2 j + h] = b[block·KC + 2p + h][strip·NR + j]`.
-fn pack_b(b: &MatRef<bf16>, kblocks: usize, strips: usize, threads: usize) -> Vec<u16> {
+/// B in k blocks of `kc_block / 2` pairs (the last zero-padded), each in strips of [`NR`]
+/// columns: `out[((block · strips + strip) · kc_block / 2 + p) · NR · 2 + 2 j + h] =
+/// b[block · kc_block + 2p + h][strip · NR + j]`. Shared with the AMX kernel, whose B tiles
+/// are the two 64-byte halves of 16 such pair rows.
+pub(super) fn pack_b(b: &MatRef<bf16>, kc_block: usize, strips: usize, threads: usize) -> Vec<u16> {
     let (k, n) = (b.rows, b.cols);
-    let panel = KCP * NR * 2;
+    let kblocks = k.div_ceil(kc_block);
+    let panel = kc_block * NR;
     let mut out = vec![0u16; kblocks * strips * panel];
     let fill = |(idx, dst): (usize, &mut [u16])| {
         let (pc, js) = (idx / strips, idx % strips);
-        let (k0, j0) = (pc * KC, js * NR);
-        let kc = KC.min(k - k0);
+        let (k0, j0) = (pc * kc_block, js * NR);
+        let kc = kc_block.min(k - k0);
         let nw = NR.min(n - j0);
         for j in 0..nw {
             for kk in 0..kc {

@@ -13,13 +13,19 @@
 //!   decoding step's products) goes through [`skinny`]'s kernels instead, which stream the weight
 //!   once without packing it (AVX-512 / AVX2 + FMA / portable, chosen at run time).
 //!
-//! `PEFT_GEMM=f32` or `PEFT_GEMM=bf16-avx512` forces the bf16 backend (benchmarks, tests), and
+//! - On a CPU with AMX-BF16 (Sapphire Rapids and later Xeons), bf16 products run on AMX tiles
+//!   instead ([`amx`]): there `vdpbf16ps` only matches the f32 FMA rate, the tiles do ~16 times
+//!   as many multiply-adds per instruction.
+//!
+//! `PEFT_GEMM=f32`, `bf16-avx512` or `bf16-amx` forces the bf16 backend (benchmarks, tests), and
 //! `PEFT_GEMM_SKINNY=avx512|avx2|portable|off` the small-m kernel (`off`: the `gemm` crate for
 //! every shape); an unavailable choice falls back to the best available one with a warning.
 
 use half::bf16;
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
 mod skinny;
@@ -33,17 +39,20 @@ pub enum Backend {
     F32,
     /// `vdpbf16ps` micro-kernels on packed pair-interleaved panels (x86-64 with AVX512-BF16).
     Bf16Avx512,
+    /// `tdpbf16ps` on AMX tiles (Sapphire Rapids and later Xeons, Linux).
+    Bf16Amx,
 }
 
 impl Backend {
     /// Every backend this build knows, available on this CPU or not.
-    pub const ALL: [Backend; 2] = [Backend::F32, Backend::Bf16Avx512];
+    pub const ALL: [Backend; 3] = [Backend::F32, Backend::Bf16Avx512, Backend::Bf16Amx];
 
     /// The name `PEFT_GEMM` accepts.
     pub fn name(self) -> &'static str {
         match self {
             Backend::F32 => "f32",
             Backend::Bf16Avx512 => "bf16-avx512",
+            Backend::Bf16Amx => "bf16-amx",
         }
     }
 
@@ -62,6 +71,20 @@ impl Backend {
                         None
                     } else {
                         Some("the CPU lacks avx512bf16 or avx512f")
+                    }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    Some("not an x86-64 CPU")
+                }
+            }
+            Backend::Bf16Amx => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if amx::detected() {
+                        None
+                    } else {
+                        Some("the CPU lacks amx-bf16, or the OS did not grant tile permission")
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
@@ -88,11 +111,10 @@ pub fn bf16_is_native() -> bool {
 pub fn bf16_backend() -> Backend {
     static CHOICE: OnceLock<Backend> = OnceLock::new();
     *CHOICE.get_or_init(|| {
-        let best = if Backend::Bf16Avx512.is_available() {
-            Backend::Bf16Avx512
-        } else {
-            Backend::F32
-        };
+        let best = [Backend::Bf16Amx, Backend::Bf16Avx512]
+            .into_iter()
+            .find(|b| b.is_available())
+            .unwrap_or(Backend::F32);
         match std::env::var("PEFT_GEMM") {
             Ok(name) => match Backend::from_name(&name) {
                 Some(b) => match b.unavailable_reason() {
@@ -104,7 +126,7 @@ pub fn bf16_backend() -> Backend {
                 },
                 None => {
                     tracing::warn!(
-                        "PEFT_GEMM={name} is not a backend (f32, bf16-avx512); using {}",
+                        "PEFT_GEMM={name} is not a backend (f32, bf16-avx512, bf16-amx); using {}",
                         best.name()
                     );
                     best
@@ -431,6 +453,15 @@ pub fn matmul_bf16_with(
             #[cfg(target_arch = "x86_64")]
             {
                 avx512bf16::matmul(dst, accumulate, lhs, rhs, alpha, threads.count());
+                Ok(())
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("unavailable_reason rejects it off x86-64")
+        }
+        Backend::Bf16Amx => {
+            #[cfg(target_arch = "x86_64")]
+            {
+                amx::matmul(dst, accumulate, lhs, rhs, alpha, threads.count());
                 Ok(())
             }
             #[cfg(not(target_arch = "x86_64"))]
