@@ -37,7 +37,8 @@ simd_fn!(
 
 /// `x` rounded to bf16.
 pub(crate) fn narrow(x: &[f32]) -> Vec<bf16> {
-    let mut out = vec![bf16::ZERO; x.len()];
+    // SAFETY: the chunks cover `out` and the kernel writes each element of its chunk.
+    let mut out = unsafe { super::buffer::uninit(x.len()) };
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(o, x)| {
@@ -50,7 +51,8 @@ pub(crate) fn narrow(x: &[f32]) -> Vec<bf16> {
 
 /// `x` widened to f32 (exact).
 pub(crate) fn widen(x: &[bf16]) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    // SAFETY: as in `narrow`.
+    let mut out = unsafe { super::buffer::uninit(x.len()) };
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(o, x)| widen_kernel(bytemuck_bits(x), o));

@@ -170,8 +170,12 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_cor
 }
 
 /// `f(x chunk, out chunk, chunk start)` over `x`, in parallel.
-pub(crate) fn par_map(x: &[f32], f: impl Fn(&[f32], &mut [f32], usize) + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+///
+/// # Safety
+/// `f` must write the whole output chunk it is given: the output is not cleared first.
+pub(crate) unsafe fn par_map(x: &[f32], f: impl Fn(&[f32], &mut [f32], usize) + Sync) -> Vec<f32> {
+    // SAFETY: the chunks cover `out`, and `f` writes each chunk whole (the caller's contract).
+    let mut out = unsafe { super::buffer::uninit(x.len()) };
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .enumerate()
@@ -180,12 +184,16 @@ pub(crate) fn par_map(x: &[f32], f: impl Fn(&[f32], &mut [f32], usize) + Sync) -
 }
 
 /// `f(a chunk, b chunk, out chunk)` over two equally long inputs, in parallel.
-pub(crate) fn par_map2(
+///
+/// # Safety
+/// As for [`par_map`]: `f` must write the whole output chunk.
+pub(crate) unsafe fn par_map2(
     a: &[f32],
     b: &[f32],
     f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
+    // SAFETY: as in `par_map`: `f` writes each chunk whole.
+    let mut out = unsafe { super::buffer::uninit(a.len()) };
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(o, (a, b))| f(a, b, o));
@@ -278,10 +286,13 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     apply_map(
         x,
         "gelu-erf",
-        |x| par_map(x, |x, y, _| gelu_fwd_kernel(x, y)),
+        // SAFETY (all three maps): the kernels zip over their whole output chunk.
+        |x| unsafe { par_map(x, |x, y, _| gelu_fwd_kernel(x, y)) },
         |x, _y, g| {
             let g = g.contiguous()?;
-            let dx = with_f32(x, |xv| with_f32(&g, |gv| par_map2(xv, gv, gelu_bwd_kernel)))??;
+            let dx = with_f32(x, |xv| {
+                with_f32(&g, |gv| unsafe { par_map2(xv, gv, gelu_bwd_kernel) })
+            })??;
             Tensor::from_vec(dx, x.shape(), x.device())
         },
     )
@@ -347,7 +358,8 @@ impl CustomOp2 for SiluMul {
         else {
             candle_core::bail!("silu-mul: expected contiguous f32 inputs")
         };
-        let y = par_map2(&g[g0..g1], &u[u0..u1], silu_mul_fwd_kernel);
+        // SAFETY: the kernel writes its whole output chunk.
+        let y = unsafe { par_map2(&g[g0..g1], &u[u0..u1], silu_mul_fwd_kernel) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -392,9 +404,10 @@ pub(crate) fn dropout_f32(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     apply_map(
         x,
         "dropout",
-        move |x| par_map(x, kernel),
+        // SAFETY (both maps): the dropout kernel writes its whole output chunk.
+        move |x| unsafe { par_map(x, kernel) },
         move |_x, _y, g| {
-            let dx = with_f32(g, |gv| par_map(gv, kernel))?;
+            let dx = with_f32(g, |gv| unsafe { par_map(gv, kernel) })?;
             Tensor::from_vec(dx, g.shape(), g.device())
         },
     )

@@ -194,7 +194,9 @@ impl CustomOp1 for FrozenLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = data(s, l)?;
         let rows = self.out_shape.elem_count() / self.out_dim.max(1);
-        let mut y = vec![0f32; rows * self.out_dim];
+        // SAFETY: every row is either the bias (copied below) or written by the product, which
+        // then does not accumulate.
+        let mut y = unsafe { super::buffer::uninit(rows * self.out_dim) };
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.out_dim) {
                 row.copy_from_slice(b);
@@ -213,7 +215,8 @@ impl CustomOp1 for FrozenLinear {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = grad.to_dtype(x.dtype())?.contiguous()?;
         let rows = g.elem_count() / self.out_dim.max(1);
-        let mut dx = vec![0f32; rows * self.in_dim];
+        // SAFETY: the product below writes every element (no accumulation).
+        let mut dx = unsafe { super::buffer::uninit(rows * self.in_dim) };
         let (storage, layout) = g.storage_and_layout();
         let Storage::Cpu(gs) = &*storage else {
             candle_core::bail!("frozen-linear: gradient not on the CPU")

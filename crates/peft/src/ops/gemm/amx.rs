@@ -160,7 +160,8 @@ impl Job<'_> {
     fn rows(&self, r0: usize, rows: usize, c: &mut [f32]) {
         let (n, rs) = (self.n, self.rs);
         let panel = KC * MR; // bf16 values per packed A panel
-        let mut apack = vec![0u16; rows.min(MC).div_ceil(MR) * panel];
+                             // SAFETY: `pack_a` writes every row of the `chunks` chunks the tile loads then read.
+        let mut apack = unsafe { super::super::buffer::uninit(rows.min(MC).div_ceil(MR) * panel) };
         let mut acc = Acc([0f32; MR * NR]);
         let cfg = TileConfig::new();
         // SAFETY: `detected()` (asserted by the caller) means the CPU has AMX and the process

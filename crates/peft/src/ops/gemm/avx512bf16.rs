@@ -99,7 +99,8 @@ impl Job<'_> {
     fn rows(&self, r0: usize, rows: usize, c: &mut [f32]) {
         let (n, rs) = (self.n, self.rs);
         let mc_max = rows.min(MC);
-        let mut apack = vec![0u32; mc_max.div_ceil(MR) * KCP * MR];
+        // SAFETY: `pack_a` writes the `kp` pairs of every panel row the kernel then reads.
+        let mut apack = unsafe { super::super::buffer::uninit(mc_max.div_ceil(MR) * KCP * MR) };
         let mut tmp = [0f32; MR * NR];
         for ic in (0..rows).step_by(MC) {
             let mc = MC.min(rows - ic);
@@ -151,15 +152,25 @@ pub(super) fn pack_b(b: &MatRef<bf16>, kc_block: usize, strips: usize, threads: 
     let (k, n) = (b.rows, b.cols);
     let kblocks = k.div_ceil(kc_block);
     let panel = kc_block * NR;
-    let mut out = vec![0u16; kblocks * strips * panel];
+    // SAFETY: `fill` writes every element a kernel reads: all NR columns of the first
+    // `kpad` rows of each panel (zeros past the matrix), `kpad` covering the last 32-value chunk
+    // the AMX kernel reads and the last pair the AVX512-BF16 kernel reads. Rows past `kpad` are
+    // never read.
+    let mut out = unsafe { super::super::buffer::uninit(kblocks * strips * panel) };
     let fill = |(idx, dst): (usize, &mut [u16])| {
         let (pc, js) = (idx / strips, idx % strips);
         let (k0, j0) = (pc * kc_block, js * NR);
         let kc = kc_block.min(k - k0);
+        let kpad = kc.next_multiple_of(32).min(kc_block);
         let nw = NR.min(n - j0);
-        for j in 0..nw {
-            for kk in 0..kc {
-                dst[(kk / 2) * NR * 2 + 2 * j + (kk & 1)] = b.at(k0 + kk, j0 + j).to_bits();
+        for j in 0..NR {
+            for kk in 0..kpad {
+                let v = if j < nw && kk < kc {
+                    b.at(k0 + kk, j0 + j).to_bits()
+                } else {
+                    0
+                };
+                dst[(kk / 2) * NR * 2 + 2 * j + (kk & 1)] = v;
             }
         }
     };
