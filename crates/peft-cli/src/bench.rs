@@ -47,6 +47,11 @@ pub struct BenchArgs {
     /// all of them (a mixed batch, as `peft serve` runs requests for different adapters).
     #[arg(long, value_name = "N", requires = "generate")]
     pub adapters: Option<usize>,
+    /// Time the forward pass instead (no gradients, dropout off) with the LoRA adapter (r=8,
+    /// random non-zero weights) switched on and off in turn (`disable_adapter`), and report
+    /// the adapter's overhead.
+    #[arg(long, conflicts_with = "generate")]
+    pub inference: bool,
     /// Rows per batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -169,6 +174,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         return Ok(());
     }
 
+    if a.inference {
+        return inference(a, base, task, &device, &random_ids(a.batch * a.seq_len));
+    }
+
     let config = match &a.peft_config {
         Some(path) => {
             let mut c = PeftConfig::from_user_json(&peft::io::read_json(path)?)?;
@@ -268,6 +277,61 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         base_kind(a, bf16),
         a.gradient_checkpointing,
         peft::ops::gemm::bf16_backend().name()
+    );
+    Ok(())
+}
+
+/// `peft bench --inference`: the best forward time over `steps` runs with the adapter on and
+/// with it off, alternating so that both see the same machine; the overhead is their ratio
+/// minus one (tools/reference/bench_inference.py measures PyTorch + PEFT the same way).
+fn inference(
+    a: &BenchArgs,
+    base: Box<dyn models::Model>,
+    task: TaskType,
+    device: &candle_core::Device,
+    ids: &[u32],
+) -> Result<()> {
+    let mut c = match &a.peft_config {
+        Some(path) => PeftConfig::from_user_json(&peft::io::read_json(path)?)?,
+        None => PeftConfig::new(LoraConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            target_modules: a.target_modules.clone().map(ModuleSpec::List),
+            // Random non-zero B: the adapter really changes the output, as a trained one does.
+            init_lora_weights: peft::tuners::lora::InitLoraWeights::Bool(false),
+            ..Default::default()
+        }),
+    };
+    c.set_task_type(task);
+    let mut model = get_peft_model_with_seed(base, c, "default", 0)?;
+    let (b, t) = (a.batch, a.seq_len);
+    let inputs = Inputs {
+        input_ids: Some(Tensor::from_vec(ids.to_vec(), (b, t), device)?),
+        attention_mask: Some(Tensor::ones((b, t), DType::U32, device)?),
+        task_ids: Some(Tensor::zeros(b, DType::U32, device)?),
+        ..Default::default()
+    };
+    let (mut on, mut off) = (f64::INFINITY, f64::INFINITY);
+    for run in 0..a.warmup + a.steps {
+        for disabled in [false, true] {
+            model.disable_adapter_layers(disabled)?;
+            let start = Instant::now();
+            let out = peft::no_grad(|| model.forward(&inputs, false))?;
+            device.synchronize()?;
+            let s = start.elapsed().as_secs_f64();
+            drop(out);
+            if run >= a.warmup {
+                let best = if disabled { &mut off } else { &mut on };
+                *best = best.min(s);
+            }
+        }
+    }
+    model.disable_adapter_layers(false)?;
+    println!(
+        "{{\"impl\":\"peft\",\"mode\":\"inference\",\"task\":\"{}\",\"adapter_s\":{on:.4},\"base_s\":{off:.4},\"overhead\":{:.4},\"batch\":{b},\"seq_len\":{t},\"peak_rss_mb\":{:.0}}}",
+        task.as_str(),
+        on / off - 1.0,
+        peak_rss_mb()
     );
     Ok(())
 }
