@@ -87,3 +87,38 @@ fn a_bad_method_config_is_refused_by_name() {
     assert!(!ok && out.contains("missing.json"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn inference_mode_times_the_forward_with_the_adapter_on_and_off() {
+    let model = minilm();
+    let m = model.to_str().unwrap();
+    let (ok, out) = peft(&[
+        "bench",
+        "--model",
+        m,
+        "--inference",
+        "--batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+    ]);
+    assert!(ok, "{out}");
+    let line = out.lines().find(|l| l.starts_with('{')).expect(&out);
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["mode"], "inference", "{line}");
+    let (on, off) = (
+        v["adapter_s"].as_f64().unwrap(),
+        v["base_s"].as_f64().unwrap(),
+    );
+    assert!(on > 0.0 && off > 0.0, "{line}");
+    let overhead = v["overhead"].as_f64().unwrap();
+    // The times are printed to 0.1 ms, the overhead from the unrounded times.
+    assert!(((1.0 + overhead) * off - on).abs() < 1.5e-4, "{line}");
+    // Timing a forward pass and generating are different benchmarks.
+    let (ok, out) = peft(&["bench", "--model", m, "--inference", "--generate", "4"]);
+    assert!(!ok && out.contains("cannot be used with"), "{out}");
+}
