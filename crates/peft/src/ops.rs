@@ -13,6 +13,7 @@ use crate::Result;
 
 mod attention;
 mod bf16;
+pub(crate) mod buffer;
 mod cached_attention;
 mod cross_entropy;
 #[cfg(feature = "cuda")]

@@ -9,7 +9,7 @@
 //!
 //! The micro-kernel keeps a 32 × 32 block of C in four tiles (tmm0–3), loads two A tiles
 //! (tmm4–5, rows 0–15 and 16–31) and two B tiles (tmm6–7, columns 0–15 and 16–31) per 32 values
-//! of k, and issues four `tdpbf16ps`. B is packed once per call by [`super::avx512bf16::pack_b`]
+//! of k, and issues four `tdpbf16ps`. B is packed by [`super::avx512bf16::pack_b`]
 //! (strips of 32 columns, a k pair per 128-byte row, so the two B tiles are the two 64-byte
 //! halves of the same rows); A is packed per task into panels of 32 rows × 32 k, 64 bytes per
 //! row, so an A tile is 16 consecutive rows of a panel. Partial k chunks and ragged edges are
@@ -95,12 +95,19 @@ impl TileConfig {
     }
 }
 
-/// `dst = alpha · lhs · rhs (+ dst)`. The caller checked the shapes agree and that k, m, n > 0.
+/// `rhs` packed for [`matmul`].
+pub(super) fn pack(rhs: &MatRef<bf16>, threads: usize) -> Vec<u16> {
+    pack_b(rhs, KC, threads)
+}
+
+/// `dst = alpha · lhs · rhs (+ dst)`, `rhs` (`k × n`) packed by [`pack`]. The caller checked the
+/// shapes agree and that k, m, n > 0.
 pub(super) fn matmul(
     dst: MatMut,
     accumulate: bool,
     lhs: MatRef<bf16>,
-    rhs: MatRef<bf16>,
+    packed_b: &[u16],
+    n: usize,
     alpha: f32,
     threads: usize,
 ) {
@@ -108,9 +115,13 @@ pub(super) fn matmul(
         detected(),
         "AMX kernel called on a CPU (or kernel) without it"
     );
-    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    let (m, k) = (lhs.rows, lhs.cols);
     let strips = n.div_ceil(NR);
-    let packed_b = pack_b(&rhs, KC, strips, threads);
+    assert_eq!(
+        packed_b.len(),
+        k.div_ceil(KC) * strips * KC * NR,
+        "B packed for another shape"
+    );
     let tasks = if threads > 1 { 4 * threads } else { 1 };
     let rows_per = m.div_ceil(tasks).div_ceil(MR) * MR;
     let rs = dst.rs;
@@ -118,7 +129,7 @@ pub(super) fn matmul(
         let r0 = t * rows_per;
         let job = Job {
             lhs: &lhs,
-            packed_b: &packed_b,
+            packed_b,
             n,
             k,
             strips,

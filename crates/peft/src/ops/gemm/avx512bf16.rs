@@ -35,19 +35,30 @@ pub(super) fn detected() -> bool {
     std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512f")
 }
 
-/// `dst = alpha · lhs · rhs (+ dst)`. The caller checked the shapes agree and that k, m, n > 0.
+/// `rhs` packed for [`matmul`].
+pub(super) fn pack(rhs: &MatRef<bf16>, threads: usize) -> Vec<u16> {
+    pack_b(rhs, KC, threads)
+}
+
+/// `dst = alpha · lhs · rhs (+ dst)`, `rhs` (`k × n`) packed by [`pack`]. The caller checked the
+/// shapes agree and that k, m, n > 0.
 pub(super) fn matmul(
     dst: MatMut,
     accumulate: bool,
     lhs: MatRef<bf16>,
-    rhs: MatRef<bf16>,
+    packed_b: &[u16],
+    n: usize,
     alpha: f32,
     threads: usize,
 ) {
     assert!(detected(), "avx512bf16 kernel called on a CPU without it");
-    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    let (m, k) = (lhs.rows, lhs.cols);
     let strips = n.div_ceil(NR);
-    let packed_b = pack_b(&rhs, KC, strips, threads);
+    assert_eq!(
+        packed_b.len(),
+        k.div_ceil(KC) * strips * KC * NR,
+        "B packed for another shape"
+    );
     // Rows per task: a few tasks per thread, so rayon can even out a busy core.
     let tasks = if threads > 1 { 4 * threads } else { 1 };
     let rows_per = m.div_ceil(tasks).div_ceil(MR) * MR;
@@ -57,7 +68,7 @@ pub(super) fn matmul(
         let rows = rows_per.min(m - r0);
         let job = Job {
             lhs: &lhs,
-            packed_b: &packed_b,
+            packed_b,
             n,
             k,
             strips,
@@ -148,8 +159,9 @@ impl Job<'_> {
 /// columns: `out[((block · strips + strip) · kc_block / 2 + p) · NR · 2 + 2 j + h] =
 /// b[block · kc_block + 2p + h][strip · NR + j]`. Shared with the AMX kernel, whose B tiles
 /// are the two 64-byte halves of 16 such pair rows.
-pub(super) fn pack_b(b: &MatRef<bf16>, kc_block: usize, strips: usize, threads: usize) -> Vec<u16> {
+pub(super) fn pack_b(b: &MatRef<bf16>, kc_block: usize, threads: usize) -> Vec<u16> {
     let (k, n) = (b.rows, b.cols);
+    let strips = n.div_ceil(NR);
     let kblocks = k.div_ceil(kc_block);
     let panel = kc_block * NR;
     // SAFETY: `fill` writes every element a kernel reads: all NR columns of the first
@@ -163,14 +175,34 @@ pub(super) fn pack_b(b: &MatRef<bf16>, kc_block: usize, strips: usize, threads: 
         let kc = kc_block.min(k - k0);
         let kpad = kc.next_multiple_of(32).min(kc_block);
         let nw = NR.min(n - j0);
-        for j in 0..NR {
-            for kk in 0..kpad {
-                let v = if j < nw && kk < kc {
-                    b.at(k0 + kk, j0 + j).to_bits()
-                } else {
-                    0
-                };
-                dst[(kk / 2) * NR * 2 + 2 * j + (kk & 1)] = v;
+        let bits = |kk: usize, j: usize| b.at(k0 + kk, j0 + j).to_bits();
+        // Read B along its contiguous direction: rows when its columns are adjacent (the
+        // backward's `W`), columns when its rows are (the forward's `Wᵀ`).
+        if b.cs == 1 {
+            for kk in 0..kc {
+                let row = &mut dst[(kk / 2) * NR * 2 + (kk & 1)..];
+                let src = &b.data[(k0 + kk) * b.rs + j0..][..nw];
+                for (j, v) in src.iter().enumerate() {
+                    row[2 * j] = v.to_bits();
+                }
+            }
+        } else {
+            for j in 0..nw {
+                for kk in 0..kc {
+                    dst[(kk / 2) * NR * 2 + 2 * j + (kk & 1)] = bits(kk, j);
+                }
+            }
+        }
+        for kk in 0..kc {
+            for j in nw..NR {
+                dst[(kk / 2) * NR * 2 + 2 * j + (kk & 1)] = 0;
+            }
+        }
+        dst[kc.div_ceil(2) * NR * 2..(kpad / 2) * NR * 2].fill(0);
+        if kc % 2 == 1 {
+            // The odd last row's partner in its pair.
+            for j in 0..NR {
+                dst[(kc / 2) * NR * 2 + 2 * j + 1] = 0;
             }
         }
     };

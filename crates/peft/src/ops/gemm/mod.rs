@@ -437,6 +437,7 @@ pub fn matmul_bf16_with(
         }
         return Ok(());
     }
+    let (n, t) = (rhs.cols, threads.count());
     match backend {
         Backend::F32 => {
             let (a, b) = (widen(&lhs), widen(&rhs));
@@ -449,24 +450,20 @@ pub fn matmul_bf16_with(
                 threads,
             )
         }
+        #[cfg(target_arch = "x86_64")]
         Backend::Bf16Avx512 => {
-            #[cfg(target_arch = "x86_64")]
-            {
-                avx512bf16::matmul(dst, accumulate, lhs, rhs, alpha, threads.count());
-                Ok(())
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("unavailable_reason rejects it off x86-64")
+            let packed = avx512bf16::pack(&rhs, t);
+            avx512bf16::matmul(dst, accumulate, lhs, &packed, n, alpha, t);
+            Ok(())
         }
+        #[cfg(target_arch = "x86_64")]
         Backend::Bf16Amx => {
-            #[cfg(target_arch = "x86_64")]
-            {
-                amx::matmul(dst, accumulate, lhs, rhs, alpha, threads.count());
-                Ok(())
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("unavailable_reason rejects it off x86-64")
+            let packed = amx::pack(&rhs, t);
+            amx::matmul(dst, accumulate, lhs, &packed, n, alpha, t);
+            Ok(())
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("unavailable_reason rejects it off x86-64 ({n}, {t})"),
     }
 }
 
