@@ -186,6 +186,20 @@ pub(super) fn pack_b(b: &MatRef<bf16>, kc_block: usize, threads: usize) -> Vec<u
                     row[2 * j] = v.to_bits();
                 }
             }
+        } else if b.rs == 1 {
+            // Each column's k values are adjacent: copy them a pair at a time.
+            for j in 0..nw {
+                let src = &b.data[(j0 + j) * b.cs + k0..][..kc];
+                let mut pairs = src.chunks_exact(2);
+                for (p, pair) in pairs.by_ref().enumerate() {
+                    let d = &mut dst[p * NR * 2 + 2 * j..][..2];
+                    d[0] = pair[0].to_bits();
+                    d[1] = pair[1].to_bits();
+                }
+                if let [last] = pairs.remainder() {
+                    dst[(kc / 2) * NR * 2 + 2 * j] = last.to_bits();
+                }
+            }
         } else {
             for j in 0..nw {
                 for kk in 0..kc {
