@@ -40,6 +40,21 @@ fn peft_adapters_load_and_match_lora_and_merged_logits() {
             &expected["lora_logits"],
             TOL,
         );
+        // Without a graph each LoRA layer runs as one product with the update accumulated
+        // into the base output (ops::frozen_linear_low_rank): the same logits.
+        let inference = peft::no_grad(|| m.forward(&inputs(), false)).unwrap();
+        assert_close(
+            &format!("{case}: lora, no graph"),
+            &inference,
+            &expected["lora_logits"],
+            TOL,
+        );
+        assert_close(
+            &format!("{case}: lora, no graph vs graph"),
+            &inference,
+            &lora,
+            1e-5,
+        );
         {
             let disabled = m.disable_adapter().unwrap();
             let base = disabled.forward(&inputs(), false).unwrap();

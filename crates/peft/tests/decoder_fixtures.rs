@@ -158,6 +158,14 @@ fn run_case(case: &str) {
         &e["lora_logits"],
         &right,
     );
+    // Without a graph the LoRA layers run fused (ops::frozen_linear_low_rank), GPT-2's
+    // transposed Conv1D weights included.
+    check(
+        &format!("{case}: lora, no graph"),
+        &peft::no_grad(|| lora.forward(&right, false)).unwrap(),
+        &e["lora_logits"],
+        &right,
+    );
     if let Some(want) = e.get("lora_logits_left") {
         check(
             &format!("{case}: lora, left padding"),

@@ -217,6 +217,11 @@ impl Linear {
                 self.forward_mixed(&x2, &names, lead.first().copied())?
             }
             _ => {
+                if let Some(y) = self.forward_fused_low_rank(&x2, train)? {
+                    let mut out_dims = lead.to_vec();
+                    out_dims.push(self.out_features());
+                    return Ok(y.reshape(out_dims)?);
+                }
                 let mut y = self.affine(
                     &x2,
                     &self.weight.value(),
@@ -242,6 +247,34 @@ impl Linear {
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());
         Ok(y.reshape(out_dims)?)
+    }
+
+    /// Inference through a frozen dense layer with one running plain low-rank adapter (LoRA at
+    /// full weight, no dropout in effect): the base product and the update in one buffer
+    /// ([`ops::frozen_linear_low_rank`]). `None` when that does not apply.
+    fn forward_fused_low_rank(&self, x2: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        if train || self.weight.is_trainable() || self.quant().is_some() {
+            return Ok(None);
+        }
+        let mut running = self.adapters.running_weighted();
+        let (Some((adapter, weight)), None) = (running.next(), running.next()) else {
+            return Ok(None);
+        };
+        let Some(low_rank) = adapter.low_rank().filter(|_| weight == 1.0) else {
+            return Ok(None);
+        };
+        let bias = match &self.bias {
+            Some(b) if b.is_trainable() => return Ok(None),
+            Some(b) => Some(b.value()),
+            None => None,
+        };
+        ops::frozen_linear_low_rank(
+            x2,
+            &self.weight.value(),
+            bias.as_ref(),
+            self.transposed,
+            &low_rank,
+        )
     }
 
     /// `x2 · Wᵀ + b` for a `[rows, in]` input. On a quantized layer `w` is the base's

@@ -229,3 +229,82 @@ impl CustomOp1 for FrozenLinear {
         Ok(Some(dx))
     }
 }
+
+/// Inference only (no graph): `x · Wᵀ + b + s · (x · Aᵀ) · Bᵀ` for f32 tensors on the CPU, in
+/// one output buffer. The low-rank term is accumulated into the base product's output (the
+/// `gemm` `alpha` carries `s`), so a LoRA layer costs the two thin products and nothing else:
+/// no `[rows, out]` temporary for the update and no pass to add it.
+pub(crate) fn frozen_linear_low_rank(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    transposed: bool,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+) -> Result<Tensor> {
+    let op = FrozenLinear::new(w.clone(), transposed)?;
+    let (in_dim, out_dim) = op.dims();
+    let (r, a_in) = a.dims2()?;
+    let (b_out, b_r) = b.dims2()?;
+    let k = *x.dims().last().unwrap_or(&0);
+    if k != in_dim || a_in != in_dim || b_out != out_dim || b_r != r {
+        return Err(crate::Error::ShapeMismatch {
+            name: "low-rank linear (x, A, B)".into(),
+            expected: vec![in_dim, r, in_dim, out_dim, r],
+            found: vec![k, r, a_in, b_out, b_r],
+        });
+    }
+    let rows = x.elem_count() / in_dim.max(1);
+    let bias = match bias {
+        Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
+    // SAFETY: every row is the bias (copied below) or written by the base product, which then
+    // does not accumulate.
+    let mut y: Vec<f32> = unsafe { super::buffer::uninit(rows * out_dim) };
+    if let Some(bias) = &bias {
+        for row in y.chunks_exact_mut(out_dim) {
+            row.copy_from_slice(bias);
+        }
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let (as_, al) = a.storage_and_layout();
+    let (bs, bl) = b.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(as_), Storage::Cpu(bs)) = (&*xs, &*as_, &*bs) else {
+        return Err(crate::Error::Config(
+            "the fused low-rank linear runs on the CPU".into(),
+        ));
+    };
+    let (Data::F32(xv), Data::F32(av), Data::F32(bv)) =
+        (data(xs, xl)?, data(as_, al)?, data(bs, bl)?)
+    else {
+        return Err(crate::Error::Config(
+            "the fused low-rank linear takes f32 tensors".into(),
+        ));
+    };
+    op.product(Data::F32(xv), false, &mut y, bias.is_some())?;
+    let mut t = vec![0f32; rows * r];
+    matmul_f32(
+        MatMut::row_major(&mut t, rows, r)?,
+        false,
+        MatRef::row_major(xv, rows, in_dim)?,
+        MatRef::row_major(av, r, in_dim)?.t(),
+        1.0,
+        Threads::All,
+    )?;
+    matmul_f32(
+        MatMut::row_major(&mut y, rows, out_dim)?,
+        true,
+        MatRef::row_major(&t, rows, r)?,
+        MatRef::row_major(bv, out_dim, r)?.t(),
+        scaling as f32,
+        Threads::All,
+    )?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out_dim;
+    }
+    Ok(Tensor::from_vec(y, dims, x.device())?)
+}
