@@ -121,7 +121,9 @@ pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Resul
     let wf = w.clone();
     let fwd = move |x: &[f32]| -> candle_core::Result<Vec<f32>> {
         let rows = x.len() / in_dim;
-        let mut y = vec![0f32; rows * out_dim];
+        // SAFETY: every row is the bias (copied below) or written whole by the product, which
+        // then does not accumulate (the banded product's bands cover every column).
+        let mut y = unsafe { super::buffer::uninit(rows * out_dim) };
         if rows == 0 {
             return Ok(y);
         }
@@ -202,7 +204,9 @@ pub(super) fn banded_forward_into(
 fn input_grad(w: &QuantWeight, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
     let in_dim = w.dims().1;
     let g = g.to_dtype(DType::F32)?.contiguous()?;
-    let mut dx = vec![0f32; g.elem_count() / w.dims().0.max(1) * in_dim];
+    // SAFETY: the first band's product overwrites all of `dx` (the others accumulate); with no
+    // band there is no row either (`dy` is then empty).
+    let mut dx = unsafe { super::buffer::uninit(g.elem_count() / w.dims().0.max(1) * in_dim) };
     with_f32(&g, |gv| input_grad_into(w, gv, &mut dx))??;
     Tensor::from_vec(dx, x.shape(), x.device())?.to_dtype(x.dtype())
 }
