@@ -376,33 +376,25 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor>
     frozen_linear_bias(x, w, None, transposed)
 }
 
-/// Inference (no graph): `x · Wᵀ + b + s · (x · Aᵀ) · Bᵀ`, a frozen linear layer with a
-/// plain low-rank update (LoRA), as one product into one buffer, when every tensor is f32 on the
-/// CPU; `None` otherwise (the caller runs the layer and the adapter as usual).
+/// For inference (the caller records no graph): `x · Wᵀ + b + s · (x · Aᵀ) · Bᵀ`, a frozen
+/// linear layer with a plain low-rank update (LoRA; `a` `[r, in]`, `b` `[out, r]`), as one
+/// product into one buffer, when every tensor is f32 on the CPU; `None` otherwise (the caller
+/// runs the layer and the adapter as usual). The result carries no gradient.
 pub fn frozen_linear_low_rank(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     transposed: bool,
-    low_rank: &crate::layers::LowRank,
+    (a, b, scaling): (&Tensor, &Tensor, f64),
 ) -> Result<Option<Tensor>> {
-    let all_f32_cpu = [x, w, &low_rank.a, &low_rank.b]
+    let all_f32_cpu = [x, w, a, b]
         .into_iter()
         .chain(bias)
         .all(|t| t.dtype() == candle_core::DType::F32 && t.device().is_cpu());
-    if crate::grad::is_enabled() || !all_f32_cpu {
+    if !all_f32_cpu {
         return Ok(None);
     }
-    linear::frozen_linear_low_rank(
-        x,
-        w,
-        bias,
-        transposed,
-        &low_rank.a,
-        &low_rank.b,
-        low_rank.scaling,
-    )
-    .map(Some)
+    linear::frozen_linear_low_rank(x, w, bias, transposed, a, b, scaling).map(Some)
 }
 
 /// [`frozen_linear`] plus a frozen `bias`, added before the result joins the graph: one node

@@ -6,7 +6,7 @@ use super::adapter::{AdapterList, AdapterSite, Adapters, LinearAdapter, LinearBa
 use super::mixed;
 use super::param::Param;
 use crate::quant::QuantWeight;
-use crate::{ops, Error, Result};
+use crate::{grad, ops, Error, Result};
 
 #[derive(Debug)]
 pub struct Linear {
@@ -253,7 +253,7 @@ impl Linear {
     /// full weight, no dropout in effect): the base product and the update in one buffer
     /// ([`ops::frozen_linear_low_rank`]). `None` when that does not apply.
     fn forward_fused_low_rank(&self, x2: &Tensor, train: bool) -> Result<Option<Tensor>> {
-        if train || self.weight.is_trainable() || self.quant().is_some() {
+        if train || grad::is_enabled() || self.weight.is_trainable() || self.quant().is_some() {
             return Ok(None);
         }
         let mut running = self.adapters.running_weighted();
@@ -273,7 +273,7 @@ impl Linear {
             &self.weight.value(),
             bias.as_ref(),
             self.transposed,
-            &low_rank,
+            (&low_rank.a, &low_rank.b, low_rank.scaling),
         )
     }
 
