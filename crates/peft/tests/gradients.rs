@@ -168,7 +168,10 @@ fn no_grad_records_nothing_and_gives_the_same_logits() {
     );
     let without = peft::no_grad(|| m.forward(&inputs(), false)).unwrap();
     assert!(!without.track_op(), "inside no_grad nothing is recorded");
-    assert_eq!(max_diff(&with_graph, &without), 0.0);
+    // The same logits up to summation order: without a graph each LoRA layer accumulates its
+    // update into the base product (ops::frozen_linear_low_rank) instead of adding it after.
+    let diff = max_diff(&with_graph, &without);
+    assert!(diff <= 1e-5, "graph and no-graph logits differ by {diff}");
     assert!(
         peft::grad::is_enabled(),
         "no_grad restores recording when it ends"
