@@ -175,27 +175,19 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
 
     if a.inference {
-        return inference(a, base, task, &device, &random_ids(a.batch * a.seq_len));
+        let (b, t) = (a.batch, a.seq_len);
+        let ids = Tensor::from_vec(random_ids(b * t), (b, t), &device)?;
+        return inference(a, base, task, &ids);
     }
 
-    let config = match &a.peft_config {
-        Some(path) => {
-            let mut c = PeftConfig::from_user_json(&peft::io::read_json(path)?)?;
-            c.set_task_type(task_type);
-            c
-        }
-        None => {
-            let mut c = LoraConfig {
-                r: 8,
-                lora_alpha: 16.0,
-                lora_dropout: 0.1,
-                target_modules: a.target_modules.clone().map(ModuleSpec::List),
-                ..Default::default()
-            };
-            c.base.task_type = Some(task_type);
-            PeftConfig::new(c)
-        }
-    };
+    let config = adapter_config(
+        a,
+        task_type,
+        LoraConfig {
+            lora_dropout: 0.1,
+            ..Default::default()
+        },
+    )?;
     let method = match config.downcast_ref::<LoraConfig>() {
         Some(c) if c.use_dora => "DORA",
         _ => config.peft_type(),
@@ -205,13 +197,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let bf16 = a.bf16 && model.autocast_bf16()?;
     let (b, t) = (a.batch, a.seq_len);
     let ids = Tensor::from_vec(random_ids(b * t), (b, t), &device)?;
-    let inputs = Inputs {
-        input_ids: Some(ids.clone()),
-        attention_mask: Some(Tensor::ones((b, t), DType::U32, &device)?),
-        // Task 0 for every row: multitask prompt tuning needs task ids, other methods ignore them.
-        task_ids: Some(Tensor::zeros(b, DType::U32, &device)?),
-        ..Default::default()
-    };
+    let inputs = bench_inputs(&ids)?;
     let labels = match task_type {
         TaskType::SeqCls => {
             let l: Vec<i64> = (0..b).map(|i| (i % 2) as i64).collect();
@@ -288,29 +274,21 @@ fn inference(
     a: &BenchArgs,
     base: Box<dyn models::Model>,
     task: TaskType,
-    device: &candle_core::Device,
-    ids: &[u32],
+    ids: &Tensor,
 ) -> Result<()> {
-    let mut c = match &a.peft_config {
-        Some(path) => PeftConfig::from_user_json(&peft::io::read_json(path)?)?,
-        None => PeftConfig::new(LoraConfig {
-            r: 8,
-            lora_alpha: 16.0,
-            target_modules: a.target_modules.clone().map(ModuleSpec::List),
+    let config = adapter_config(
+        a,
+        task,
+        LoraConfig {
             // Random non-zero B: the adapter really changes the output, as a trained one does.
             init_lora_weights: peft::tuners::lora::InitLoraWeights::Bool(false),
             ..Default::default()
-        }),
-    };
-    c.set_task_type(task);
-    let mut model = get_peft_model_with_seed(base, c, "default", 0)?;
-    let (b, t) = (a.batch, a.seq_len);
-    let inputs = Inputs {
-        input_ids: Some(Tensor::from_vec(ids.to_vec(), (b, t), device)?),
-        attention_mask: Some(Tensor::ones((b, t), DType::U32, device)?),
-        task_ids: Some(Tensor::zeros(b, DType::U32, device)?),
-        ..Default::default()
-    };
+        },
+    )?;
+    let mut model = get_peft_model_with_seed(base, config, "default", 0)?;
+    let (b, t) = ids.dims2()?;
+    let device = ids.device();
+    let inputs = bench_inputs(ids)?;
     let (mut on, mut off) = (f64::INFINITY, f64::INFINITY);
     for run in 0..a.warmup + a.steps {
         for disabled in [false, true] {
@@ -334,6 +312,35 @@ fn inference(
         peak_rss_mb()
     );
     Ok(())
+}
+
+/// The adapter a benchmark runs, for `task`: `--peft-config` when given, else `lora` with
+/// r = 8, alpha = 16 on `--target-modules` (the other fields as `lora` sets them).
+fn adapter_config(a: &BenchArgs, task: TaskType, lora: LoraConfig) -> Result<PeftConfig> {
+    let mut config = match &a.peft_config {
+        Some(path) => PeftConfig::from_user_json(&peft::io::read_json(path)?)?,
+        None => PeftConfig::new(LoraConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            target_modules: a.target_modules.clone().map(ModuleSpec::List),
+            ..lora
+        }),
+    };
+    config.set_task_type(task);
+    Ok(config)
+}
+
+/// The model inputs for `ids` (`[batch, len]`): an all-ones mask, and task 0 for every row
+/// (multitask prompt tuning needs task ids; other methods ignore them).
+fn bench_inputs(ids: &Tensor) -> Result<Inputs> {
+    let (b, t) = ids.dims2()?;
+    let device = ids.device();
+    Ok(Inputs {
+        input_ids: Some(ids.clone()),
+        attention_mask: Some(Tensor::ones((b, t), DType::U32, device)?),
+        task_ids: Some(Tensor::zeros(b, DType::U32, device)?),
+        ..Default::default()
+    })
 }
 
 /// How the frozen base was stored, for the JSON line: `f32`, `f32+bf16`, `nf4-dq`,

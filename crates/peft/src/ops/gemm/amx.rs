@@ -26,7 +26,6 @@ use std::arch::asm;
 use std::sync::OnceLock;
 
 use half::bf16;
-use rayon::prelude::*;
 
 use super::avx512bf16::{pack_b, NR};
 use super::{MatMut, MatRef};
@@ -115,18 +114,15 @@ pub(super) fn matmul(
         detected(),
         "AMX kernel called on a CPU (or kernel) without it"
     );
-    let (m, k) = (lhs.rows, lhs.cols);
+    let k = lhs.cols;
     let strips = n.div_ceil(NR);
     assert_eq!(
         packed_b.len(),
         k.div_ceil(KC) * strips * KC * NR,
         "B packed for another shape"
     );
-    let tasks = if threads > 1 { 4 * threads } else { 1 };
-    let rows_per = m.div_ceil(tasks).div_ceil(MR) * MR;
     let rs = dst.rs;
-    let run = |(t, c): (usize, &mut [f32])| {
-        let r0 = t * rows_per;
+    super::for_row_blocks(dst, MR, threads, |r0, rows, c| {
         let job = Job {
             lhs: &lhs,
             packed_b,
@@ -137,22 +133,8 @@ pub(super) fn matmul(
             accumulate,
             alpha,
         };
-        job.rows(r0, rows_per.min(m - r0), c);
-    };
-    let chunks = m.div_ceil(rows_per);
-    if tasks > 1 && chunks > 1 {
-        dst.data
-            .par_chunks_mut(rows_per * rs)
-            .take(chunks)
-            .enumerate()
-            .for_each(run);
-    } else {
-        dst.data
-            .chunks_mut(rows_per * rs)
-            .take(chunks)
-            .enumerate()
-            .for_each(run);
-    }
+        job.rows(r0, rows, c);
+    });
 }
 
 struct Job<'a> {

@@ -52,20 +52,15 @@ pub(super) fn matmul(
     threads: usize,
 ) {
     assert!(detected(), "avx512bf16 kernel called on a CPU without it");
-    let (m, k) = (lhs.rows, lhs.cols);
+    let k = lhs.cols;
     let strips = n.div_ceil(NR);
     assert_eq!(
         packed_b.len(),
         k.div_ceil(KC) * strips * KC * NR,
         "B packed for another shape"
     );
-    // Rows per task: a few tasks per thread, so rayon can even out a busy core.
-    let tasks = if threads > 1 { 4 * threads } else { 1 };
-    let rows_per = m.div_ceil(tasks).div_ceil(MR) * MR;
     let rs = dst.rs;
-    let run = |(t, c): (usize, &mut [f32])| {
-        let r0 = t * rows_per;
-        let rows = rows_per.min(m - r0);
+    super::for_row_blocks(dst, MR, threads, |r0, rows, c| {
         let job = Job {
             lhs: &lhs,
             packed_b,
@@ -77,21 +72,7 @@ pub(super) fn matmul(
             alpha,
         };
         job.rows(r0, rows, c);
-    };
-    let chunks = m.div_ceil(rows_per);
-    if tasks > 1 && chunks > 1 {
-        dst.data
-            .par_chunks_mut(rows_per * rs)
-            .take(chunks)
-            .enumerate()
-            .for_each(run);
-    } else {
-        dst.data
-            .chunks_mut(rows_per * rs)
-            .take(chunks)
-            .enumerate()
-            .for_each(run);
-    }
+    });
 }
 
 struct Job<'a> {

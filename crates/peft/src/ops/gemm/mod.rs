@@ -467,6 +467,41 @@ pub fn matmul_bf16_with(
     }
 }
 
+/// `f(r0, rows, c)` over blocks of the output's rows, `c` holding rows `r0 .. r0 + rows` (rows
+/// `dst.rs` apart): a few blocks per thread, each a multiple of `mr` rows, as rayon tasks when
+/// there is more than one thread, so that a busy core is evened out. The bf16 kernels' driver.
+#[cfg(target_arch = "x86_64")]
+fn for_row_blocks(
+    dst: MatMut,
+    mr: usize,
+    threads: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    let m = dst.rows;
+    let tasks = if threads > 1 { 4 * threads } else { 1 };
+    let rows_per = m.div_ceil(tasks).div_ceil(mr) * mr;
+    let blocks = m.div_ceil(rows_per);
+    let run = |(t, c): (usize, &mut [f32])| {
+        let r0 = t * rows_per;
+        f(r0, rows_per.min(m - r0), c)
+    };
+    let len = rows_per * dst.rs;
+    if tasks > 1 && blocks > 1 {
+        dst.data
+            .par_chunks_mut(len)
+            .take(blocks)
+            .enumerate()
+            .for_each(run);
+    } else {
+        dst.data
+            .chunks_mut(len)
+            .take(blocks)
+            .enumerate()
+            .for_each(run);
+    }
+}
+
 /// The view's elements as a row-major f32 matrix.
 fn widen(m: &MatRef<bf16>) -> Vec<f32> {
     if m.cs == 1 && m.rs == m.cols {
