@@ -23,6 +23,7 @@ mod fused;
 pub mod gemm;
 mod linear;
 mod linear_cross_entropy;
+mod low_rank;
 mod precomputed;
 mod quant;
 mod scale;
@@ -376,25 +377,30 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor>
     frozen_linear_bias(x, w, None, transposed)
 }
 
-/// For inference (the caller records no graph): `x · Wᵀ + b + s · (x · Aᵀ) · Bᵀ`, a frozen
-/// linear layer with a plain low-rank update (LoRA; `a` `[r, in]`, `b` `[out, r]`), as one
-/// product into one buffer, when every tensor is f32 on the CPU; `None` otherwise (the caller
-/// runs the layer and the adapter as usual). The result carries no gradient.
+/// `x · Wᵀ + b + s · (dropout(x) · Aᵀ) · Bᵀ`: a frozen linear layer with a plain low-rank
+/// update (LoRA; `a` `[r, in]`, `b` `[out, r]`), as one product into one buffer and one graph
+/// node whose backward gives `x`, `a` and `b` their gradients, when every tensor is f32 on the
+/// CPU; `None` otherwise (the caller runs the layer and the adapter as usual). `x` may have any
+/// leading dimensions. The dropout applies in training only, with a mask drawn as [`dropout`]
+/// draws it.
 pub fn frozen_linear_low_rank(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     transposed: bool,
     (a, b, scaling): (&Tensor, &Tensor, f64),
+    dropout: f64,
+    train: bool,
 ) -> Result<Option<Tensor>> {
     let all_f32_cpu = [x, w, a, b]
         .into_iter()
         .chain(bias)
         .all(|t| t.dtype() == candle_core::DType::F32 && t.device().is_cpu());
-    if !all_f32_cpu {
+    if !all_f32_cpu || (train && dropout >= 1.0) {
         return Ok(None);
     }
-    linear::frozen_linear_low_rank(x, w, bias, transposed, a, b, scaling).map(Some)
+    let dropout = (train && dropout > 0.0).then(|| (dropout, next_dropout_seed()));
+    low_rank::frozen_linear_low_rank(x, w, bias, transposed, (a, b, scaling), dropout).map(Some)
 }
 
 /// [`frozen_linear`] plus a frozen `bias`, added before the result joins the graph: one node

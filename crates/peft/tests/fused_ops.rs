@@ -464,3 +464,110 @@ fn scale_columns_matches_candle_forward_and_backward() {
     let x = data(&[2, 3], 0.0, 1.0);
     assert!(ops::scale_columns(&x, &data(&[2], 0.0, 1.0)).is_err());
 }
+
+/// `x Wᵀ + b + s (dropout(x) Aᵀ) Bᵀ` from candle primitives, with `ops::dropout`'s mask.
+fn low_rank_composed(
+    x: &Tensor,
+    w_out_in: &Tensor,
+    b: &Tensor,
+    (a, bb, s): (&Tensor, &Tensor, f64),
+    p: f64,
+) -> Tensor {
+    let base = x
+        .broadcast_matmul(&w_out_in.t().unwrap())
+        .unwrap()
+        .broadcast_add(b)
+        .unwrap();
+    let xd = ops::dropout(x, p, p > 0.0).unwrap();
+    let update = xd
+        .broadcast_matmul(&a.t().unwrap())
+        .unwrap()
+        .broadcast_matmul(&bb.t().unwrap())
+        .unwrap();
+    (base + (update * s).unwrap()).unwrap()
+}
+
+#[test]
+fn frozen_linear_low_rank_matches_the_composed_layer_forward_and_backward() {
+    let w = data(&[7, 12], 1.9, 1.0); // [out, in]
+    let bias = data(&[7], 3.1, 1.0);
+    let a = Var::from_tensor(&data(&[3, 12], 0.3, 0.5)).unwrap();
+    let bb = Var::from_tensor(&data(&[7, 3], 2.6, 0.5)).unwrap();
+    let s = 0.75;
+    for p in [0.0, 0.3] {
+        for transposed in [false, true] {
+            for x_trained in [true, false] {
+                let what = format!("p={p} transposed={transposed} x_trained={x_trained}");
+                let xt = data(&[2, 5, 12], 0.7, 2.0);
+                let xv = Var::from_tensor(&xt).unwrap();
+                let x = if x_trained {
+                    xv.as_tensor().clone()
+                } else {
+                    xt
+                };
+                // The same seed for both, so both draw the same dropout mask.
+                ops::restore_dropout(7, 0);
+                let reference = low_rank_composed(&x, &w, &bias, (&a, &bb, s), p);
+                let g_ref = weighted_sum(&reference).backward().unwrap();
+                let stored = if transposed {
+                    w.t().unwrap().contiguous().unwrap()
+                } else {
+                    w.clone()
+                };
+                ops::restore_dropout(7, 0);
+                let ours = ops::frozen_linear_low_rank(
+                    &x,
+                    &stored,
+                    Some(&bias),
+                    transposed,
+                    (a.as_tensor(), bb.as_tensor(), s),
+                    p,
+                    true,
+                )
+                .unwrap()
+                .expect("f32 on the CPU");
+                assert_close(&format!("{what}: forward"), &ours, &reference, 1e-6);
+                let g = weighted_sum(&ours).backward().unwrap();
+                for (name, t) in [("A", a.as_tensor()), ("B", bb.as_tensor())] {
+                    assert_close(
+                        &format!("{what}: d{name}"),
+                        g.get(t).unwrap(),
+                        g_ref.get(t).unwrap(),
+                        1e-5,
+                    );
+                }
+                if x_trained {
+                    assert_close(
+                        &format!("{what}: dx"),
+                        g.get(&x).unwrap(),
+                        g_ref.get(&x).unwrap(),
+                        1e-5,
+                    );
+                }
+            }
+        }
+    }
+    // Without a graph the same values come out, recording nothing.
+    let x = data(&[2, 5, 12], 0.7, 2.0);
+    let plain = peft::no_grad(|| {
+        ops::frozen_linear_low_rank(
+            &x,
+            &w,
+            Some(&bias),
+            false,
+            (&a.as_tensor().detach(), &bb.as_tensor().detach(), s),
+            0.3,
+            false,
+        )
+    })
+    .unwrap()
+    .unwrap();
+    assert!(!plain.track_op());
+    let reference = low_rank_composed(&x, &w, &bias, (a.as_tensor(), bb.as_tensor(), s), 0.0);
+    assert_close(
+        "no graph, no dropout outside training",
+        &plain,
+        &reference,
+        1e-6,
+    );
+}

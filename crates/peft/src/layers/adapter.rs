@@ -126,9 +126,10 @@ pub trait Adapter: Debug + Send + Sync {
     }
 }
 
-/// An adapter whose whole effect on a linear layer is `y += s · (x Aᵀ) Bᵀ`: no dropout at
-/// inference, no bias, nothing depending on the base weight. Mixed batches apply many of these
-/// at once (two batched products for all rows) instead of one row group at a time.
+/// An adapter whose whole effect on a linear layer is `y += s · (dropout(x) Aᵀ) Bᵀ`: no bias,
+/// nothing depending on the base weight. Mixed batches apply many of these at once (two batched
+/// products for all rows) instead of one row group at a time, and a frozen dense layer runs one
+/// in the same product as its base ([`crate::ops::frozen_linear_low_rank`]).
 #[derive(Debug, Clone)]
 pub struct LowRank {
     /// `[r, in]`.
@@ -136,6 +137,8 @@ pub struct LowRank {
     /// `[out, r]`.
     pub b: Tensor,
     pub scaling: f64,
+    /// The dropout on the update's input, in training.
+    pub dropout: f64,
 }
 
 /// An adapter on a linear layer (LoRA, DoRA, IA3, ...).

@@ -6,7 +6,7 @@ use super::adapter::{AdapterList, AdapterSite, Adapters, LinearAdapter, LinearBa
 use super::mixed;
 use super::param::Param;
 use crate::quant::QuantWeight;
-use crate::{grad, ops, Error, Result};
+use crate::{ops, Error, Result};
 
 #[derive(Debug)]
 pub struct Linear {
@@ -211,17 +211,17 @@ impl Linear {
                 return ops::frozen_linear_bias(x, &w, b.as_ref(), self.transposed);
             }
         }
+        if !mixed_rows {
+            if let Some(y) = self.forward_fused_low_rank(x, train)? {
+                return Ok(y);
+            }
+        }
         let x2 = x.reshape(((), k))?;
         let y = match mixed::current() {
             Some(names) if self.routes_rows() => {
                 self.forward_mixed(&x2, &names, lead.first().copied())?
             }
             _ => {
-                if let Some(y) = self.forward_fused_low_rank(&x2, train)? {
-                    let mut out_dims = lead.to_vec();
-                    out_dims.push(self.out_features());
-                    return Ok(y.reshape(out_dims)?);
-                }
                 let mut y = self.affine(
                     &x2,
                     &self.weight.value(),
@@ -249,11 +249,11 @@ impl Linear {
         Ok(y.reshape(out_dims)?)
     }
 
-    /// Inference through a frozen dense layer with one running plain low-rank adapter (LoRA at
-    /// full weight, no dropout in effect): the base product and the update in one buffer
+    /// A frozen dense layer with one running plain low-rank adapter (LoRA at full weight): the
+    /// base product, the update and, in training, their backward in one node
     /// ([`ops::frozen_linear_low_rank`]). `None` when that does not apply.
-    fn forward_fused_low_rank(&self, x2: &Tensor, train: bool) -> Result<Option<Tensor>> {
-        if train || grad::is_enabled() || self.weight.is_trainable() || self.quant().is_some() {
+    fn forward_fused_low_rank(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        if self.weight.is_trainable() || self.quant().is_some() {
             return Ok(None);
         }
         let mut running = self.adapters.running_weighted();
@@ -269,11 +269,13 @@ impl Linear {
             None => None,
         };
         ops::frozen_linear_low_rank(
-            x2,
+            x,
             &self.weight.value(),
             bias.as_ref(),
             self.transposed,
             (&low_rank.a, &low_rank.b, low_rank.scaling),
+            low_rank.dropout,
+            train,
         )
     }
 

@@ -143,6 +143,44 @@ simd_fn!(
     }
 );
 
+simd_fn!(
+    fn add_dropout_kernel(
+        src: &[f32],
+        dst: &mut [f32],
+        seed: u64,
+        start: u64,
+        threshold: u32,
+        scale: f32,
+    ) {
+        for (i, (d, &s)) in dst.iter_mut().zip(src).enumerate() {
+            *d += s * keep(seed, start + i as u64, threshold, scale);
+        }
+    }
+);
+
+/// `x` times the mask [`dropout_f32`] draws for `seed`, as plain data (an op that keeps the
+/// dropped input out of the graph redraws it in its backward).
+pub(crate) fn dropout_data(x: &[f32], p: f64, seed: u64) -> Vec<f32> {
+    let (threshold, scale) = dropout_params(p);
+    // SAFETY: the dropout kernel writes its whole output chunk.
+    unsafe {
+        par_map(x, move |x, y, start| {
+            dropout_kernel(x, y, seed, start as u64, threshold, scale)
+        })
+    }
+}
+
+/// `dst += src` times the mask of `seed` (the backward of a dropout whose output fed `src`).
+pub(crate) fn add_dropout(dst: &mut [f32], src: &[f32], p: f64, seed: u64) {
+    let (threshold, scale) = dropout_params(p);
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(i, (d, s))| {
+            add_dropout_kernel(s, d, seed, (i * CHUNK) as u64, threshold, scale)
+        });
+}
+
 /// Dropout parameters in integer form: the drop threshold out of 2^32 and the keep scale.
 pub(crate) fn dropout_params(p: f64) -> (u32, f32) {
     (

@@ -88,6 +88,7 @@ impl LinearAdapter for LoraLinear {
             a: live(&self.a),
             b: live(&self.b),
             scaling: self.scaling,
+            dropout: self.dropout,
         })
     }
 

@@ -1,0 +1,246 @@
+//! `x · Wᵀ + b + s · (dropout(x) · Aᵀ) · Bᵀ` for a frozen `W` and `b` as one graph node, in f32
+//! on the CPU: a linear layer with a low-rank update, forward and backward.
+//!
+//! Composed from candle ops, a LoRA layer in training is six activation-sized nodes (the
+//! reshape, the base product, the dropped input, the update, the sum, the reshape back), and
+//! candle's backward clears and adds a gradient the size of the activations for each. Here the
+//! update is accumulated into the base product's output by the same gemm (its `alpha` carries
+//! `s`), the dropped input is never kept (its mask is redrawn from the seed in backward), and only
+//! `dropout(x) · Aᵀ` (`rows × r`) is saved. The backward gives
+//!
+//! - `dx = dy · W + s · dropout_mask ⊙ ((dy · B) · A)` (the base product's backward, then the
+//!   update's, accumulated into the same buffer),
+//! - `dA = s · (dy · B)ᵀ · dropout(x)` and `dB = s · dyᵀ · (dropout(x) · Aᵀ)`.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use std::sync::Mutex;
+
+use super::fused::{add_dropout, dropout_data};
+use super::gemm::{matmul_f32, MatMut, MatRef, Threads};
+use super::linear::{data, Data, FrozenLinear};
+use crate::Result;
+
+/// The node for `x` (`[..., in]`), `a` (`[r, in]`), `b` (`[out, r]`); the caller checked that
+/// every tensor is f32 on the CPU. `dropout` is the probability applied to the update's input
+/// (0 outside training); its mask comes from `seed`.
+pub(super) fn frozen_linear_low_rank(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    transposed: bool,
+    (a, b, scaling): (&Tensor, &Tensor, f64),
+    dropout: Option<(f64, u64)>,
+) -> Result<Tensor> {
+    let base = FrozenLinear::new(w.clone(), transposed)?;
+    let (in_dim, out_dim) = base.dims();
+    let (r, a_in) = a.dims2()?;
+    let (b_out, b_r) = b.dims2()?;
+    let k = *x.dims().last().unwrap_or(&0);
+    if k != in_dim || a_in != in_dim || b_out != out_dim || b_r != r {
+        return Err(crate::Error::ShapeMismatch {
+            name: "low-rank linear (x, A, B)".into(),
+            expected: vec![in_dim, r, in_dim, out_dim, r],
+            found: vec![k, r, a_in, b_out, b_r],
+        });
+    }
+    let bias = match bias {
+        Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let mut out_dims = x.dims().to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_dim;
+    }
+    let op = LowRankLinear {
+        base,
+        bias,
+        rank: r,
+        scaling: scaling as f32,
+        dropout,
+        out_shape: Shape::from(out_dims),
+        update_input: Mutex::new(None),
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
+}
+
+struct LowRankLinear {
+    base: FrozenLinear,
+    bias: Option<Vec<f32>>,
+    rank: usize,
+    scaling: f32,
+    /// `(p, seed)` of the dropout on the update's input.
+    dropout: Option<(f64, u64)>,
+    out_shape: Shape,
+    /// `dropout(x) · Aᵀ` (`rows × r`), kept by the forward for `B`'s gradient.
+    update_input: Mutex<Option<Vec<f32>>>,
+}
+
+fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match data(s, l)? {
+        Data::F32(v) => Ok(v),
+        Data::BF16(_) => candle_core::bail!("low-rank linear: expected f32 data"),
+    }
+}
+
+impl LowRankLinear {
+    /// The update's input: `x`, or `x` through the dropout mask.
+    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match self.dropout {
+            Some((p, seed)) => dropout_data(x, p, seed).into(),
+            None => x.into(),
+        }
+    }
+}
+
+impl CustomOp3 for LowRankLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear-low-rank"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, a, b) = (f32_data(xs, xl)?, f32_data(as_, al)?, f32_data(bs, bl)?);
+        let (in_dim, out_dim) = self.base.dims();
+        let rows = x.len() / in_dim.max(1);
+        let r = self.rank;
+        // SAFETY: every row is the bias (copied below) or written by the base product, which
+        // then does not accumulate.
+        let mut y: Vec<f32> = unsafe { super::buffer::uninit(rows * out_dim) };
+        if let Some(bias) = &self.bias {
+            for row in y.chunks_exact_mut(out_dim) {
+                row.copy_from_slice(bias);
+            }
+        }
+        self.base
+            .product(Data::F32(x), false, &mut y, self.bias.is_some())?;
+        let xd = self.dropped(x);
+        // SAFETY: the product writes all of `t` (no accumulation).
+        let mut t: Vec<f32> = unsafe { super::buffer::uninit(rows * r) };
+        matmul_f32(
+            MatMut::row_major(&mut t, rows, r)?,
+            false,
+            MatRef::row_major(&xd, rows, in_dim)?,
+            MatRef::row_major(a, r, in_dim)?.t(),
+            1.0,
+            Threads::All,
+        )?;
+        matmul_f32(
+            MatMut::row_major(&mut y, rows, out_dim)?,
+            true,
+            MatRef::row_major(&t, rows, r)?,
+            MatRef::row_major(b, out_dim, r)?.t(),
+            self.scaling,
+            Threads::All,
+        )?;
+        *self.update_input.lock().expect("low-rank linear lock") = Some(t);
+        Ok((CpuStorage::F32(y), self.out_shape.clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self.update_input.lock().expect("low-rank linear lock");
+        let Some(t) = saved.as_deref() else {
+            candle_core::bail!("low-rank linear: backward before forward")
+        };
+        let (in_dim, out_dim) = self.base.dims();
+        let (r, s) = (self.rank, self.scaling);
+        let g = grad.to_dtype(DType::F32)?.contiguous()?;
+        let (gs, gl) = g.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (as_, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (Storage::Cpu(gs), Storage::Cpu(xs), Storage::Cpu(as_), Storage::Cpu(bs)) =
+            (&*gs, &*xs, &*as_, &*bs)
+        else {
+            candle_core::bail!("low-rank linear: tensors not on the CPU")
+        };
+        let (g, xv, av, bv) = (
+            f32_data(gs, gl)?,
+            f32_data(xs, xl)?,
+            f32_data(as_, al)?,
+            f32_data(bs, bl)?,
+        );
+        let rows = g.len() / out_dim.max(1);
+        let g_mat = MatRef::row_major(g, rows, out_dim)?;
+        // v = dy · B, `rows × r`.
+        // SAFETY: each product below writes its whole output (no accumulation) unless noted.
+        let mut v: Vec<f32> = unsafe { super::buffer::uninit(rows * r) };
+        matmul_f32(
+            MatMut::row_major(&mut v, rows, r)?,
+            false,
+            g_mat,
+            MatRef::row_major(bv, out_dim, r)?,
+            1.0,
+            Threads::All,
+        )?;
+        let v_mat = MatRef::row_major(&v, rows, r)?;
+        let a_mat = MatRef::row_major(av, r, in_dim)?;
+        let dx = if x.track_op() {
+            let mut dx: Vec<f32> = unsafe { super::buffer::uninit(rows * in_dim) };
+            self.base.product(Data::F32(g), true, &mut dx, false)?;
+            match self.dropout {
+                None => matmul_f32(
+                    MatMut::row_major(&mut dx, rows, in_dim)?,
+                    true,
+                    v_mat,
+                    a_mat,
+                    s,
+                    Threads::All,
+                )?,
+                Some((p, seed)) => {
+                    let mut u: Vec<f32> = unsafe { super::buffer::uninit(rows * in_dim) };
+                    matmul_f32(
+                        MatMut::row_major(&mut u, rows, in_dim)?,
+                        false,
+                        v_mat,
+                        a_mat,
+                        s,
+                        Threads::All,
+                    )?;
+                    add_dropout(&mut dx, &u, p, seed);
+                }
+            }
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let mut da: Vec<f32> = unsafe { super::buffer::uninit(r * in_dim) };
+        let xd = self.dropped(xv);
+        matmul_f32(
+            MatMut::row_major(&mut da, r, in_dim)?,
+            false,
+            v_mat.t(),
+            MatRef::row_major(&xd, rows, in_dim)?,
+            s,
+            Threads::All,
+        )?;
+        let mut db: Vec<f32> = unsafe { super::buffer::uninit(out_dim * r) };
+        matmul_f32(
+            MatMut::row_major(&mut db, out_dim, r)?,
+            false,
+            g_mat.t(),
+            MatRef::row_major(t, rows, r)?,
+            s,
+            Threads::All,
+        )?;
+        Ok((
+            dx,
+            Some(Tensor::from_vec(da, a.shape(), a.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
