@@ -35,6 +35,7 @@ pub use cross_entropy::next_token_labels;
 pub use device_attention::attention_node;
 pub use fused::{gelu_erf, silu_mul};
 pub use linear_cross_entropy::{linear_cross_entropy, HeadWeight};
+pub use low_rank::BaseWeight;
 use precomputed::BackwardFn;
 pub use precomputed::{with_backward, with_backward2, with_backward3};
 pub use quant::quant_linear;
@@ -377,30 +378,30 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor>
     frozen_linear_bias(x, w, None, transposed)
 }
 
-/// `x · Wᵀ + b + s · (dropout(x) · Aᵀ) · Bᵀ`: a frozen linear layer with a plain low-rank
-/// update (LoRA; `a` `[r, in]`, `b` `[out, r]`), as one product into one buffer and one graph
-/// node whose backward gives `x`, `a` and `b` their gradients, when every tensor is f32 on the
-/// CPU; `None` otherwise (the caller runs the layer and the adapter as usual). `x` may have any
+/// `x · Wᵀ + b + s · (dropout(x) · Aᵀ) · Bᵀ`: a frozen linear layer (dense, or quantized) with a
+/// plain low-rank update (LoRA; `a` `[r, in]`, `b` `[out, r]`), as one product into one buffer
+/// and one graph node whose backward gives `x`, `a` and `b` their gradients, when the
+/// activations and factors are f32 on the CPU (a dense weight may be bf16: autocast's
+/// products); `None` otherwise (the caller runs the layer and the adapter as usual). `x` may have any
 /// leading dimensions. The dropout applies in training only, with a mask drawn as [`dropout`]
 /// draws it.
 pub fn frozen_linear_low_rank(
     x: &Tensor,
-    w: &Tensor,
+    base: BaseWeight,
     bias: Option<&Tensor>,
-    transposed: bool,
     (a, b, scaling): (&Tensor, &Tensor, f64),
     dropout: f64,
     train: bool,
 ) -> Result<Option<Tensor>> {
-    let all_f32_cpu = [x, w, a, b]
+    let f32_cpu = [x, a, b]
         .into_iter()
         .chain(bias)
-        .all(|t| t.dtype() == candle_core::DType::F32 && t.device().is_cpu());
-    if !all_f32_cpu || (train && dropout >= 1.0) {
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+    if !f32_cpu || !low_rank::applies(x, &base) || (train && dropout >= 1.0) {
         return Ok(None);
     }
     let dropout = (train && dropout > 0.0).then(|| (dropout, next_dropout_seed()));
-    low_rank::frozen_linear_low_rank(x, w, bias, transposed, (a, b, scaling), dropout).map(Some)
+    low_rank::frozen_linear_low_rank(x, base, bias, (a, b, scaling), dropout).map(Some)
 }
 
 /// [`frozen_linear`] plus a frozen `bias`, added before the result joins the graph: one node

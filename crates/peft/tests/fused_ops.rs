@@ -465,19 +465,14 @@ fn scale_columns_matches_candle_forward_and_backward() {
     assert!(ops::scale_columns(&x, &data(&[2], 0.0, 1.0)).is_err());
 }
 
-/// `x Wᵀ + b + s (dropout(x) Aᵀ) Bᵀ` from candle primitives, with `ops::dropout`'s mask.
+/// `base(x) + s (dropout(x) Aᵀ) Bᵀ` composed: the plain layer's base product and the update
+/// from candle primitives, with `ops::dropout`'s mask.
 fn low_rank_composed(
+    base: Tensor,
     x: &Tensor,
-    w_out_in: &Tensor,
-    b: &Tensor,
     (a, bb, s): (&Tensor, &Tensor, f64),
     p: f64,
 ) -> Tensor {
-    let base = x
-        .broadcast_matmul(&w_out_in.t().unwrap())
-        .unwrap()
-        .broadcast_add(b)
-        .unwrap();
     let xd = ops::dropout(x, p, p > 0.0).unwrap();
     let update = xd
         .broadcast_matmul(&a.t().unwrap())
@@ -487,18 +482,79 @@ fn low_rank_composed(
     (base + (update * s).unwrap()).unwrap()
 }
 
+/// The bases the fused op takes, each with the plain layer's product for it.
+enum TestBase {
+    Dense { w: Tensor, transposed: bool },
+    Quant(peft::quant::QuantWeight),
+}
+
+impl TestBase {
+    fn weight(&self) -> ops::BaseWeight<'_> {
+        match self {
+            TestBase::Dense { w, transposed } => ops::BaseWeight::Dense {
+                w,
+                transposed: *transposed,
+            },
+            TestBase::Quant(q) => ops::BaseWeight::Quant(q),
+        }
+    }
+
+    fn plain(&self, x: &Tensor, bias: &Tensor) -> Tensor {
+        match self {
+            TestBase::Dense { w, transposed } => {
+                ops::frozen_linear_bias(x, w, Some(bias), *transposed).unwrap()
+            }
+            TestBase::Quant(q) => ops::quant_linear(x, q, Some(bias)).unwrap(),
+        }
+    }
+}
+
 #[test]
 fn frozen_linear_low_rank_matches_the_composed_layer_forward_and_backward() {
-    let w = data(&[7, 12], 1.9, 1.0); // [out, in]
+    use peft::quant::{QuantType, QuantWeight, Scheme};
+    let w = data(&[7, 64], 1.9, 1.0); // [out, in]
     let bias = data(&[7], 3.1, 1.0);
-    let a = Var::from_tensor(&data(&[3, 12], 0.3, 0.5)).unwrap();
+    let a = Var::from_tensor(&data(&[3, 64], 0.3, 0.5)).unwrap();
     let bb = Var::from_tensor(&data(&[7, 3], 2.6, 0.5)).unwrap();
     let s = 0.75;
-    for p in [0.0, 0.3] {
-        for transposed in [false, true] {
+    let nf4 = Scheme::FourBit {
+        quant_type: QuantType::Nf4,
+        double_quant: true,
+        blocksize: 64,
+        compute_dtype: DType::F32,
+    };
+    let bases = [
+        (
+            "f32",
+            TestBase::Dense {
+                w: w.clone(),
+                transposed: false,
+            },
+        ),
+        (
+            "f32 [in, out]",
+            TestBase::Dense {
+                w: w.t().unwrap().contiguous().unwrap(),
+                transposed: true,
+            },
+        ),
+        (
+            "autocast bf16",
+            TestBase::Dense {
+                w: w.to_dtype(DType::BF16).unwrap(),
+                transposed: false,
+            },
+        ),
+        (
+            "nf4",
+            TestBase::Quant(QuantWeight::quantize(&w, &nf4).unwrap()),
+        ),
+    ];
+    for (name, base) in &bases {
+        for p in [0.0, 0.3] {
             for x_trained in [true, false] {
-                let what = format!("p={p} transposed={transposed} x_trained={x_trained}");
-                let xt = data(&[2, 5, 12], 0.7, 2.0);
+                let what = format!("{name}, p={p}, x trained: {x_trained}");
+                let xt = data(&[2, 5, 64], 0.7, 2.0);
                 let xv = Var::from_tensor(&xt).unwrap();
                 let x = if x_trained {
                     xv.as_tensor().clone()
@@ -507,30 +563,24 @@ fn frozen_linear_low_rank_matches_the_composed_layer_forward_and_backward() {
                 };
                 // The same seed for both, so both draw the same dropout mask.
                 ops::restore_dropout(7, 0);
-                let reference = low_rank_composed(&x, &w, &bias, (&a, &bb, s), p);
+                let reference = low_rank_composed(base.plain(&x, &bias), &x, (&a, &bb, s), p);
                 let g_ref = weighted_sum(&reference).backward().unwrap();
-                let stored = if transposed {
-                    w.t().unwrap().contiguous().unwrap()
-                } else {
-                    w.clone()
-                };
                 ops::restore_dropout(7, 0);
                 let ours = ops::frozen_linear_low_rank(
                     &x,
-                    &stored,
+                    base.weight(),
                     Some(&bias),
-                    transposed,
                     (a.as_tensor(), bb.as_tensor(), s),
                     p,
                     true,
                 )
                 .unwrap()
-                .expect("f32 on the CPU");
+                .expect("f32 activations on the CPU");
                 assert_close(&format!("{what}: forward"), &ours, &reference, 1e-6);
                 let g = weighted_sum(&ours).backward().unwrap();
-                for (name, t) in [("A", a.as_tensor()), ("B", bb.as_tensor())] {
+                for (n, t) in [("A", a.as_tensor()), ("B", bb.as_tensor())] {
                     assert_close(
-                        &format!("{what}: d{name}"),
+                        &format!("{what}: d{n}"),
                         g.get(t).unwrap(),
                         g_ref.get(t).unwrap(),
                         1e-5,
@@ -547,14 +597,14 @@ fn frozen_linear_low_rank_matches_the_composed_layer_forward_and_backward() {
             }
         }
     }
-    // Without a graph the same values come out, recording nothing.
-    let x = data(&[2, 5, 12], 0.7, 2.0);
+    // Without a graph the same values come out, recording nothing, and no dropout outside
+    // training.
+    let x = data(&[2, 5, 64], 0.7, 2.0);
     let plain = peft::no_grad(|| {
         ops::frozen_linear_low_rank(
             &x,
-            &w,
+            bases[0].1.weight(),
             Some(&bias),
-            false,
             (&a.as_tensor().detach(), &bb.as_tensor().detach(), s),
             0.3,
             false,
@@ -563,11 +613,11 @@ fn frozen_linear_low_rank_matches_the_composed_layer_forward_and_backward() {
     .unwrap()
     .unwrap();
     assert!(!plain.track_op());
-    let reference = low_rank_composed(&x, &w, &bias, (a.as_tensor(), bb.as_tensor(), s), 0.0);
-    assert_close(
-        "no graph, no dropout outside training",
-        &plain,
-        &reference,
-        1e-6,
+    let reference = low_rank_composed(
+        bases[0].1.plain(&x, &bias),
+        &x,
+        (a.as_tensor(), bb.as_tensor(), s),
+        0.0,
     );
+    assert_close("no graph", &plain, &reference, 1e-6);
 }

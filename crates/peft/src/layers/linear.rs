@@ -253,7 +253,7 @@ impl Linear {
     /// base product, the update and, in training, their backward in one node
     /// ([`ops::frozen_linear_low_rank`]). `None` when that does not apply.
     fn forward_fused_low_rank(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
-        if self.weight.is_trainable() || self.quant().is_some() {
+        if self.weight.is_trainable() {
             return Ok(None);
         }
         let mut running = self.adapters.running_weighted();
@@ -268,11 +268,18 @@ impl Linear {
             Some(b) => Some(b.value()),
             None => None,
         };
+        let dense = self.weight.value();
+        let base = match self.quant() {
+            Some(q) => ops::BaseWeight::Quant(q),
+            None => ops::BaseWeight::Dense {
+                w: &dense,
+                transposed: self.transposed,
+            },
+        };
         ops::frozen_linear_low_rank(
             x,
-            &self.weight.value(),
+            base,
             bias.as_ref(),
-            self.transposed,
             (&low_rank.a, &low_rank.b, low_rank.scaling),
             low_rank.dropout,
             train,

@@ -18,20 +18,80 @@ use std::sync::Mutex;
 use super::fused::{add_dropout, dropout_data};
 use super::gemm::{matmul_f32, MatMut, MatRef, Threads};
 use super::linear::{data, Data, FrozenLinear};
+use crate::quant::QuantWeight;
 use crate::Result;
 
+/// A frozen base weight as the op multiplies it.
+pub enum BaseWeight<'a> {
+    /// `[out, in]`, or `[in, out]` when `transposed`; f32, or bf16 under autocast.
+    Dense {
+        w: &'a Tensor,
+        transposed: bool,
+    },
+    Quant(&'a QuantWeight),
+}
+
+enum Base {
+    Dense(FrozenLinear),
+    Quant(QuantWeight),
+}
+
+impl Base {
+    /// `(in, out)`.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Base::Dense(l) => l.dims(),
+            Base::Quant(q) => (q.dims().1, q.dims().0),
+        }
+    }
+
+    /// `y (+)= x · Wᵀ`.
+    fn forward(&self, x: &[f32], y: &mut [f32], accumulate: bool) -> candle_core::Result<()> {
+        match self {
+            Base::Dense(l) => l.product(Data::F32(x), false, y, accumulate),
+            Base::Quant(q) => super::quant::forward_into(q, x, y, accumulate),
+        }
+    }
+
+    /// `dx = dy · W`.
+    fn backward(&self, g: &[f32], dx: &mut [f32]) -> candle_core::Result<()> {
+        match self {
+            Base::Dense(l) => l.product(Data::F32(g), true, dx, false),
+            Base::Quant(q) => super::quant::input_grad_into(q, g, dx),
+        }
+    }
+}
+
+/// Whether the op multiplies `base` for `x` as the plain layer would: a dense weight in f32 or
+/// under autocast, or a quantized one outside candle's GGUF batch kernel.
+pub(super) fn applies(x: &Tensor, base: &BaseWeight) -> bool {
+    match base {
+        BaseWeight::Dense { w, .. } => {
+            w.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::BF16)
+        }
+        BaseWeight::Quant(q) => {
+            let rows = x.elem_count() / q.dims().1.max(1);
+            super::quant::slices_apply(q, rows)
+        }
+    }
+}
+
 /// The node for `x` (`[..., in]`), `a` (`[r, in]`), `b` (`[out, r]`); the caller checked that
-/// every tensor is f32 on the CPU. `dropout` is the probability applied to the update's input
-/// (0 outside training); its mask comes from `seed`.
+/// `x`, `a`, `b` and the bias are f32 on the CPU and [`applies`]. `dropout` is the probability
+/// applied to the update's input with its seed (`None` outside training).
 pub(super) fn frozen_linear_low_rank(
     x: &Tensor,
-    w: &Tensor,
+    base: BaseWeight,
     bias: Option<&Tensor>,
-    transposed: bool,
     (a, b, scaling): (&Tensor, &Tensor, f64),
     dropout: Option<(f64, u64)>,
 ) -> Result<Tensor> {
-    let base = FrozenLinear::new(w.clone(), transposed)?;
+    let base = match base {
+        BaseWeight::Dense { w, transposed } => {
+            Base::Dense(FrozenLinear::new(w.clone(), transposed)?)
+        }
+        BaseWeight::Quant(q) => Base::Quant(q.clone()),
+    };
     let (in_dim, out_dim) = base.dims();
     let (r, a_in) = a.dims2()?;
     let (b_out, b_r) = b.dims2()?;
@@ -65,7 +125,7 @@ pub(super) fn frozen_linear_low_rank(
 }
 
 struct LowRankLinear {
-    base: FrozenLinear,
+    base: Base,
     bias: Option<Vec<f32>>,
     rank: usize,
     scaling: f32,
@@ -119,8 +179,9 @@ impl CustomOp3 for LowRankLinear {
                 row.copy_from_slice(bias);
             }
         }
-        self.base
-            .product(Data::F32(x), false, &mut y, self.bias.is_some())?;
+        if rows > 0 {
+            self.base.forward(x, &mut y, self.bias.is_some())?;
+        }
         let xd = self.dropped(x);
         // SAFETY: the product writes all of `t` (no accumulation).
         let mut t: Vec<f32> = unsafe { super::buffer::uninit(rows * r) };
@@ -191,7 +252,7 @@ impl CustomOp3 for LowRankLinear {
         let a_mat = MatRef::row_major(av, r, in_dim)?;
         let dx = if x.track_op() {
             let mut dx: Vec<f32> = unsafe { super::buffer::uninit(rows * in_dim) };
-            self.base.product(Data::F32(g), true, &mut dx, false)?;
+            self.base.backward(g, &mut dx)?;
             match self.dropout {
                 None => matmul_f32(
                     MatMut::row_major(&mut dx, rows, in_dim)?,

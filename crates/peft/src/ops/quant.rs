@@ -132,14 +132,7 @@ pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Resul
                 row.copy_from_slice(b);
             }
         }
-        if let QuantWeight::Ggml(g) = &wf {
-            if rows <= ggml_dot::MAX_ROWS && ggml_dot::supports(g.dtype()) {
-                ggml_dot::matmul(g, x, &mut y, bias.is_some())
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                return Ok(y);
-            }
-        }
-        banded_forward_into(&wf, x, &mut y, bias.is_some())?;
+        forward_into(&wf, x, &mut y, bias.is_some())?;
         Ok(y)
     };
     let wb = w.clone();
@@ -147,6 +140,35 @@ pub fn quant_linear(x: &Tensor, w: &QuantWeight, bias: Option<&Tensor>) -> Resul
         input_grad(&wb, x, g)
     };
     apply_shaped(x, "quant-linear", Shape::from(out_dims), fwd, bwd)
+}
+
+/// Whether [`forward_into`] computes what [`quant_linear`] does for `rows` rows: everything but
+/// the batches that candle's own GGUF kernel multiplies.
+pub(super) fn slices_apply(w: &QuantWeight, rows: usize) -> bool {
+    match w {
+        QuantWeight::Ggml(g) => {
+            (rows <= ggml_dot::MAX_ROWS && ggml_dot::supports(g.dtype())) || !g.uses_candle_kernel()
+        }
+        _ => true,
+    }
+}
+
+/// `y (+)= x · deq(w)ᵀ` for row-major `x` (`rows × in`) into `y` (`rows × out`): GGUF blocks
+/// multiplied as they are for a few rows, the banded walk otherwise.
+pub(super) fn forward_into(
+    w: &QuantWeight,
+    x: &[f32],
+    y: &mut [f32],
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    if let QuantWeight::Ggml(g) = w {
+        let rows = x.len() / w.dims().1.max(1);
+        if rows <= ggml_dot::MAX_ROWS && ggml_dot::supports(g.dtype()) {
+            return ggml_dot::matmul(g, x, y, accumulate)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()));
+        }
+    }
+    banded_forward_into(w, x, y, accumulate)
 }
 
 /// `y (+)= x · deq(w)ᵀ` for row-major `x` (`rows × in`) into `y` (`rows × out`), a band of
