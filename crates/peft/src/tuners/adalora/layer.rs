@@ -120,6 +120,21 @@ impl Adapter for AdaLoraLinear {
 }
 
 impl LinearAdapter for AdaLoraLinear {
+    /// `(A ⊙ E, B)` with `s / (ranknum + 1e-5)`: the whole update, so a frozen dense layer runs
+    /// it in its own product. A layer pruned to rank 0 has none.
+    fn low_rank(&self) -> Option<crate::layers::LowRank> {
+        if self.rank() == 0 {
+            return None;
+        }
+        let a = live(&self.a).broadcast_mul(&live(&self.e)).ok()?;
+        Some(crate::layers::LowRank {
+            a,
+            b: live(&self.b),
+            scaling: self.scaling / self.denom(),
+            dropout: self.dropout,
+        })
+    }
+
     fn forward(&self, x: &Tensor, out: Tensor, _base: &LinearBase, train: bool) -> Result<Tensor> {
         if self.rank() == 0 {
             return Ok(out);

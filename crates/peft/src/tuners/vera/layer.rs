@@ -102,6 +102,24 @@ impl Adapter for VeraLinear {
 }
 
 impl LinearAdapter for VeraLinear {
+    /// `(λ_d ⊙ A, λ_b ⊙ B)`: the whole update as two thin factors, so a frozen dense layer runs
+    /// it in its own product (the scales reach `λ` through the factors' gradients).
+    fn low_rank(&self) -> Option<crate::layers::LowRank> {
+        let factors = || -> Result<(Tensor, Tensor)> {
+            let (a, b) = self.projections()?;
+            let a = a.broadcast_mul(&live(&self.lambda_d).unsqueeze(1)?)?;
+            let b = b.broadcast_mul(&live(&self.lambda_b).unsqueeze(1)?)?;
+            Ok((a, b))
+        };
+        let (a, b) = factors().ok()?;
+        Some(crate::layers::LowRank {
+            a,
+            b,
+            scaling: 1.0,
+            dropout: self.dropout,
+        })
+    }
+
     fn forward(&self, x: &Tensor, out: Tensor, _base: &LinearBase, train: bool) -> Result<Tensor> {
         let (a, b) = self.projections()?;
         let x = ops::dropout(x, self.dropout, train)?;
