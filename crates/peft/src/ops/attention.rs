@@ -247,10 +247,12 @@ impl Attention {
 
     fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let (t, s, hd) = (self.t, self.s, self.hd());
-        let mut out = vec![0f32; self.b * t * hd];
+        // SAFETY (all buffers here): the products overwrite (`read_dst` off), and the tasks'
+        // heads tile the outputs, `p` and `dp` whole.
+        let mut out = unsafe { super::buffer::uninit(self.b * t * hd) };
         let dst = Shared(out.as_mut_ptr());
         (0..self.b * self.heads).into_par_iter().for_each(|task| {
-            let mut p = vec![0f32; t * s];
+            let mut p = unsafe { super::buffer::uninit(t * s) };
             self.probs(q, k, task, &mut p);
             self.drop_rows(task, &mut p);
             let (_, _, qo, vo) = self.offsets(task);
@@ -274,9 +276,10 @@ impl Attention {
     /// Gradients with respect to `q`, `k` and `v` given that of the output, `g`.
     fn backward(&self, q: &[f32], k: &[f32], v: &[f32], g: &[f32]) -> [Vec<f32>; 3] {
         let (t, s, d, hd) = (self.t, self.s, self.d, self.hd());
-        let mut dq = vec![0f32; q.len()];
-        let mut dk = vec![0f32; k.len()];
-        let mut dv = vec![0f32; v.len()];
+        // SAFETY: as in `forward`: every element is written by an overwriting product.
+        let mut dq = unsafe { super::buffer::uninit(q.len()) };
+        let mut dk = unsafe { super::buffer::uninit(k.len()) };
+        let mut dv = unsafe { super::buffer::uninit(v.len()) };
         let (pq, pk, pv) = (
             Shared(dq.as_mut_ptr()),
             Shared(dk.as_mut_ptr()),
@@ -284,9 +287,9 @@ impl Attention {
         );
         (0..self.b * self.heads).into_par_iter().for_each(|task| {
             let (_, _, qo, ko) = self.offsets(task);
-            let mut p = vec![0f32; t * s];
+            let mut p = unsafe { super::buffer::uninit(t * s) };
             self.probs(q, k, task, &mut p);
-            let mut dp = vec![0f32; t * s];
+            let mut dp = unsafe { super::buffer::uninit(t * s) };
             // SAFETY (all products): offsets stay inside their buffers, and this task alone
             // writes head `h` of batch `bi` of dq, dk and dv.
             unsafe {

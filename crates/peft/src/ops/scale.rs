@@ -60,7 +60,8 @@ fn rows_per_task(cols: usize) -> usize {
 /// `x ⊙ s` row by row, in parallel.
 fn scaled(x: &[f32], s: &[f32]) -> Vec<f32> {
     let step = rows_per_task(s.len()) * s.len();
-    let mut out = vec![0f32; x.len()];
+    // SAFETY: the kernel writes every element.
+    let mut out = unsafe { super::buffer::uninit(x.len()) };
     out.par_chunks_mut(step)
         .zip(x.par_chunks(step))
         .for_each(|(o, x)| scale_rows_kernel(x, s, o));
