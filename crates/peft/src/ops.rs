@@ -120,6 +120,26 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
+/// `layer_norm(hidden + residual)`: a post-norm block's residual step. With a frozen affine on
+/// f32 CPU tensors it is one node (the sum kept inside it); otherwise the sum and [`layer_norm`].
+pub fn add_layer_norm(
+    hidden: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let affine_trained = weight.track_op() || bias.is_some_and(|b| b.track_op());
+    let fast = [hidden, residual, weight]
+        .into_iter()
+        .chain(bias)
+        .all(fused::fast);
+    if !affine_trained && fast && hidden.shape() == residual.shape() {
+        return fused::add_layer_norm_frozen(hidden, residual, weight, bias, eps);
+    }
+    layer_norm(&(hidden + residual)?, weight, bias, eps)
+}
+
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, with the
 /// biased variance as torch computes it.
 ///

@@ -143,6 +143,28 @@ fn layer_norm_matches_composed_forward_and_backward() {
     );
 }
 
+#[test]
+fn add_layer_norm_matches_the_sum_then_the_norm_forward_and_backward() {
+    let h = Var::from_tensor(&data(&[3, 50, 384], 1.0, 4.0)).unwrap();
+    let r = Var::from_tensor(&data(&[3, 50, 384], 5.0, 2.0)).unwrap();
+    let w = (data(&[384], 2.0, 1.0) + 1.0).unwrap();
+    let b = data(&[384], 7.0, 0.5);
+    let ours = ops::add_layer_norm(h.as_tensor(), r.as_tensor(), &w, Some(&b), 1e-12).unwrap();
+    let sum = (h.as_tensor() + r.as_tensor()).unwrap();
+    let reference = layer_norm_composed(&sum, &w, &b, 1e-12);
+    assert_close("add + layer norm forward", &ours, &reference, 1e-5);
+    let g_ours = weighted_sum(&ours).backward().unwrap();
+    let g_ref = weighted_sum(&reference).backward().unwrap();
+    for (name, v) in [("hidden", &h), ("residual", &r)] {
+        assert_close(
+            &format!("add + layer norm backward, {name}"),
+            g_ours.get(v.as_tensor()).unwrap(),
+            g_ref.get(v.as_tensor()).unwrap(),
+            1e-4,
+        );
+    }
+}
+
 /// Attention from primitives only (composed softmax), heads split and merged explicitly.
 fn attention_composed(
     q: &Tensor,

@@ -42,10 +42,9 @@ pub struct HookInput<'a> {
 impl HookInput<'_> {
     /// What the block computes here without adapters.
     pub fn plain(&self) -> Result<Tensor> {
-        let sum = (self.hidden + self.residual)?;
         match self.norm {
-            Some(n) => n.forward(&sum),
-            None => Ok(sum),
+            Some(n) => n.forward_residual(self.hidden, self.residual),
+            None => Ok((self.hidden + self.residual)?),
         }
     }
 }

@@ -32,6 +32,17 @@ impl LayerNorm {
             self.eps,
         )
     }
+
+    /// `forward(hidden + residual)`, as one node where it can be ([`ops::add_layer_norm`]).
+    pub fn forward_residual(&self, hidden: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        ops::add_layer_norm(
+            hidden,
+            residual,
+            &self.weight.value(),
+            self.bias.as_ref().map(|b| b.value()).as_ref(),
+            self.eps,
+        )
+    }
 }
 
 /// RMSNorm (Llama's `LlamaRMSNorm`, T5's `T5LayerNorm`): scale only, no mean, no bias.

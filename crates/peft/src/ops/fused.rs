@@ -412,8 +412,9 @@ impl CustomOp2 for SiluMul {
         let (dg, du) = with_f32(gate, |g| {
             with_f32(up, |u| {
                 with_f32(&dy, |dy| {
-                    let mut dg = vec![0f32; g.len()];
-                    let mut du = vec![0f32; g.len()];
+                    // SAFETY: the kernel writes every element of both.
+                    let mut dg = unsafe { super::buffer::uninit(g.len()) };
+                    let mut du = unsafe { super::buffer::uninit(g.len()) };
                     dg.par_chunks_mut(CHUNK)
                         .zip(du.par_chunks_mut(CHUNK))
                         .enumerate()
@@ -491,6 +492,109 @@ simd_fn!(
     }
 );
 
+simd_fn!(
+    fn add_kernel(a: &[f32], b: &[f32], y: &mut [f32]) {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *y = a + b;
+        }
+    }
+);
+
+/// `layer_norm(h + r)` over the last dimension with frozen affine parameters, as one node: the
+/// sum is kept by the op for the norm's backward instead of being a node of its own (which
+/// candle's backward would clear and add a gradient for), and both inputs get the norm's input
+/// gradient. The residual-and-norm step of every post-norm transformer block.
+pub(crate) fn add_layer_norm_frozen(
+    h: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let n = w.elem_count();
+    let bias = match b {
+        Some(b) => b.flatten_all()?.to_vec1()?,
+        None => vec![0.0; n],
+    };
+    let op = AddLayerNorm {
+        w: w.flatten_all()?.to_vec1()?,
+        b: bias,
+        eps: eps as f32,
+        sum: std::sync::Mutex::new(None),
+    };
+    Ok(h.contiguous()?.apply_op2(&r.contiguous()?, op)?)
+}
+
+struct AddLayerNorm {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    eps: f32,
+    /// `h + r`, kept by the forward for the backward.
+    sum: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp2 for AddLayerNorm {
+    fn name(&self) -> &'static str {
+        "add-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(h), Some((h0, h1)), CpuStorage::F32(r), Some((r0, r1))) =
+            (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
+        else {
+            candle_core::bail!("add-layer-norm: expected contiguous f32 inputs")
+        };
+        let n = self.w.len();
+        if l1.shape() != l2.shape() || l1.shape().dims().last() != Some(&n) {
+            candle_core::bail!(
+                "add-layer-norm: inputs {:?} and {:?} for a norm over {n}",
+                l1.shape(),
+                l2.shape()
+            )
+        }
+        // SAFETY: both kernels write every element of their outputs.
+        let sum = unsafe { par_map2(&h[h0..h1], &r[r0..r1], add_kernel) };
+        let mut y = unsafe { super::buffer::uninit(sum.len()) };
+        let step = row_chunk(n);
+        y.par_chunks_mut(step)
+            .zip(sum.par_chunks(step))
+            .for_each(|(y, x)| layer_norm_rows(x, y, &self.w, &self.b, self.eps));
+        *self.sum.lock().expect("add-layer-norm lock") = Some(sum);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let saved = self.sum.lock().expect("add-layer-norm lock");
+        let Some(x) = saved.as_deref() else {
+            candle_core::bail!("add-layer-norm: backward before forward")
+        };
+        let step = row_chunk(self.w.len());
+        let g = grad.contiguous()?;
+        let dx = with_f32(&g, |gv| {
+            // SAFETY: the kernel writes every element of every row.
+            let mut dx = unsafe { super::buffer::uninit(x.len()) };
+            dx.par_chunks_mut(step)
+                .zip(x.par_chunks(step).zip(gv.par_chunks(step)))
+                .for_each(|(d, (x, g))| layer_norm_bwd_rows(x, g, d, &self.w, self.eps));
+            dx
+        })?;
+        let dx = Tensor::from_vec(dx, h.shape(), h.device())?;
+        Ok((Some(dx.clone()), Some(dx)))
+    }
+}
+
 /// Rows of `n` per parallel task (whole rows, about [`CHUNK`] elements).
 fn row_chunk(n: usize) -> usize {
     (CHUNK / n).max(1) * n
@@ -517,7 +621,8 @@ pub(crate) fn layer_norm_frozen(
         x,
         "layer-norm",
         move |x| {
-            let mut y = vec![0f32; x.len()];
+            // SAFETY: the kernel writes every element of every row.
+            let mut y = unsafe { super::buffer::uninit(x.len()) };
             y.par_chunks_mut(step)
                 .zip(x.par_chunks(step))
                 .for_each(|(y, x)| layer_norm_rows(x, y, &wv, &bv, eps));
@@ -527,7 +632,8 @@ pub(crate) fn layer_norm_frozen(
             let g = g.contiguous()?;
             let dx = with_f32(x, |xv| {
                 with_f32(&g, |gv| {
-                    let mut dx = vec![0f32; xv.len()];
+                    // SAFETY: the kernel writes every element of every row.
+                    let mut dx = unsafe { super::buffer::uninit(xv.len()) };
                     dx.par_chunks_mut(step)
                         .zip(xv.par_chunks(step).zip(gv.par_chunks(step)))
                         .for_each(|(d, (x, g))| layer_norm_bwd_rows(x, g, d, &w_bwd, eps));
