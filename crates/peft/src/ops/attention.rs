@@ -54,6 +54,97 @@ pub fn attention_merged_heads(
         let probs = super::dropout(&super::masked_softmax(&scores, mask)?, dropout, train)?;
         return Ok(probs.matmul(&vh)?.transpose(1, 2)?.reshape((b, t, hd))?);
     }
+    let kv_heads = k.dim(2)? / d.max(1);
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || k.dim(2)? != kv_heads * d {
+        return Err(crate::Error::ShapeMismatch {
+            name: "attention keys (heads side by side)".into(),
+            expected: vec![b, s, hd],
+            found: k.dims().to_vec(),
+        });
+    }
+    let shape = Dims {
+        b,
+        t,
+        s,
+        heads,
+        kv_heads,
+        d,
+    };
+    let layouts = (Heads::merged(t, heads, d), Heads::merged(s, kv_heads, d));
+    fused(q, k, v, shape, layouts, mask, scale, p)
+}
+
+/// Attention for queries `[batch, heads, t, d]` and keys and values `[batch, kv_heads, s, d]`
+/// (`heads` a multiple of `kv_heads`: grouped-query attention reads each key/value head for
+/// `heads / kv_heads` query heads, without repeating it), as one node: `[batch, heads, t, d]`.
+/// `mask` as for [`attention_merged_heads`]. `None` unless all three are f32 on the CPU.
+pub fn attention_split_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    dropout: f64,
+    train: bool,
+) -> Result<Option<Tensor>> {
+    let p = if train { dropout } else { 0.0 };
+    if !(fast(q) && fast(k) && fast(v)) || p >= 1.0 {
+        return Ok(None);
+    }
+    let (b, heads, t, d) = q.dims4()?;
+    let (kb, kv_heads, s, kd) = k.dims4()?;
+    if kb != b
+        || kd != d
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || v.dims() != k.dims()
+    {
+        return Err(crate::Error::ShapeMismatch {
+            name: "attention keys and values".into(),
+            expected: vec![b, kv_heads, s, d],
+            found: [k.dims(), v.dims()].concat(),
+        });
+    }
+    let shape = Dims {
+        b,
+        t,
+        s,
+        heads,
+        kv_heads,
+        d,
+    };
+    let layouts = (Heads::split(t, heads, d), Heads::split(s, kv_heads, d));
+    fused(q, k, v, shape, layouts, mask, scale, p).map(Some)
+}
+
+struct Dims {
+    b: usize,
+    t: usize,
+    s: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+}
+
+/// The one-node attention over inputs laid out as `(ql, kl)` say.
+#[allow(clippy::too_many_arguments)]
+fn fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    Dims {
+        b,
+        t,
+        s,
+        heads,
+        kv_heads,
+        d,
+    }: Dims,
+    (ql, kl): (Heads, Heads),
+    mask: Option<&Tensor>,
+    scale: f64,
+    p: f64,
+) -> Result<Tensor> {
     let mask = match mask {
         None => None,
         Some(m) => {
@@ -84,7 +175,10 @@ pub fn attention_merged_heads(
         t,
         s,
         heads,
+        kv_heads,
         d,
+        ql,
+        kl,
         scale: scale as f32,
         mask,
         drop,
@@ -98,12 +192,51 @@ struct Attention {
     t: usize,
     s: usize,
     heads: usize,
+    /// Key/value heads: each serves `heads / kv_heads` query heads (grouped-query attention).
+    kv_heads: usize,
     d: usize,
+    /// Where a query head's rows are in `q` (and in the output and its gradient).
+    ql: Heads,
+    /// Where a key/value head's rows are in `k` and `v`.
+    kl: Heads,
     scale: f32,
     /// Additive mask data with its batch and row strides (0 where broadcast).
     mask: Option<(Vec<f32>, usize, usize)>,
     /// Dropout seed, drop threshold out of 2^32, keep scale.
     drop: Option<(u64, u32, f32)>,
+}
+
+/// Strides, in elements, of one batch, one head and one row of a `[batch, rows, heads, d]`
+/// (heads side by side, the projections' layout) or `[batch, heads, rows, d]` tensor.
+#[derive(Clone, Copy)]
+struct Heads {
+    batch: usize,
+    head: usize,
+    row: usize,
+}
+
+impl Heads {
+    /// `[batch, rows, heads * d]`.
+    fn merged(rows: usize, heads: usize, d: usize) -> Self {
+        Heads {
+            batch: rows * heads * d,
+            head: d,
+            row: heads * d,
+        }
+    }
+
+    /// `[batch, heads, rows, d]`.
+    fn split(rows: usize, heads: usize, d: usize) -> Self {
+        Heads {
+            batch: heads * rows * d,
+            head: rows * d,
+            row: d,
+        }
+    }
+
+    fn at(&self, bi: usize, h: usize) -> usize {
+        bi * self.batch + h * self.head
+    }
 }
 
 /// A pointer that rayon tasks may share: each task writes a disjoint set of elements.
@@ -161,6 +294,22 @@ simd_fn!(
 /// caller runs one product per rayon task).
 #[allow(clippy::too_many_arguments)]
 unsafe fn mm(
+    mnk: (usize, usize, usize),
+    dst: *mut f32,
+    dst_s: (usize, usize),
+    lhs: *const f32,
+    lhs_s: (usize, usize),
+    rhs: *const f32,
+    rhs_s: (usize, usize),
+    beta: f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { mm_acc(mnk, dst, dst_s, lhs, lhs_s, rhs, rhs_s, beta, false) }
+}
+
+/// [`mm`], adding to `dst` when `acc` (`dst += beta · lhs · rhs`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm_acc(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     (dst_rs, dst_cs): (usize, usize),
@@ -169,6 +318,7 @@ unsafe fn mm(
     rhs: *const f32,
     (rhs_rs, rhs_cs): (usize, usize),
     beta: f32,
+    acc: bool,
 ) {
     gemm::gemm(
         m,
@@ -177,14 +327,14 @@ unsafe fn mm(
         dst,
         dst_cs as isize,
         dst_rs as isize,
-        false,
+        acc,
         lhs,
         lhs_cs as isize,
         lhs_rs as isize,
         rhs,
         rhs_cs as isize,
         rhs_rs as isize,
-        0.0,
+        if acc { 1.0 } else { 0.0 },
         beta,
         false,
         false,
@@ -194,25 +344,17 @@ unsafe fn mm(
 }
 
 impl Attention {
-    fn hd(&self) -> usize {
-        self.heads * self.d
-    }
-
-    /// Offsets of head `h` of batch `bi` in `q` (and the output) and in `k`/`v`.
+    /// Batch, head, and the offsets of query head `task % heads` of batch `task / heads` in `q`
+    /// (and the output) and of the key/value head it reads in `k`/`v`.
     fn offsets(&self, task: usize) -> (usize, usize, usize, usize) {
         let (bi, h) = (task / self.heads, task % self.heads);
-        let hd = self.hd();
-        (
-            bi,
-            h,
-            bi * self.t * hd + h * self.d,
-            bi * self.s * hd + h * self.d,
-        )
+        let kv = h / (self.heads / self.kv_heads);
+        (bi, h, self.ql.at(bi, h), self.kl.at(bi, kv))
     }
 
     /// The probabilities (before dropout) of one `(batch, head)` pair into `p` (`t × s`).
     fn probs(&self, q: &[f32], k: &[f32], task: usize, p: &mut [f32]) {
-        let (t, s, d, hd) = (self.t, self.s, self.d, self.hd());
+        let (t, s, d) = (self.t, self.s, self.d);
         let (bi, _, qo, ko) = self.offsets(task);
         // SAFETY: the shapes were checked by candle; offsets stay inside q, k and p.
         unsafe {
@@ -221,9 +363,9 @@ impl Attention {
                 p.as_mut_ptr(),
                 (s, 1),
                 q[qo..].as_ptr(),
-                (hd, 1),
+                (self.ql.row, 1),
                 k[ko..].as_ptr(),
-                (1, hd),
+                (1, self.kl.row),
                 self.scale,
             )
         };
@@ -246,10 +388,10 @@ impl Attention {
     }
 
     fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
-        let (t, s, hd) = (self.t, self.s, self.hd());
+        let (t, s) = (self.t, self.s);
         // SAFETY (all buffers here): the products overwrite (`read_dst` off), and the tasks'
         // heads tile the outputs, `p` and `dp` whole.
-        let mut out = unsafe { super::buffer::uninit(self.b * t * hd) };
+        let mut out = unsafe { super::buffer::uninit(self.b * t * self.heads * self.d) };
         let dst = Shared(out.as_mut_ptr());
         (0..self.b * self.heads).into_par_iter().for_each(|task| {
             let mut p = unsafe { super::buffer::uninit(t * s) };
@@ -261,11 +403,11 @@ impl Attention {
                 mm(
                     (t, self.d, s),
                     dst.at(qo),
-                    (hd, 1),
+                    (self.ql.row, 1),
                     p.as_ptr(),
                     (s, 1),
                     v[vo..].as_ptr(),
-                    (hd, 1),
+                    (self.kl.row, 1),
                     1.0,
                 )
             };
@@ -273,10 +415,14 @@ impl Attention {
         out
     }
 
-    /// Gradients with respect to `q`, `k` and `v` given that of the output, `g`.
+    /// Gradients with respect to `q`, `k` and `v` given that of the output, `g`. One task per
+    /// key/value head: the query heads that share it add into its `dk` and `dv` in turn.
     fn backward(&self, q: &[f32], k: &[f32], v: &[f32], g: &[f32]) -> [Vec<f32>; 3] {
-        let (t, s, d, hd) = (self.t, self.s, self.d, self.hd());
-        // SAFETY: as in `forward`: every element is written by an overwriting product.
+        let (t, s, d) = (self.t, self.s, self.d);
+        let (qr, kr) = (self.ql.row, self.kl.row);
+        let groups = self.heads / self.kv_heads;
+        // SAFETY: as in `forward`: every element is written by an overwriting product (the
+        // first query head of each group overwrites its `dk` and `dv`, the others add).
         let mut dq = unsafe { super::buffer::uninit(q.len()) };
         let mut dk = unsafe { super::buffer::uninit(k.len()) };
         let mut dv = unsafe { super::buffer::uninit(v.len()) };
@@ -285,77 +431,87 @@ impl Attention {
             Shared(dk.as_mut_ptr()),
             Shared(dv.as_mut_ptr()),
         );
-        (0..self.b * self.heads).into_par_iter().for_each(|task| {
-            let (_, _, qo, ko) = self.offsets(task);
-            let mut p = unsafe { super::buffer::uninit(t * s) };
-            self.probs(q, k, task, &mut p);
-            let mut dp = unsafe { super::buffer::uninit(t * s) };
-            // SAFETY (all products): offsets stay inside their buffers, and this task alone
-            // writes head `h` of batch `bi` of dq, dk and dv.
-            unsafe {
-                // dp' = g vᵀ
-                mm(
-                    (t, s, d),
-                    dp.as_mut_ptr(),
-                    (s, 1),
-                    g[qo..].as_ptr(),
-                    (hd, 1),
-                    v[ko..].as_ptr(),
-                    (1, hd),
-                    1.0,
-                );
-            }
-            let dropped;
-            let pd: &[f32] = if self.drop.is_some() {
-                let mut x = p.clone();
-                self.drop_rows(task, &mut x);
-                // The same mask scales dp' (dropout's backward).
-                self.drop_rows(task, &mut dp);
-                dropped = x;
-                &dropped
-            } else {
-                &p
-            };
-            unsafe {
-                // dv = pdᵀ g
-                mm(
-                    (s, d, t),
-                    pv.at(ko),
-                    (hd, 1),
-                    pd.as_ptr(),
-                    (1, s),
-                    g[qo..].as_ptr(),
-                    (hd, 1),
-                    1.0,
-                );
-            }
-            for (p, dp) in p.chunks_exact(s).zip(dp.chunks_exact_mut(s)) {
-                softmax_bwd_row(p, dp);
-            }
-            unsafe {
-                // dq = scale · ds k ; dk = scale · dsᵀ q
-                mm(
-                    (t, d, s),
-                    pq.at(qo),
-                    (hd, 1),
-                    dp.as_ptr(),
-                    (s, 1),
-                    k[ko..].as_ptr(),
-                    (hd, 1),
-                    self.scale,
-                );
-                mm(
-                    (s, d, t),
-                    pk.at(ko),
-                    (hd, 1),
-                    dp.as_ptr(),
-                    (1, s),
-                    q[qo..].as_ptr(),
-                    (hd, 1),
-                    self.scale,
-                );
-            }
-        });
+        (0..self.b * self.kv_heads)
+            .into_par_iter()
+            .for_each(|kv_task| {
+                let (bi, kv) = (kv_task / self.kv_heads, kv_task % self.kv_heads);
+                let mut p = unsafe { super::buffer::uninit(t * s) };
+                let mut dp = unsafe { super::buffer::uninit(t * s) };
+                for j in 0..groups {
+                    let task = bi * self.heads + kv * groups + j;
+                    let (_, _, qo, ko) = self.offsets(task);
+                    let acc = j > 0;
+                    self.probs(q, k, task, &mut p);
+                    // SAFETY (all products): offsets stay inside their buffers, and this task
+                    // alone writes the query heads of key/value head `kv` of batch `bi` in dq,
+                    // and that head in dk and dv.
+                    unsafe {
+                        // dp' = g vᵀ
+                        mm(
+                            (t, s, d),
+                            dp.as_mut_ptr(),
+                            (s, 1),
+                            g[qo..].as_ptr(),
+                            (qr, 1),
+                            v[ko..].as_ptr(),
+                            (1, kr),
+                            1.0,
+                        );
+                    }
+                    let dropped;
+                    let pd: &[f32] = if self.drop.is_some() {
+                        let mut x = p.clone();
+                        self.drop_rows(task, &mut x);
+                        // The same mask scales dp' (dropout's backward).
+                        self.drop_rows(task, &mut dp);
+                        dropped = x;
+                        &dropped
+                    } else {
+                        &p
+                    };
+                    unsafe {
+                        // dv (+)= pdᵀ g
+                        mm_acc(
+                            (s, d, t),
+                            pv.at(ko),
+                            (kr, 1),
+                            pd.as_ptr(),
+                            (1, s),
+                            g[qo..].as_ptr(),
+                            (qr, 1),
+                            1.0,
+                            acc,
+                        );
+                    }
+                    for (p, dp) in p.chunks_exact(s).zip(dp.chunks_exact_mut(s)) {
+                        softmax_bwd_row(p, dp);
+                    }
+                    unsafe {
+                        // dq = scale · ds k ; dk (+)= scale · dsᵀ q
+                        mm(
+                            (t, d, s),
+                            pq.at(qo),
+                            (qr, 1),
+                            dp.as_ptr(),
+                            (s, 1),
+                            k[ko..].as_ptr(),
+                            (kr, 1),
+                            self.scale,
+                        );
+                        mm_acc(
+                            (s, d, t),
+                            pk.at(ko),
+                            (kr, 1),
+                            dp.as_ptr(),
+                            (1, s),
+                            q[qo..].as_ptr(),
+                            (qr, 1),
+                            self.scale,
+                            acc,
+                        );
+                    }
+                }
+            });
         [dq, dk, dv]
     }
 }
