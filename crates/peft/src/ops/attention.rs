@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::fused::{dropout_params, exp_f32, fast, keep, simd_fn, with_f32};
+use super::fused::{contiguous_f32, dropout_params, exp_f32, fast, keep, simd_fn, with_f32};
 use crate::Result;
 
 /// `softmax(q kᵀ · scale + mask)` with dropout on the probabilities, times `v`, for `q`
@@ -516,13 +516,6 @@ impl Attention {
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        _ => candle_core::bail!("attention: expected contiguous f32 inputs"),
-    }
-}
-
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -538,9 +531,9 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (q, k, v) = (
-            contiguous_f32(s1, l1)?,
-            contiguous_f32(s2, l2)?,
-            contiguous_f32(s3, l3)?,
+            contiguous_f32(s1, l1, "attention")?,
+            contiguous_f32(s2, l2, "attention")?,
+            contiguous_f32(s3, l3, "attention")?,
         );
         Ok((CpuStorage::F32(self.forward(q, k, v)), l1.shape().clone()))
     }

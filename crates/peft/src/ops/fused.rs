@@ -194,6 +194,18 @@ pub(crate) fn fast(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
+/// The data of a contiguous f32 CPU input of the op `what`.
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        _ => candle_core::bail!("{what}: expected contiguous f32 inputs"),
+    }
+}
+
 /// Runs `f` on the contiguous f32 data of `t` (CPU).
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let t = t.contiguous()?;
@@ -391,13 +403,12 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(g), Some((g0, g1)), CpuStorage::F32(u), Some((u0, u1))) =
-            (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
-        else {
-            candle_core::bail!("silu-mul: expected contiguous f32 inputs")
-        };
+        let (g, u) = (
+            contiguous_f32(s1, l1, "silu-mul")?,
+            contiguous_f32(s2, l2, "silu-mul")?,
+        );
         // SAFETY: the kernel writes its whole output chunk.
-        let y = unsafe { par_map2(&g[g0..g1], &u[u0..u1], silu_mul_fwd_kernel) };
+        let y = unsafe { par_map2(g, u, silu_mul_fwd_kernel) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -545,11 +556,10 @@ impl CustomOp2 for AddLayerNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(h), Some((h0, h1)), CpuStorage::F32(r), Some((r0, r1))) =
-            (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
-        else {
-            candle_core::bail!("add-layer-norm: expected contiguous f32 inputs")
-        };
+        let (h, r) = (
+            contiguous_f32(s1, l1, "add-layer-norm")?,
+            contiguous_f32(s2, l2, "add-layer-norm")?,
+        );
         let n = self.w.len();
         if l1.shape() != l2.shape() || l1.shape().dims().last() != Some(&n) {
             candle_core::bail!(
@@ -559,7 +569,7 @@ impl CustomOp2 for AddLayerNorm {
             )
         }
         // SAFETY: both kernels write every element of their outputs.
-        let sum = unsafe { par_map2(&h[h0..h1], &r[r0..r1], add_kernel) };
+        let sum = unsafe { par_map2(h, r, add_kernel) };
         let mut y = unsafe { super::buffer::uninit(sum.len()) };
         let step = row_chunk(n);
         y.par_chunks_mut(step)
