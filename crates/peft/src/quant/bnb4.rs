@@ -15,6 +15,9 @@ use serde_json::{json, Value};
 
 use crate::{Error, Result};
 
+/// Elements dequantized per parallel task (about 64 KiB of f32).
+const PIECE: usize = 1 << 14;
+
 /// The block sizes bitsandbytes accepts for 4-bit weights.
 pub const BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
 /// Double quantization's block size over the absmax values (bitsandbytes fixes it).
@@ -309,11 +312,41 @@ impl Quant4 {
 
     /// Dequantizes elements `start..start + out.len()` (row-major) into `out`, in f32: the
     /// building block of a product that never expands the whole layer.
+    ///
+    /// A block at a time (one scale), a byte (two codes) at a time, and in parallel over
+    /// pieces of whole blocks: a product waits for its band while this runs.
     pub fn dequantize_range(&self, scales: &[f32], start: usize, out: &mut [f32]) {
+        use rayon::prelude::*;
+        let bs = self.blocksize.max(1);
+        let piece = (PIECE / bs).max(1) * bs;
+        // Pieces start at `start` plus a multiple of the block size, so every piece but the
+        // first starts on a block boundary.
+        out.par_chunks_mut(piece)
+            .enumerate()
+            .for_each(|(p, o)| self.dequantize_piece(scales, start + p * piece, o));
+    }
+
+    fn dequantize_piece(&self, scales: &[f32], start: usize, out: &mut [f32]) {
         let code = self.quant_type.code();
-        for (k, o) in out.iter_mut().enumerate() {
-            let i = start + k;
-            *o = code[self.code_at(i) as usize] * scales[i / self.blocksize];
+        let bs = self.blocksize.max(1);
+        let (mut i, mut k) = (start, 0);
+        while k < out.len() {
+            let block = i / bs;
+            let n = ((block + 1) * bs - i).min(out.len() - k);
+            let s = scales[block];
+            let o = &mut out[k..k + n];
+            if i.is_multiple_of(2) && n.is_multiple_of(2) {
+                for (pair, &b) in o.chunks_exact_mut(2).zip(&self.packed[i / 2..(i + n) / 2]) {
+                    pair[0] = code[(b >> 4) as usize] * s;
+                    pair[1] = code[(b & 0x0f) as usize] * s;
+                }
+            } else {
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = code[self.code_at(i + j) as usize] * s;
+                }
+            }
+            i += n;
+            k += n;
         }
     }
 
@@ -594,6 +627,38 @@ fn python_json(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_range_dequantizes_to_each_code_times_its_block_scale() {
+        // A 200 × 200 weight in blocks of 64: blocks straddle rows, and ranges start and end at
+        // odd elements, inside blocks and across parallel pieces.
+        let values: Vec<f32> = (0..40_000)
+            .map(|i| ((i as f32) * 0.37).sin() * 3.0)
+            .collect();
+        let q =
+            Quant4::quantize(&values, &[200, 200], QuantType::Nf4, 64, true, DType::F32).unwrap();
+        let scales = q.absmax.values();
+        let code = QuantType::Nf4.code();
+        let want = |i: usize| code[q.code_at(i) as usize] * scales[i / 64];
+        for (start, len) in [
+            (0, 40_000),
+            (1, 63),
+            (63, 2),
+            (64, 129),
+            (7, 33_001),
+            (39_999, 1),
+        ] {
+            let mut out = vec![f32::NAN; len];
+            q.dequantize_range(&scales, start, &mut out);
+            for (k, &o) in out.iter().enumerate() {
+                assert_eq!(
+                    o.to_bits(),
+                    want(start + k).to_bits(),
+                    "range {start}+{len}, element {k}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn fp4_zeros_keep_code_order_and_midpoints_go_down() {
