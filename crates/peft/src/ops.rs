@@ -26,6 +26,7 @@ mod linear_cross_entropy;
 mod low_rank;
 mod precomputed;
 mod quant;
+mod saved;
 mod scale;
 mod spatial;
 
@@ -398,6 +399,12 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor>
     frozen_linear_bias(x, w, None, transposed)
 }
 
+/// Whether [`frozen_linear_low_rank`] can serve input `x` on `base` (the factors, built by the
+/// caller, must be f32 on the CPU too): checked before building them.
+pub fn frozen_linear_low_rank_applies(x: &Tensor, base: &BaseWeight) -> bool {
+    x.dtype() == DType::F32 && x.device().is_cpu() && low_rank::applies(x, base)
+}
+
 /// `x · Wᵀ + b + s · (dropout(x) · Aᵀ) · Bᵀ`: a frozen linear layer (dense, or quantized) with a
 /// plain low-rank update (LoRA; `a` `[r, in]`, `b` `[out, r]`), as one product into one buffer
 /// and one graph node whose backward gives `x`, `a` and `b` their gradients, when the
@@ -413,11 +420,11 @@ pub fn frozen_linear_low_rank(
     dropout: f64,
     train: bool,
 ) -> Result<Option<Tensor>> {
-    let f32_cpu = [x, a, b]
+    let f32_cpu = [a, b]
         .into_iter()
         .chain(bias)
         .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
-    if !f32_cpu || !low_rank::applies(x, &base) || (train && dropout >= 1.0) {
+    if !f32_cpu || !frozen_linear_low_rank_applies(x, &base) || (train && dropout >= 1.0) {
         return Ok(None);
     }
     let dropout = (train && dropout > 0.0).then(|| (dropout, next_dropout_seed()));

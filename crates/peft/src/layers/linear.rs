@@ -260,9 +260,6 @@ impl Linear {
         let (Some((adapter, weight)), None) = (running.next(), running.next()) else {
             return Ok(None);
         };
-        let Some(low_rank) = adapter.low_rank().filter(|_| weight == 1.0) else {
-            return Ok(None);
-        };
         let bias = match &self.bias {
             Some(b) if b.is_trainable() => return Ok(None),
             Some(b) => Some(b.value()),
@@ -275,6 +272,13 @@ impl Linear {
                 w: &dense,
                 transposed: self.transposed,
             },
+        };
+        // Before building the factors: VeRA's and AdaLoRA's are small graph nodes of their own.
+        if weight != 1.0 || !ops::frozen_linear_low_rank_applies(x, &base) {
+            return Ok(None);
+        }
+        let Some(low_rank) = adapter.low_rank() else {
+            return Ok(None);
         };
         ops::frozen_linear_low_rank(
             x,

@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::saved::Saved;
 use super::BackwardFn;
 use crate::Result;
 
@@ -531,7 +532,7 @@ pub(crate) fn add_layer_norm_frozen(
         w: w.flatten_all()?.to_vec1()?,
         b: bias,
         eps: eps as f32,
-        sum: std::sync::Mutex::new(None),
+        sum: Saved::empty(),
     };
     Ok(h.contiguous()?.apply_op2(&r.contiguous()?, op)?)
 }
@@ -541,7 +542,7 @@ struct AddLayerNorm {
     b: Vec<f32>,
     eps: f32,
     /// `h + r`, kept by the forward for the backward.
-    sum: std::sync::Mutex<Option<Vec<f32>>>,
+    sum: Saved<Vec<f32>>,
 }
 
 impl CustomOp2 for AddLayerNorm {
@@ -575,7 +576,7 @@ impl CustomOp2 for AddLayerNorm {
         y.par_chunks_mut(step)
             .zip(sum.par_chunks(step))
             .for_each(|(y, x)| layer_norm_rows(x, y, &self.w, &self.b, self.eps));
-        *self.sum.lock().expect("add-layer-norm lock") = Some(sum);
+        self.sum.put("add-layer-norm", sum)?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -586,20 +587,18 @@ impl CustomOp2 for AddLayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let saved = self.sum.lock().expect("add-layer-norm lock");
-        let Some(x) = saved.as_deref() else {
-            candle_core::bail!("add-layer-norm: backward before forward")
-        };
         let step = row_chunk(self.w.len());
         let g = grad.contiguous()?;
-        let dx = with_f32(&g, |gv| {
-            // SAFETY: the kernel writes every element of every row.
-            let mut dx = unsafe { super::buffer::uninit(x.len()) };
-            dx.par_chunks_mut(step)
-                .zip(x.par_chunks(step).zip(gv.par_chunks(step)))
-                .for_each(|(d, (x, g))| layer_norm_bwd_rows(x, g, d, &self.w, self.eps));
-            dx
-        })?;
+        let dx = self.sum.with("add-layer-norm", |x| {
+            with_f32(&g, |gv| {
+                // SAFETY: the kernel writes every element of every row.
+                let mut dx = unsafe { super::buffer::uninit(x.len()) };
+                dx.par_chunks_mut(step)
+                    .zip(x.par_chunks(step).zip(gv.par_chunks(step)))
+                    .for_each(|(d, (x, g))| layer_norm_bwd_rows(x, g, d, &self.w, self.eps));
+                dx
+            })
+        })??;
         let dx = Tensor::from_vec(dx, h.shape(), h.device())?;
         Ok((Some(dx.clone()), Some(dx)))
     }

@@ -13,11 +13,11 @@
 //! - `dA = s · (dy · B)ᵀ · dropout(x)` and `dB = s · dyᵀ · (dropout(x) · Aᵀ)`.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
-use std::sync::Mutex;
 
 use super::fused::{add_dropout, dropout_data};
 use super::gemm::{matmul_f32, MatMut, MatRef, Threads};
 use super::linear::{data, Data, FrozenLinear};
+use super::saved::Saved;
 use crate::quant::QuantWeight;
 use crate::Result;
 
@@ -118,11 +118,13 @@ pub(super) fn frozen_linear_low_rank(
         scaling: scaling as f32,
         dropout,
         out_shape: Shape::from(out_dims),
-        update_input: Mutex::new(None),
+        update_input: Saved::empty(),
     };
     Ok(x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
 }
+
+const NAME: &str = "frozen-linear-low-rank";
 
 struct LowRankLinear {
     base: Base,
@@ -133,7 +135,7 @@ struct LowRankLinear {
     dropout: Option<(f64, u64)>,
     out_shape: Shape,
     /// `dropout(x) · Aᵀ` (`rows × r`), kept by the forward for `B`'s gradient.
-    update_input: Mutex<Option<Vec<f32>>>,
+    update_input: Saved<Vec<f32>>,
 }
 
 fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
@@ -143,19 +145,9 @@ fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]>
     }
 }
 
-impl LowRankLinear {
-    /// The update's input: `x`, or `x` through the dropout mask.
-    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
-        match self.dropout {
-            Some((p, seed)) => dropout_data(x, p, seed).into(),
-            None => x.into(),
-        }
-    }
-}
-
 impl CustomOp3 for LowRankLinear {
     fn name(&self) -> &'static str {
-        "frozen-linear-low-rank"
+        NAME
     }
 
     fn cpu_fwd(
@@ -201,7 +193,7 @@ impl CustomOp3 for LowRankLinear {
             self.scaling,
             Threads::All,
         )?;
-        *self.update_input.lock().expect("low-rank linear lock") = Some(t);
+        self.update_input.put(NAME, t)?;
         Ok((CpuStorage::F32(y), self.out_shape.clone()))
     }
 
@@ -213,10 +205,31 @@ impl CustomOp3 for LowRankLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let saved = self.update_input.lock().expect("low-rank linear lock");
-        let Some(t) = saved.as_deref() else {
-            candle_core::bail!("low-rank linear: backward before forward")
-        };
+        self.update_input
+            .with(NAME, |t| self.backward(t, x, a, b, grad))?
+    }
+}
+
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+impl LowRankLinear {
+    /// The update's input: `x`, or `x` through the dropout mask.
+    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match self.dropout {
+            Some((p, seed)) => dropout_data(x, p, seed).into(),
+            None => x.into(),
+        }
+    }
+
+    /// The gradients of `x` (when it is traced), `a` and `b`, given the kept `t`.
+    fn backward(
+        &self,
+        t: &[f32],
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Grads3> {
         let (in_dim, out_dim) = self.base.dims();
         let (r, s) = (self.rank, self.scaling);
         let g = grad.to_dtype(DType::F32)?.contiguous()?;

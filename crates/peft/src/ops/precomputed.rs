@@ -4,8 +4,8 @@
 //! block that is recomputed in backward (gradient checkpointing) take part in training.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
-use std::sync::Mutex;
 
+use super::saved::Saved;
 use crate::Result;
 
 pub(crate) type BackwardFn =
@@ -25,7 +25,7 @@ where
         return Ok(y);
     }
     let op = Precomputed {
-        out: Mutex::new(Some(y)),
+        out: Saved::holding(y),
         bwd: Box::new(bwd),
     };
     Ok(x.apply_op1(op)?)
@@ -49,7 +49,7 @@ where
         return Ok(y);
     }
     let op = Precomputed2 {
-        out: Mutex::new(Some(y)),
+        out: Saved::holding(y),
         bwd: Box::new(bwd),
     };
     Ok(a.apply_op2(b, op)?)
@@ -86,14 +86,14 @@ where
         return Ok(y);
     }
     let op = Precomputed3 {
-        out: Mutex::new(Some(y)),
+        out: Saved::holding(y),
         bwd: Box::new(bwd),
     };
     Ok(a.apply_op3(b, c, op)?)
 }
 
 struct Precomputed3 {
-    out: Mutex<Option<Tensor>>,
+    out: Saved<Tensor>,
     bwd: Box<Backward3Fn>,
 }
 
@@ -111,7 +111,7 @@ impl CustomOp3 for Precomputed3 {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_storage(take(&self.out)?)
+        cpu_storage(self.out.take("precomputed op")?)
     }
 
     #[cfg(feature = "cuda")]
@@ -124,7 +124,7 @@ impl CustomOp3 for Precomputed3 {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda_storage(take(&self.out)?)
+        cuda_storage(self.out.take("precomputed op")?)
     }
 
     fn bwd(
@@ -140,21 +140,13 @@ impl CustomOp3 for Precomputed3 {
 }
 
 struct Precomputed {
-    out: Mutex<Option<Tensor>>,
+    out: Saved<Tensor>,
     bwd: Box<BackwardFn>,
 }
 
 struct Precomputed2 {
-    out: Mutex<Option<Tensor>>,
+    out: Saved<Tensor>,
     bwd: Box<Backward2Fn>,
-}
-
-fn take(out: &Mutex<Option<Tensor>>) -> candle_core::Result<Tensor> {
-    let out = out
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("precomputed op: lock poisoned".into()))?
-        .take();
-    out.ok_or_else(|| candle_core::Error::Msg("precomputed op: forward ran twice".into()))
 }
 
 /// The CPU storage of `y`, as a fresh contiguous buffer.
@@ -197,7 +189,7 @@ impl CustomOp1 for Precomputed {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_storage(take(&self.out)?)
+        cpu_storage(self.out.take("precomputed op")?)
     }
 
     #[cfg(feature = "cuda")]
@@ -206,7 +198,7 @@ impl CustomOp1 for Precomputed {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda_storage(take(&self.out)?)
+        cuda_storage(self.out.take("precomputed op")?)
     }
 
     fn bwd(
@@ -231,7 +223,7 @@ impl CustomOp2 for Precomputed2 {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_storage(take(&self.out)?)
+        cpu_storage(self.out.take("precomputed op")?)
     }
 
     #[cfg(feature = "cuda")]
@@ -242,7 +234,7 @@ impl CustomOp2 for Precomputed2 {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda_storage(take(&self.out)?)
+        cuda_storage(self.out.take("precomputed op")?)
     }
 
     fn bwd(
