@@ -4,7 +4,10 @@
 //! same gradients for every trained tensor as the adapter's own forward, which follows PEFT's
 //! composition step by step.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
+use common::max_diff;
 use peft::layers::{LinearAdapter, LinearBase};
 use peft::ops;
 use peft::tuners::adalora::layer::AdaLoraLinear;
@@ -17,19 +20,6 @@ fn data(shape: &[usize], seed: f32, scale: f32) -> Tensor {
         .map(|i| scale * ((i as f32 * 0.618 + seed).sin() * 1.7 + (i as f32 * 0.1377).cos()) / 2.7)
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// `sum(y * r)` for a fixed `r`.
